@@ -1,0 +1,227 @@
+"""What every actor process shares: start-up from the host's config, dying with
+its parent, and request/reply over ZeroMQ with the three-field envelope."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from protocol.messages import ERROR, REPLY, Message
+
+log = logging.getLogger("livemig")
+
+PR_SET_PDEATHSIG = 1
+
+
+class ActorError(RuntimeError):
+    def __init__(self, desc: str, cls: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.cls = cls
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to kill us if the host process dies, so that no actor is
+    ever left behind, even when the host is killed with SIGKILL."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() == 1:
+        os._exit(1)
+
+
+@dataclass
+class HostConfig:
+    """The host's config.json, written by the supervisor for its actors."""
+
+    raw: dict
+
+    @classmethod
+    def load(cls, path: str) -> HostConfig:
+        with open(path) as f:
+            return cls(json.load(f))
+
+    def __getitem__(self, key: str):
+        return self.raw[key]
+
+    def endpoint(self, name: str) -> str:
+        return f"ipc://{self.raw['rundir']}/{name}.sock"
+
+
+def actor_main(name: str, run: Callable[[HostConfig, zmq.Context], None]) -> None:
+    """Entry point of an actor process: `python -m actors.X CONFIG [extra]`."""
+    die_with_parent()
+    cfg = HostConfig.load(sys.argv[1])
+    logging.basicConfig(
+        level=os.environ.get("LIVEMIG_LOG", "WARNING").upper(),
+        format=f"%(asctime)s {cfg['name']}/{name} %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # nothing to flush: die quietly
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when we stop
+    ctx = zmq.Context()
+    try:
+        run(cfg, ctx)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ctx.destroy(linger=0)
+
+
+_rids = itertools.count(1)
+
+
+class Client:
+    """Synchronous request/reply to one actor's ROUTER (DEALER underneath)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, node_id: str) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.node_id = node_id
+        self.endpoint = endpoint
+
+    def call(self, mtype: str, data: dict | None = None, timeout: float = 10.0,
+             frames: list | None = None) -> Message:
+        data = dict(data or {})
+        rid = next(_rids)
+        data["rid"] = rid
+        self.sock.send_multipart(Message(mtype, data, self.node_id, frames or []).serialize(), copy=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000) + 1):
+                raise ActorError(f"{mtype} to {self.endpoint} timed out after {timeout:.0f} s")
+            msg = Message.unserialize(self.sock.recv_multipart(copy=False))
+            if msg.data.get("rid") != rid:
+                continue  # a late reply to an earlier request that timed out
+            if msg.type == ERROR:
+                raise ActorError(msg.data.get("desc", "error"), msg.data.get("class", "GenericError"))
+            return msg
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+class AsyncPeer:
+    """Asynchronous request/reply to one worker, plus the notifications it sends
+    unasked (marks, progress); used by the coordinator and the monitor."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, endpoint: str, node_id: str,
+                 on_notify: Callable[[Message], Awaitable[None] | None] | None = None) -> None:
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.endpoint = endpoint
+        self.node_id = node_id
+        self.pending: dict[int, asyncio.Future] = {}
+        self.on_notify = on_notify
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            parts = await self.sock.recv_multipart(copy=False)
+            try:
+                msg = Message.unserialize(parts)
+            except ValueError as exc:
+                log.warning("dropping message from %s: %s", self.endpoint, exc)
+                continue
+            fut = self.pending.pop(msg.data.get("rid"), None) if msg.type in (REPLY, ERROR) else None
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result(msg)
+            elif self.on_notify is not None:
+                result = self.on_notify(msg)
+                if asyncio.iscoroutine(result):
+                    await result
+
+    async def call(self, mtype: str, data: dict | None = None, timeout: float = 10.0,
+                   frames: list | None = None) -> Message:
+        data = dict(data or {})
+        rid = next(_rids)
+        data["rid"] = rid
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[rid] = fut
+        try:
+            await self.sock.send_multipart(Message(mtype, data, self.node_id, frames or []).serialize())
+            msg = await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise ActorError(f"{mtype} to {self.endpoint} timed out after {timeout:.0f} s") from None
+        finally:
+            self.pending.pop(rid, None)
+        if msg.type == ERROR:
+            raise ActorError(msg.data.get("desc", "error"), msg.data.get("class", "GenericError"))
+        return msg
+
+    def close(self) -> None:
+        self.reader.cancel()
+        self.sock.close(linger=0)
+
+
+class Server:
+    """A worker's ROUTER: requests in, replies and notifications out."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, node_id: str) -> None:
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.sock.bind(endpoint)
+        self.node_id = node_id
+        self.peers: dict[str, bytes] = {}
+
+    def recv(self, timeout_ms: int | None) -> tuple[bytes, Message] | None:
+        if timeout_ms is not None and not self.sock.poll(timeout_ms):
+            return None
+        ident, *parts = self.sock.recv_multipart(copy=False)
+        msg = Message.unserialize(parts)
+        self.peers[msg.node_id] = ident.bytes
+        return ident.bytes, msg
+
+    def reply(self, ident: bytes, request: Message, result=None, frames: list | None = None) -> None:
+        out = Message(REPLY, {"rid": request.data.get("rid"), "result": result}, self.node_id, frames or [])
+        self.sock.send_multipart([ident, *out.serialize()], copy=False)
+
+    def error(self, ident: bytes, request: Message, desc: str, cls: str = "GenericError") -> None:
+        out = Message(ERROR, {"rid": request.data.get("rid"), "class": cls, "desc": desc}, self.node_id)
+        self.sock.send_multipart([ident, *out.serialize()])
+
+    def notify(self, peer: str, mtype: str, data: dict) -> None:
+        ident = self.peers.get(peer)
+        if ident is not None:
+            self.sock.send_multipart([ident, *Message(mtype, data, self.node_id).serialize()])
+
+    def serve(self, handlers: dict[str, Callable[[Message], object]], timeout_ms: int | None) -> bool:
+        """Serve at most one request. Returns False when nothing came in time."""
+        got = self.recv(timeout_ms)
+        if got is None:
+            return False
+        ident, msg = got
+        handler = handlers.get(msg.type)
+        if handler is None:
+            self.error(ident, msg, f"unknown request {msg.type!r}")
+            return True
+        try:
+            result = handler(msg)
+        except ActorError as exc:
+            self.error(ident, msg, exc.desc, exc.cls)
+        except Exception as exc:  # report, keep serving: one bad request must not kill an actor
+            log.exception("%s failed", msg.type)
+            self.error(ident, msg, f"{msg.type} failed: {exc}")
+        else:
+            frames: list = []
+            if isinstance(result, tuple):
+                result, frames = result
+            self.reply(ident, msg, result, frames)
+        return True

@@ -1,0 +1,319 @@
+"""The `livemig` command line. Every command that talks to a running host
+speaks QMP to its monitor, the same path any QMP client takes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from actors.host import HostSpec, default_qmp, qmp_address, run_host
+from machine.ram import FILLS
+from machine.workload import WorkloadSpec, parse_size
+
+END_STATES = ("completed", "failed", "cancelled")
+
+
+class Qmp:
+    """A synchronous QMP session (qemu.qmp's legacy client) to one host."""
+
+    def __init__(self, address: str) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        self.address = address
+        self.mon = QEMUMonitorProtocol(qmp_address(address))
+        try:
+            self.mon.connect()
+        except Exception as exc:
+            raise click.ClickException(f"cannot reach the host's monitor at {address}: {exc}") from None
+
+    def __call__(self, name: str, **args):
+        reply = self.mon.cmd_raw(name, args)
+        if "error" in reply:
+            raise click.ClickException(reply["error"]["desc"])
+        return reply["return"]
+
+    def close(self) -> None:
+        self.mon.close()
+
+
+def monitor_option(fn):
+    fn = click.option("--qmp", "qmp", metavar="ADDR",
+                      help="The host's QMP socket: unix:PATH, tcp:HOST:PORT or a path. "
+                           "Default: the socket of the host named by --host.")(fn)
+    fn = click.option("-H", "--host", "host", default=lambda: os.environ.get("LIVEMIG_HOST", "default"),
+                      show_default="$LIVEMIG_HOST or 'default'", help="Name of a local host.")(fn)
+    return fn
+
+
+def connect(host: str, qmp: str | None) -> Qmp:
+    return Qmp(qmp or default_qmp(host))
+
+
+def size_arg(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """livemig: live migration of running VM-like guests between hosts.
+
+    Start a host with `livemig host`, migrate its guest with `livemig migrate`,
+    or see the whole thing with `livemig demo`.
+    """
+
+
+@main.command()
+@click.option("--name", default=lambda: os.environ.get("LIVEMIG_HOST", "default"),
+              show_default="$LIVEMIG_HOST or 'default'", help="Host name; other commands find it by -H NAME.")
+@click.option("--machine", default="pc", show_default=True, help="Machine type sent in the stream.")
+@click.option("--ram", "ram", default="256M", show_default=True, callback=size_arg,
+              help="Size of the RAM block (K/M/G suffixes).")
+@click.option("--ram-block", "ram_block", default="pc.ram", show_default=True, help="Name of the RAM block.")
+@click.option("--fill", type=click.Choice(FILLS), default="zero", show_default=True,
+              help="Initial RAM: zero, random (incompressible) or half (odd pages zero).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fill and the workload.")
+@click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option("--workload", default="idle", show_default=True,
+              help="idle | memtouch:rate=R,wss=S | stream:rate=R (R in bytes/s, S in bytes).")
+@click.option("--incoming", metavar="URI|defer", help="Wait for an incoming migration on URI.")
+@click.option("-S", "paused", is_flag=True, help="Do not start the guest (stay in prelaunch).")
+@click.option("--qmp", "qmp", multiple=True, metavar="unix:PATH|tcp:HOST:PORT",
+              help="QMP socket(s). Default: a private UNIX socket in the host's run directory.")
+@click.option("--events", metavar="ENDPOINT", help="ZeroMQ PUB endpoint for events (default: ipc in the run dir).")
+@click.option("--fd", "fds", type=int, multiple=True, help="An inherited descriptor that fd:N URIs may use.")
+@click.option("--json", "as_json", is_flag=True, help="Announce readiness as one JSON line.")
+def host(name, machine, ram, ram_block, fill, seed, vcpus, workload, incoming, paused, qmp, events, fds,
+         as_json) -> None:
+    """Run a host with one guest until it is told to quit (or Ctrl-C)."""
+    try:
+        WorkloadSpec.parse(workload)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--workload") from None
+    spec = HostSpec(name=name, machine=machine, blocks=[(ram_block, ram)], fill=fill, seed=seed,
+                    vcpus=vcpus, workload=workload, incoming=incoming, autostart=not paused,
+                    qmp=list(qmp), events=events, fds=list(fds))
+
+    def announce(cfg: dict) -> None:
+        info = {"name": name, "qmp": cfg["qmp"][0], "events": cfg["events"], "pid": os.getpid()}
+        if as_json:
+            print(json.dumps(info), flush=True)
+        else:
+            click.echo(f"livemig host {name} ready: QMP {info['qmp']}, events {info['events']}")
+    try:
+        code = run_host(spec, announce)
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(code)
+
+
+@main.command()
+@click.argument("uri")
+@click.option("-d", "--detach", is_flag=True, help="Return at once instead of showing progress.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final query-migrate as JSON.")
+@click.option("--timeout", type=float, default=3600, show_default=True, help="Give up waiting after this long.")
+@monitor_option
+def migrate(uri, detach, as_json, timeout, host, qmp) -> None:
+    """Migrate the host's guest to URI: tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N, file:PATH."""
+    mon = connect(host, qmp)
+    try:
+        mon("migrate", uri=uri)
+        if detach:
+            return
+        info = follow(mon, timeout, quiet=as_json)
+    finally:
+        mon.close()
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        print_summary(info)
+    if info.get("status") != "completed":
+        sys.exit(1)
+
+
+def follow(mon: Qmp, timeout: float, quiet: bool = False) -> dict:
+    """Poll query-migrate until the migration ends, with a progress bar."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    deadline = time.monotonic() + timeout
+    columns = [TextColumn("[bold]{task.fields[status]:<9}"), BarColumn(), DownloadColumn(binary_units=True),
+               TextColumn("{task.fields[rate]:>10}"), TextColumn("pass {task.fields[passes]}"),
+               TextColumn("exp. downtime {task.fields[expected]} ms"), TimeElapsedColumn()]
+    with Progress(*columns, disable=quiet, transient=False) as bar:
+        task = bar.add_task("migrate", total=None, status="setup", rate="", passes=0, expected="-")
+        try:
+            while True:
+                info = mon("query-migrate")
+                ram = info.get("ram", {})
+                total = ram.get("total") or None
+                done = (total - ram.get("remaining", 0)) if total else 0
+                bar.update(task, total=total, completed=max(0, done), status=info.get("status", "?"),
+                           rate=f"{ram.get('mbps', 0):.0f} Mbps", passes=ram.get("dirty-sync-count", 0),
+                           expected=info.get("expected-downtime", "-"))
+                if info.get("status") in END_STATES:
+                    return info
+                if time.monotonic() > deadline:
+                    raise click.ClickException("migration did not finish in time (still running)")
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            mon("migrate_cancel")
+            bar.stop()
+            click.echo("cancel requested", err=True)
+            while (info := mon("query-migrate")).get("status") not in END_STATES:
+                time.sleep(0.1)
+            return info
+
+
+def print_summary(info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"migration {info.get('status')}", show_header=False)
+    ram = info.get("ram", {})
+    rows = [("total time", f"{info.get('total-time', 0)} ms"), ("setup time", f"{info.get('setup-time', 0)} ms"),
+            ("downtime", f"{info.get('downtime', '-')} ms"),
+            ("guest downtime", f"{info.get('x-guest-downtime', '-')} ms"),
+            ("passes", ram.get("dirty-sync-count", 0)),
+            ("transferred", f"{ram.get('transferred', 0) / 2**20:.1f} MiB"),
+            ("RAM", f"{ram.get('total', 0) / 2**20:.0f} MiB"),
+            ("normal pages", ram.get("normal", 0)), ("zero pages", ram.get("duplicate", 0)),
+            ("throughput", f"{ram.get('mbps', 0):.0f} Mbps")]
+    if info.get("error-desc"):
+        rows.append(("error", info["error-desc"]))
+    for k, v in rows:
+        table.add_row(k, str(v))
+    Console().print(table)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@monitor_option
+def info(as_json, host, qmp) -> None:
+    """Run state, migration status and statistics, parameters."""
+    mon = connect(host, qmp)
+    try:
+        out = {"status": mon("query-status"), "migration": mon("query-migrate"),
+               "parameters": mon("query-migrate-parameters"),
+               "capabilities": {c["capability"]: c["state"] for c in mon("query-migrate-capabilities")}}
+    finally:
+        mon.close()
+    if as_json:
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"guest: {out['status']['status']}")
+    mig = out["migration"]
+    if mig:
+        print_summary(mig)
+    else:
+        click.echo("migration: none yet")
+    params = out["parameters"]
+    click.echo(f"max-bandwidth: {params['max-bandwidth']} bytes/s, downtime-limit: {params['downtime-limit']} ms")
+
+
+@main.command()
+@monitor_option
+def cancel(host, qmp) -> None:
+    """Cancel the migration in progress (harmless when none runs)."""
+    mon = connect(host, qmp)
+    try:
+        mon("migrate_cancel")
+    finally:
+        mon.close()
+
+
+@main.command("set-speed")
+@click.argument("speed")
+@monitor_option
+def set_speed(speed, host, qmp) -> None:
+    """Limit migration bandwidth to SPEED bytes/s (K/M/G suffixes; 0 = unlimited)."""
+    value = size_arg(None, None, speed)
+    mon = connect(host, qmp)
+    try:
+        mon("migrate-set-parameters", **{"max-bandwidth": value})
+    finally:
+        mon.close()
+
+
+@main.command("set-downtime")
+@click.argument("seconds", type=float)
+@monitor_option
+def set_downtime(seconds, host, qmp) -> None:
+    """Allow the guest to be paused at most SECONDS at switchover."""
+    if seconds < 0:
+        raise click.BadParameter("must not be negative")
+    mon = connect(host, qmp)
+    try:
+        mon("migrate-set-parameters", **{"downtime-limit": int(round(seconds * 1000))})
+    finally:
+        mon.close()
+
+
+@main.command()
+@click.argument("endpoint", required=False)
+@click.option("--count", type=int, default=0, help="Stop after this many events (0: never).")
+@click.option("--timeout", type=float, default=0, help="Stop after this many seconds (0: never).")
+@monitor_option
+def events(endpoint, count, timeout, host, qmp) -> None:
+    """Print a host's events as JSON lines (ENDPOINT: its ZeroMQ PUB socket)."""
+    import zmq
+
+    from protocol.events import decode
+
+    if endpoint is None:
+        mon = connect(host, qmp)
+        try:
+            endpoint = mon("x-query-host")["events"]
+        finally:
+            mon.close()
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(endpoint)
+    seen = 0
+    deadline = time.monotonic() + timeout if timeout else None
+    try:
+        while not count or seen < count:
+            wait = 1000 if deadline is None else int(max(0, deadline - time.monotonic()) * 1000)
+            if deadline is not None and wait == 0:
+                break
+            if sub.poll(wait):
+                body = decode(sub.recv_multipart())
+                body.pop("qmp", None)
+                click.echo(json.dumps(body), nl=True)
+                sys.stdout.flush()
+                seen += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ctx.destroy(linger=0)
+
+
+@main.command()
+@click.option("--ram", default="256M", show_default=True, callback=size_arg, help="Guest RAM size.")
+@click.option("--workload", default=None, help="Workload spec (default: memtouch that converges).")
+@click.option("--uri", default=None, help="Migration URI (default: tcp on a free loopback port).")
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def demo(ram, workload, uri, seed, vcpus, as_json) -> None:
+    """Migrate a running guest between two local hosts and verify it by replay."""
+    from actors.demo import run_demo
+
+    result = run_demo(ram=ram, workload=workload, uri=uri, seed=seed, vcpus=vcpus, quiet=as_json)
+    if as_json:
+        click.echo(json.dumps(result))
+    ok = result["status"] == "completed" and result["verify"]["ram_equal"] and result["verify"]["vcpu_equal"]
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,637 @@
+"""Coordinator: the host's brain. Owns the run state, the migration state
+machine (setup -> active -> completed / failed / cancelled), its parameters
+and capabilities, the rate limiter and convergence decision, the completion
+phase with the guest stopped, and the event PUB socket. Commands arrive from
+the monitor already decoded; each one is registered below with its QMP name
+and its docstring is its help."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from actors.base import ActorError, AsyncPeer, HostConfig, die_with_parent, log
+from machine.ram import PAGE_SIZE, GuestRam
+from machine.runstate import RunState, StateError, check_transition
+from protocol import events as ev
+from protocol import savevm
+from protocol.messages import Message
+from protocol.transport import TransportError, parse_uri
+
+VCPU_SECTION = "livemig/vcpu"
+DEFAULT_PARAMETERS = {
+    "max-bandwidth": 128 << 20,  # bytes/s, QEMU's default since 5.2; 0 = unlimited
+    "downtime-limit": 300,  # ms
+    "avail-switchover-bandwidth": 0,
+}
+DEFAULT_CAPABILITIES = {"events": False, "return-path": True}
+WINDOW = 0.1  # rate-limit window, as QEMU's BUFFER_DELAY
+UNLIMITED_CHUNK = 64 << 20  # bytes per iterate request when bandwidth is unlimited
+MAX_DOWNTIME_MS = 2_000_000
+
+# section ids, in the order QEMU would allocate them for our handlers
+SID_RAM, SID_GLOBALSTATE, SID_VCPU0 = 2, 3, 4
+
+
+class MigrationFailed(Exception):
+    pass
+
+
+@dataclass
+class MigrationState:
+    status: str = "none"
+    start: float = 0.0
+    end: float = 0.0
+    setup_time: int = 0
+    downtime: int | None = None
+    guest_downtime: int | None = None
+    expected_downtime: int = 0
+    error: str | None = None
+    ram: dict = field(default_factory=dict)
+    active_start: float = 0.0
+    active_bytes: int = 0
+    incoming: bool = False
+    committed: bool = False  # EOF sent: too late to cancel
+
+    def info(self) -> dict:
+        if self.status == "none":
+            return {}
+        out: dict = {"status": self.status}
+        now = self.end or time.monotonic()
+        if self.status not in ("setup",) or self.ram:
+            out["ram"] = dict(self.ram)
+        out["total-time"] = int((now - self.start) * 1000)
+        if self.status == "setup":
+            del out["total-time"]
+        if not self.incoming:
+            out["setup-time"] = self.setup_time
+        if self.status == "active" and not self.incoming:
+            out["expected-downtime"] = self.expected_downtime
+        if self.status == "completed":
+            if self.downtime is not None:
+                out["downtime"] = self.downtime
+            if self.guest_downtime is not None:
+                out["x-guest-downtime"] = self.guest_downtime
+        if self.error and self.status in ("failed", "cancelled"):
+            out["error-desc"] = self.error
+        return out
+
+
+COMMANDS: dict[str, Callable] = {}
+
+
+def command(name: str):
+    """Register a QMP command; its docstring is its help."""
+    def wrap(fn):
+        COMMANDS[name] = fn
+        return fn
+    return wrap
+
+
+def _check_args(fn: Callable, args: dict) -> None:
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())[1:]
+    known = {p.name.replace("_", "-"): p for p in params}
+    for key in args:
+        if key not in known:
+            raise ActorError(f"Parameter '{key}' is unexpected")
+    for key, p in known.items():
+        if p.default is inspect.Parameter.empty and key not in args:
+            raise ActorError(f"Parameter '{key}' is missing")
+
+
+class Coordinator:
+    def __init__(self, cfg: HostConfig, ctx: zmq.asyncio.Context) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        guest = cfg["guest"]
+        self.guest = guest
+        self.name = cfg["name"]
+        self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
+        self.runstate = RunState.PRELAUNCH
+        self.parameters = dict(DEFAULT_PARAMETERS)
+        self.capabilities = dict(DEFAULT_CAPABILITIES)
+        self.mig = MigrationState()
+        self.task: asyncio.Task | None = None
+        self.writer_failure: str | None = None
+        self.marks: dict[int, asyncio.Future] = {}
+        self.wire_bytes = 0
+        self.stop_event = asyncio.Event()
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.bind(cfg["events"])
+        self.incoming_uri: str | None = None
+
+    async def connect_workers(self) -> None:
+        ep = self.cfg.endpoint
+        self.vcpus = [AsyncPeer(self.ctx, ep(f"vcpu{i}"), "coordinator") for i in range(self.guest["vcpus"])]
+        self.ram_sender = AsyncPeer(self.ctx, ep("ram_sender"), "coordinator")
+        self.writer = AsyncPeer(self.ctx, ep("writer"), "coordinator", self.on_writer_notice)
+        self.receiver = AsyncPeer(self.ctx, ep("receiver"), "coordinator", self.on_receiver_notice)
+        deadline = time.monotonic() + 30
+        for peer in [*self.vcpus, self.ram_sender, self.writer, self.receiver]:
+            while True:
+                try:
+                    await peer.call("ping", timeout=1)
+                    break
+                except ActorError:
+                    if time.monotonic() > deadline:
+                        raise
+        if self.cfg["incoming"]:
+            self.runstate = RunState.INMIGRATE
+            if self.cfg["incoming"] != "defer":
+                await self.start_incoming(self.cfg["incoming"])
+        elif self.cfg["autostart"]:
+            await self.set_running(True)
+
+    # events ------------------------------------------------------------------
+    def publish(self, event: str, data: dict | None = None, qmp: bool = True) -> None:
+        now = time.time()
+        body = {"event": event, "data": data or {}, "host": self.name,
+                "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}, "qmp": qmp}
+        self.pub.send_multipart([ev.topic(event), msgpack.packb(body)])
+
+    def set_status(self, status: str) -> None:
+        self.mig.status = status
+        self.publish(ev.MIGRATION, {"status": status}, qmp=self.capabilities["events"])
+
+    # run state -----------------------------------------------------------------
+    def set_runstate(self, new: RunState) -> None:
+        check_transition(self.runstate, new)
+        self.runstate = new
+
+    async def set_running(self, running: bool, paused_state: RunState = RunState.PAUSED) -> None:
+        """Start or stop every vCPU; returns once none is mid-step."""
+        if running:
+            self.set_runstate(RunState.RUNNING)
+            await asyncio.gather(*(v.call("cont") for v in self.vcpus))
+            self.publish(ev.RESUME)
+        else:
+            was_running = self.runstate.running
+            self.set_runstate(paused_state)
+            await asyncio.gather(*(v.call("stop") for v in self.vcpus))
+            if was_running:
+                self.publish(ev.STOP)
+
+    async def vcpu_states(self) -> list[dict]:
+        replies = await asyncio.gather(*(v.call("get_state") for v in self.vcpus))
+        return [r.data["result"] for r in replies]
+
+    # notifications --------------------------------------------------------------
+    def on_writer_notice(self, msg: Message) -> None:
+        if msg.type == "mark":
+            self.wire_bytes = msg.data["bytes"]
+            if msg.data.get("error"):
+                self.writer_failure = msg.data["error"]
+            fut = self.marks.pop(msg.data["mark"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.data)
+        elif msg.type == "failed":
+            self.writer_failure = msg.data["desc"]
+            for fut in self.marks.values():
+                if not fut.done():
+                    fut.set_result(msg.data)
+
+    async def wait_mark(self, mark: int, timeout: float) -> None:
+        fut = self.marks.setdefault(mark, asyncio.get_running_loop().create_future())
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise MigrationFailed(f"migration channel stalled for {timeout:.0f} s") from None
+        finally:
+            self.marks.pop(mark, None)
+
+    async def on_receiver_notice(self, msg: Message) -> None:
+        if msg.type == "started":
+            self.mig = MigrationState(start=time.monotonic(), incoming=True)
+            self.set_status("active")
+        elif msg.type == "failed":
+            self.mig.status = "failed" if self.mig.incoming or self.mig.status == "none" else self.mig.status
+            self.mig.incoming = True
+            self.mig.error = msg.data["desc"]
+            self.mig.end = time.monotonic()
+            log.warning("incoming migration failed: %s", msg.data["desc"])
+            self.set_status("failed")
+        elif msg.type == "loaded":
+            await self.finish_incoming(msg.data)
+
+    async def finish_incoming(self, data: dict) -> None:
+        """The whole stream is in: load vCPU state, re-read disk metadata, run."""
+        self.mig.ram = {"transferred": data["bytes"], "remaining": 0, "total": self.ram.size,
+                        "duplicate": data["zero"], "normal": data["normal"],
+                        "normal-bytes": data["normal"] * PAGE_SIZE, "page-size": PAGE_SIZE}
+        try:
+            states = data["vcpus"]
+            if len(states) != len(self.vcpus):
+                raise ActorError(f"stream carries {len(states)} vCPUs, this guest has {len(self.vcpus)}")
+            await asyncio.gather(*(v.call("set_state", {"registers": s}) for v, s in zip(self.vcpus, states, strict=False)))
+            # Disks would drop their cached metadata here, before anything runs.
+            if self.cfg["autostart"] and data.get("runstate") == "running":
+                await self.set_running(True)
+            else:
+                self.set_runstate(RunState.PRELAUNCH if not self.cfg["autostart"] else RunState.PAUSED)
+        except (ActorError, StateError) as exc:
+            self.mig.error = f"cannot start the migrated guest: {exc}"
+            self.mig.end = time.monotonic()
+            self.set_status("failed")
+            await self.receiver.call("finish", {"rc": 1})
+            return
+        await self.receiver.call("finish", {"rc": 0})
+        self.mig.end = time.monotonic()
+        self.set_status("completed")
+
+    async def start_incoming(self, uri: str) -> str:
+        try:
+            parse_uri(uri)
+        except TransportError as exc:
+            raise ActorError(str(exc)) from None
+        reply = await self.receiver.call("listen", {"uri": uri})
+        self.incoming_uri = reply.data["result"]["uri"]
+        self.mig = MigrationState(start=time.monotonic(), incoming=True)
+        self.mig.status = "setup"
+        self.publish(ev.MIGRATION, {"status": "setup"}, qmp=True)  # QEMU emits this one ungated
+        return self.incoming_uri
+
+    # the outgoing migration -------------------------------------------------------
+    async def migrate(self, uri: str) -> None:
+        mig = self.mig
+        was_running = self.runstate.running
+        stopped = False
+        ram = self.ram_sender
+        try:
+            reply = await self.writer.call("connect", {"uri": uri}, timeout=30)
+            return_path = reply.data["result"]["return_path"] and self.capabilities["return-path"]
+            blocks = [(b.name, b.size) for b in self.ram.blocks]
+            head = [savevm.header(), savevm.configuration(self.guest["machine"])]
+            if return_path:
+                head.append(savevm.command(savevm.CMD_OPEN_RETURN_PATH))
+            head += [savevm.section_start(savevm.SECTION_START, SID_RAM, "ram", 0, savevm.RAM_VERSION),
+                     savevm.ram_mem_size(blocks), savevm.ram_eos(), savevm.footer(SID_RAM)]
+            status = (await ram.call("setup")).data["result"]
+            await ram.call("emit", {}, frames=head)
+            mig.ram.update({"total": self.ram.size, "remaining": status["remaining"],
+                            "dirty-sync-count": 1, "page-size": PAGE_SIZE})
+            self.publish(ev.MIGRATION_PASS, {"pass": 1}, qmp=self.capabilities["events"])
+            mig.setup_time = int((time.monotonic() - mig.start) * 1000)
+            mig.active_start = time.monotonic()
+            self.set_status("active")
+            await self.iterate(status["remaining"])
+
+            # Completion, with the guest stopped.
+            stop_at, stop_wall = time.monotonic(), time.time()
+            await self.set_running(False, RunState.FINISH_MIGRATE)
+            stopped = True
+            sync = (await ram.call("sync")).data["result"]
+            self.count_pass(sync)
+            last = (await ram.call("iterate", {"budget": 0, "end": True, "section_id": SID_RAM},
+                                   timeout=600)).data["result"]
+            self.account(last)
+            mig.ram["downtime-bytes"] = last["queued"]
+            tail = self.device_sections(await self.vcpu_states(), "running" if was_running else "paused")
+            mark = (await ram.call("emit", {"mark": True}, frames=tail)).data["result"]["mark"]
+            mig.committed = True
+            await self.wait_mark(mark, 600)
+            if self.writer_failure:
+                raise MigrationFailed(self.writer_failure)
+            mig.ram["transferred"] = self.wire_bytes
+            if return_path:
+                answer = (await self.writer.call("await_return", {"timeout": 60}, timeout=70)).data["result"]
+                if answer["shut"] != 0:
+                    raise MigrationFailed(answer["desc"] or "destination failed to load the stream")
+                mig.guest_downtime = int((answer["at"] - stop_wall) * 1000)
+            await self.writer.call("close", timeout=40)
+            mig.downtime = int((time.monotonic() - stop_at) * 1000)
+            mig.end = time.monotonic()
+            mig.ram["remaining"] = 0
+            self.set_runstate(RunState.POSTMIGRATE)
+            self.set_status("completed")
+        except asyncio.CancelledError:
+            await self.abandon(was_running and stopped, "cancelled", "migration cancelled")
+        except (ActorError, MigrationFailed, OSError) as exc:
+            await self.abandon(was_running and stopped, "failed", str(exc))
+
+    async def iterate(self, remaining: int) -> None:
+        """Send dirty pages until what is left fits in the downtime limit."""
+        mig = self.mig
+        threshold = 0.0
+        window_start, window_bytes = time.monotonic(), 0
+        bandwidth = 0.0  # bytes/s
+        dirty_at_sync = remaining
+        while True:
+            if self.writer_failure:
+                raise MigrationFailed(self.writer_failure)
+            if remaining <= threshold:
+                sync = (await self.ram_sender.call("sync")).data["result"]
+                self.count_pass(sync)
+                remaining = dirty_at_sync = sync["remaining"]
+                if remaining <= threshold:
+                    return
+            limit = self.parameters["max-bandwidth"]
+            budget = int(limit * WINDOW) - window_bytes if limit else UNLIMITED_CHUNK
+            if budget > 0:
+                result = (await self.ram_sender.call(
+                    "iterate", {"budget": budget, "section_id": SID_RAM}, timeout=120)).data["result"]
+                self.account(result)
+                remaining = result["remaining"]
+                window_bytes += result["queued"]
+            now = time.monotonic()
+            elapsed = now - window_start
+            if elapsed < WINDOW and limit and window_bytes >= limit * WINDOW:
+                await asyncio.sleep(window_start + WINDOW - now)
+                now = time.monotonic()
+                elapsed = now - window_start
+            if elapsed >= WINDOW:
+                bandwidth = window_bytes / elapsed
+                window_start, window_bytes = now, 0
+                switchover_bw = self.parameters["avail-switchover-bandwidth"] or bandwidth
+                threshold = switchover_bw * self.parameters["downtime-limit"] / 1000
+                if switchover_bw:
+                    mig.expected_downtime = int(dirty_at_sync / switchover_bw * 1000)
+                mig.ram["mbps"] = round(bandwidth * 8 / 1e6, 3)
+                mig.ram["pages-per-second"] = int(bandwidth / savevm.NORMAL_RECORD)
+
+    def count_pass(self, sync: dict) -> None:
+        ram = self.mig.ram
+        ram["dirty-sync-count"] = ram.get("dirty-sync-count", 0) + 1
+        ram["remaining"] = sync["remaining"]
+        ram["dirty-pages-rate"] = sync["dirty_pages_rate"]
+        self.publish(ev.MIGRATION_PASS, {"pass": ram["dirty-sync-count"]}, qmp=self.capabilities["events"])
+
+    def account(self, result: dict) -> None:
+        ram = self.mig.ram
+        ram["duplicate"] = ram.get("duplicate", 0) + result["zero"]
+        ram["normal"] = ram.get("normal", 0) + result["normal"]
+        ram["normal-bytes"] = ram["normal"] * PAGE_SIZE
+        ram["transferred"] = ram.get("transferred", 0) + result["queued"]
+        ram["precopy-bytes"] = ram.get("precopy-bytes", 0) + (0 if self.runstate is RunState.FINISH_MIGRATE
+                                                               else result["queued"])
+        ram["remaining"] = result["remaining"]
+        if self.mig.status == "active":
+            self.mig.active_bytes += result["queued"]
+
+    def device_sections(self, vcpus: list[dict], runstate: str) -> list[bytes]:
+        out, desc = [], []
+        for i, regs in enumerate(vcpus):
+            blob = msgpack.packb(regs)
+            sid = SID_VCPU0 + i
+            out += [savevm.section_start(savevm.SECTION_FULL, sid, VCPU_SECTION, i, 1),
+                    struct.pack(">I", len(blob)), blob, savevm.footer(sid)]
+            desc.append({"name": VCPU_SECTION, "instance_id": i, "vmsd_name": VCPU_SECTION, "version": 1,
+                         "fields": [{"name": "length", "type": "uint32", "size": 4},
+                                    {"name": "registers", "type": "buffer", "size": len(blob)}]})
+        out += [savevm.section_start(savevm.SECTION_FULL, SID_GLOBALSTATE, "globalstate", 0, 1),
+                savevm.globalstate(runstate), savevm.footer(SID_GLOBALSTATE)]
+        desc.append(savevm.GLOBALSTATE_DESC)
+        out += [savevm.eof(), savevm.vmdescription({"page_size": PAGE_SIZE, "devices": desc})]
+        return out
+
+    async def abandon(self, resume: bool, status: str, desc: str) -> None:
+        """Undo a migration that did not complete: the source guest runs on."""
+        log.warning("migration %s: %s", status, desc)
+        try:
+            await self.writer.call("abort", timeout=5)
+            mark = (await self.ram_sender.call("cleanup", timeout=120)).data["result"]
+            del mark
+            await self.writer.call("close", {"abort": True}, timeout=40)
+        except ActorError as exc:
+            log.warning("cleanup after migration: %s", exc)
+        self.mig.error = desc
+        self.mig.end = time.monotonic()
+        self.set_status(status)
+        if resume or self.runstate is RunState.FINISH_MIGRATE:
+            if resume:
+                await self.set_running(True)
+            else:
+                self.set_runstate(RunState.PAUSED)
+
+    # commands --------------------------------------------------------------------------
+    async def execute(self, name: str, args: dict):
+        fn = COMMANDS.get(name)
+        if fn is None:
+            raise ActorError(f"The command {name} has not been found", "CommandNotFound")
+        if not isinstance(args, dict):
+            raise ActorError("'arguments' must be an object")
+        _check_args(fn, args)
+        kwargs = {k.replace("-", "_"): v for k, v in args.items()}
+        return await fn(self, **kwargs)
+
+    @command("query-status")
+    async def cmd_query_status(self) -> dict:
+        """Run state of the guest."""
+        return {"running": self.runstate.running, "singlestep": False, "status": self.runstate.value}
+
+    @command("stop")
+    async def cmd_stop(self) -> dict:
+        """Pause the guest; returns once no vCPU is mid-step."""
+        if self.runstate is RunState.RUNNING:
+            await self.set_running(False)
+        return {}
+
+    @command("cont")
+    async def cmd_cont(self) -> dict:
+        """Resume the guest."""
+        if self.runstate is RunState.INMIGRATE:
+            raise ActorError("Guest is waiting for an incoming migration")
+        if self.runstate is RunState.FINISH_MIGRATE or (self.task and not self.task.done()
+                                                         and self.mig.status != "active"):
+            raise ActorError("Migration is not finished yet")
+        if self.runstate is not RunState.RUNNING:
+            await self.set_running(True)
+        return {}
+
+    @command("quit")
+    async def cmd_quit(self) -> dict:
+        """Stop the host and every actor of it."""
+        asyncio.get_running_loop().call_later(0.2, self.stop_event.set)
+        return {}
+
+    @command("migrate")
+    async def cmd_migrate(self, uri: str, blk: bool = False, inc: bool = False, detach: bool = True) -> dict:
+        """Start migrating the guest to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N, file:PATH)."""
+        if self.task is not None and not self.task.done():
+            raise ActorError("migration already in progress")
+        if self.mig.incoming and self.mig.status in ("setup", "active"):
+            raise ActorError("Guest is waiting for an incoming migration")
+        if self.runstate is RunState.INMIGRATE:
+            raise ActorError("Guest is waiting for an incoming migration")
+        if blk or inc:
+            raise ActorError("block migration needs guest disks, and this guest has none")
+        if not isinstance(uri, str):
+            raise ActorError("Invalid parameter type for 'uri', expected: string")
+        try:
+            parse_uri(uri)
+        except TransportError as exc:
+            raise ActorError(str(exc)) from None
+        self.writer_failure = None
+        self.mig = MigrationState(start=time.monotonic())
+        self.set_status("setup")
+        self.task = asyncio.get_running_loop().create_task(self.migrate(uri))
+        return {}
+
+    @command("migrate-incoming")
+    async def cmd_migrate_incoming(self, uri: str) -> dict:
+        """Wait for an incoming migration on URI (host started with --incoming defer)."""
+        if self.runstate is not RunState.INMIGRATE:
+            raise ActorError("'-incoming' was not specified on the command line")
+        if self.mig.incoming and self.mig.status in ("setup", "active"):
+            raise ActorError("The incoming migration has already been started")
+        await self.start_incoming(uri)
+        return {}
+
+    @command("migrate_cancel")
+    async def cmd_migrate_cancel(self) -> dict:
+        """Cancel the current outgoing migration; harmless when none runs."""
+        if self.task is not None and not self.task.done() and not self.mig.committed:
+            self.mig.status = "cancelling"
+            self.publish(ev.MIGRATION, {"status": "cancelling"}, qmp=self.capabilities["events"])
+            self.task.cancel()
+        return {}
+
+    @command("query-migrate")
+    async def cmd_query_migrate(self) -> dict:
+        """Status and statistics of the current or last migration ({} before any)."""
+        return self.mig.info()
+
+    @command("query-migrate-parameters")
+    async def cmd_query_parameters(self) -> dict:
+        """Every migration parameter and its value."""
+        return dict(self.parameters)
+
+    @command("migrate-set-parameters")
+    async def cmd_set_parameters(self, **params) -> dict:
+        """Set migration parameters: max-bandwidth (bytes/s, 0 = unlimited), downtime-limit (ms)."""
+        new = dict(self.parameters)
+        for key, value in params.items():
+            key = key.replace("_", "-")
+            if key not in new:
+                raise ActorError(f"Parameter '{key}' is unexpected")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ActorError(f"Parameter '{key}' expects a non-negative integer")
+            if key == "downtime-limit" and value > MAX_DOWNTIME_MS:
+                raise ActorError(f"Parameter 'downtime_limit' expects an integer in the range of 0 to "
+                                 f"{MAX_DOWNTIME_MS} milliseconds")
+            new[key] = value
+        self.parameters = new
+        return {}
+
+    @command("query-migrate-capabilities")
+    async def cmd_query_capabilities(self) -> list:
+        """Every migration capability and whether it is on."""
+        return [{"capability": k, "state": v} for k, v in self.capabilities.items()]
+
+    @command("migrate-set-capabilities")
+    async def cmd_set_capabilities(self, capabilities: list) -> dict:
+        """Turn migration capabilities on or off."""
+        if self.task is not None and not self.task.done():
+            raise ActorError("migration already in progress")
+        new = dict(self.capabilities)
+        for item in capabilities:
+            if not isinstance(item, dict) or set(item) != {"capability", "state"}:
+                raise ActorError("capabilities must be a list of {capability, state}")
+            if item["capability"] not in new:
+                raise ActorError(f"Capability '{item['capability']}' is not supported")
+            new[item["capability"]] = bool(item["state"])
+        self.capabilities = new
+        return {}
+
+    @command("migrate_set_speed")
+    async def cmd_set_speed(self, value: int) -> dict:
+        """Seed-era: maximum migration speed in bytes per second (negative means 0)."""
+        if not isinstance(value, int | float):
+            raise ActorError("Invalid parameter type for 'value', expected: integer")
+        self.parameters["max-bandwidth"] = max(0, int(value))
+        return {}
+
+    @command("migrate_set_downtime")
+    async def cmd_set_downtime(self, value: float) -> dict:
+        """Seed-era: maximum tolerated downtime in seconds."""
+        if not isinstance(value, int | float) or value < 0 or value * 1000 > MAX_DOWNTIME_MS:
+            raise ActorError("Parameter 'value' expects a number of seconds from 0 to 2000")
+        self.parameters["downtime-limit"] = int(value * 1000)
+        return {}
+
+    @command("pmemsave")
+    async def cmd_pmemsave(self, val: int, size: int, filename: str) -> dict:
+        """Save SIZE bytes of guest RAM from guest-physical address VAL to FILENAME."""
+        if val < 0 or size < 0 or val + size > self.ram.size:
+            raise ActorError(f"Invalid parameter: range {val:#x}+{size:#x} is outside guest RAM")
+        try:
+            with open(filename, "wb") as f:
+                f.write(memoryview(self.ram.bytes[val:val + size]))
+        except OSError as exc:
+            raise ActorError(f"Could not open '{filename}': {exc.strerror}") from None
+        return {}
+
+    @command("x-query-vcpus")
+    async def cmd_query_vcpus(self) -> list:
+        """livemig: each vCPU's registers (workload, seed, step, PRNG state, accumulator)."""
+        return await self.vcpu_states()
+
+    @command("x-query-host")
+    async def cmd_query_host(self) -> dict:
+        """livemig: this host's name, guest description, endpoints and incoming URI."""
+        return {"name": self.name, "guest": self.guest, "events": self.cfg["events"],
+                "incoming": self.incoming_uri, "pid": os.getppid()}
+
+
+async def serve(cfg: HostConfig) -> None:
+    ctx = zmq.asyncio.Context()
+    coord = Coordinator(cfg, ctx)
+    control = ctx.socket(zmq.ROUTER)
+    control.setsockopt(zmq.LINGER, 0)
+    control.bind(cfg.endpoint("coordinator"))
+    await coord.connect_workers()
+
+    async def handle(ident, msg: Message) -> None:
+        try:
+            result = await coord.execute(msg.data.get("execute", ""), msg.data.get("arguments") or {})
+            out = Message("reply", {"rid": msg.data.get("rid"), "result": result}, "coordinator")
+        except ActorError as exc:
+            out = Message("error", {"rid": msg.data.get("rid"), "class": exc.cls, "desc": exc.desc},
+                          "coordinator")
+        except (StateError, ValueError, TypeError) as exc:
+            out = Message("error", {"rid": msg.data.get("rid"), "class": "GenericError", "desc": str(exc)},
+                          "coordinator")
+        await control.send_multipart([ident, *out.serialize()])
+
+    async def receive() -> None:
+        tasks = set()
+        while True:
+            ident, *parts = await control.recv_multipart()
+            try:
+                msg = Message.unserialize(parts)
+            except ValueError:
+                continue
+            t = asyncio.get_running_loop().create_task(handle(ident, msg))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+    receiver = asyncio.get_running_loop().create_task(receive())
+    await coord.stop_event.wait()
+    receiver.cancel()
+    ctx.destroy(linger=0)
+
+
+def main() -> None:
+    import logging
+    import signal
+    import sys
+    die_with_parent()
+    cfg = HostConfig.load(sys.argv[1])
+    logging.basicConfig(level=os.environ.get("LIVEMIG_LOG", "WARNING").upper(),
+                        format=f"%(asctime)s {cfg['name']}/coordinator %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # nothing to flush: die quietly
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    main()

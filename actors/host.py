@@ -1,0 +1,207 @@
+"""The host supervisor: creates the guest's RAM, starts one process per actor,
+watches them, and stops every one of them when it stops (actors also die
+with it if it is killed: see base.die_with_parent)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from machine.ram import GuestRam, fill_ram
+from machine.workload import WorkloadSpec
+
+ACTORS = ("receiver", "writer", "ram_sender", "coordinator", "monitor")
+
+
+def runtime_root() -> str:
+    base = os.environ.get("LIVEMIG_RUNDIR") or os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return os.path.join(base, f"livemig-{os.getuid()}")
+
+
+def host_dir(name: str) -> str:
+    return os.path.join(runtime_root(), name)
+
+
+def default_qmp(name: str) -> str:
+    return os.path.join(host_dir(name), "qmp.sock")
+
+
+@dataclass
+class HostSpec:
+    name: str
+    machine: str = "pc"
+    blocks: list[tuple[str, int]] = field(default_factory=lambda: [("pc.ram", 256 << 20)])
+    fill: str = "zero"
+    seed: int = 0
+    vcpus: int = 1
+    workload: str = "idle"
+    incoming: str | None = None
+    autostart: bool = True
+    qmp: list[str] = field(default_factory=list)
+    events: str | None = None
+    fds: list[int] = field(default_factory=list)
+
+
+class Host:
+    def __init__(self, spec: HostSpec) -> None:
+        WorkloadSpec.parse(spec.workload)  # refuse a bad spec before creating anything
+        self.spec = spec
+        self.rundir = host_dir(spec.name)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.ram: GuestRam | None = None
+        self.stopping = False
+
+    def check_free(self) -> None:
+        qmp = os.path.join(self.rundir, "qmp.sock")
+        if os.path.exists(qmp):
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(qmp)
+            except OSError:
+                shutil.rmtree(self.rundir, ignore_errors=True)  # left by a host that died
+            else:
+                raise SystemExit(f"livemig: a host named {self.spec.name!r} is already running ({qmp})")
+            finally:
+                s.close()
+
+    def prepare(self) -> dict:
+        self.check_free()
+        os.makedirs(self.rundir, mode=0o700, exist_ok=True)
+        ram_path = f"/dev/shm/livemig-{os.getuid()}-{self.spec.name}-{os.getpid()}.ram"
+        self.ram = GuestRam(ram_path, self.spec.blocks, create=True)
+        fill_ram(self.ram.bytes, self.spec.fill, self.spec.seed)
+        if self.spec.incoming:
+            self.ram.prefault()  # page faults while receiving would cap the rate
+        qmp = self.spec.qmp or [f"unix:{os.path.join(self.rundir, 'qmp.sock')}"]
+        cfg = {
+            "name": self.spec.name, "rundir": self.rundir, "ram_path": ram_path,
+            "guest": {"machine": self.spec.machine, "blocks": self.spec.blocks, "fill": self.spec.fill,
+                      "seed": self.spec.seed, "vcpus": self.spec.vcpus, "workload": self.spec.workload},
+            "incoming": self.spec.incoming, "autostart": self.spec.autostart, "qmp": qmp,
+            "events": self.spec.events or f"ipc://{self.rundir}/events.sock",
+            "fds": self.spec.fds,
+        }
+        self.config_path = os.path.join(self.rundir, "config.json")
+        with open(self.config_path, "w") as f:
+            json.dump(cfg, f, indent=1)
+        return cfg
+
+    def spawn(self, module: str, *extra: str, fds: tuple[int, ...] = ()) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", f"actors.{module}", self.config_path, *extra],
+                                pass_fds=fds, stdin=subprocess.DEVNULL)
+
+    def start(self) -> dict:
+        cfg = self.prepare()
+        fds = tuple(self.spec.fds)
+        for i in range(self.spec.vcpus):
+            self.procs[f"vcpu{i}"] = self.spawn("vcpu", str(i))
+        for name in ACTORS:
+            self.procs[name] = self.spawn(name, fds=fds if name in ("writer", "receiver") else ())
+        self.wait_ready(cfg["qmp"][0], 60)
+        # Every actor has mapped the RAM by now; unlinking it means that it
+        # goes away with the last process even if the host is killed.
+        os.unlink(cfg["ram_path"])
+        return cfg
+
+    def wait_ready(self, qmp: str, timeout: float) -> None:
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        address = qmp_address(qmp)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_children()
+            try:
+                mon = QEMUMonitorProtocol(address)
+                mon.connect()
+                try:
+                    mon.cmd_raw("query-status")
+                    return
+                finally:
+                    mon.close()
+            except Exception:  # not up yet
+                time.sleep(0.1)
+        raise RuntimeError(f"host {self.spec.name} did not come up within {timeout:.0f} s")
+
+    def check_children(self) -> None:
+        for name, proc in self.procs.items():
+            code = proc.poll()
+            if code is not None and not self.stopping:
+                raise ChildExit(name, code)
+
+    def supervise(self) -> int:
+        """Block until the host is told to quit or an actor dies."""
+        while not self.stopping:
+            try:
+                self.check_children()
+            except ChildExit as exc:
+                if exc.name == "coordinator" and exc.code == 0:
+                    return 0  # quit
+                print(f"livemig host {self.spec.name}: actor {exc.name} exited with status {exc.code}; "
+                      "stopping the host", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+        return 0
+
+    def stop(self) -> None:
+        self.stopping = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 5
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if self.ram is not None:
+            self.ram.close()
+            try:
+                os.unlink(self.ram.path)
+            except OSError:
+                pass
+        shutil.rmtree(self.rundir, ignore_errors=True)
+
+
+class ChildExit(Exception):
+    def __init__(self, name: str, code: int) -> None:
+        super().__init__(f"{name} exited with {code}")
+        self.name = name
+        self.code = code
+
+
+def qmp_address(addr: str) -> str | tuple[str, int]:
+    """'unix:PATH', 'tcp:HOST:PORT', or a bare path -> a qemu.qmp address."""
+    if addr.startswith("tcp:"):
+        host, _, port = addr[4:].rpartition(":")
+        return (host.strip("[]"), int(port))
+    return addr.removeprefix("unix:")
+
+
+def run_host(spec: HostSpec, announce) -> int:
+    host = Host(spec)
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        cfg = host.start()
+        announce(cfg)
+        return host.supervise()
+    except KeyboardInterrupt:
+        return 0
+    except ChildExit as exc:
+        print(f"livemig host {spec.name}: actor {exc.name} failed to start (status {exc.code})",
+              file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        host.stop()

@@ -1,0 +1,151 @@
+"""RAM sender: owns the migration dirty bitmap, harvests the vCPUs' dirty logs,
+picks dirty pages within the byte budget it is granted, detects zero pages and
+hands page descriptors (never page data) to the transport writer.
+
+It is also the one producer on the writer's data socket, so that the bytes the
+coordinator wants on the wire (header, device sections, EOF) keep their place
+in the stream.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import zmq
+
+from actors.base import Client, HostConfig, Server, actor_main
+from machine.ram import PAGE_SIZE, GuestRam
+from protocol import savevm
+from protocol.messages import Message
+
+BATCH_PAGES = 512
+# What one zero-page record costs on the wire; a normal page costs NORMAL_RECORD.
+ZERO_COST = savevm.ZERO_RECORD
+NORMAL_COST = savevm.NORMAL_RECORD
+
+
+class RamSender:
+    def __init__(self, cfg: HostConfig, ctx: zmq.Context) -> None:
+        guest = cfg["guest"]
+        self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
+        self.npages = self.ram.pages.shape[0]
+        self.dirty = np.zeros(self.npages, np.bool_)
+        self.vcpus = [Client(ctx, cfg.endpoint(f"vcpu{i}"), "ram_sender") for i in range(guest["vcpus"])]
+        self.data = ctx.socket(zmq.PUSH)
+        self.data.setsockopt(zmq.SNDHWM, 8)
+        self.data.setsockopt(zmq.LINGER, 0)
+        self.data.connect(cfg.endpoint("writer-data"))
+        self.block_of_page = np.zeros(self.npages, np.int32)
+        for i, b in enumerate(self.ram.blocks):
+            self.block_of_page[b.first_page:b.first_page + b.pages] = i
+        self.marks = 0
+        self.period_start = time.monotonic()
+        self.period_dirty = 0
+        self.dirty_rate = 0
+
+    def emit(self, *chunks: bytes) -> None:
+        self.data.send_multipart([b"bytes", *chunks], copy=False)
+
+    def mark(self) -> int:
+        self.marks += 1
+        self.data.send_multipart([b"mark", str(self.marks).encode()])
+        return self.marks
+
+    def harvest(self) -> int:
+        """Fold every vCPU's dirty log into the bitmap; returns pages newly dirtied."""
+        newly = 0
+        for vcpu in self.vcpus:
+            reply = vcpu.call("harvest", timeout=10)
+            bits = np.unpackbits(np.frombuffer(reply.frames[0], np.uint8),
+                                 count=self.npages, bitorder="little").view(np.bool_)
+            newly += reply.data["result"]["dirty"]
+            self.dirty |= bits
+        return newly
+
+    # requests ---------------------------------------------------------------
+    def on_emit(self, msg: Message) -> dict:
+        self.emit(*msg.frames)
+        return {"mark": self.mark() if msg.data.get("mark") else None}
+
+    def on_setup(self, _msg: Message) -> dict:
+        self.harvest()  # start the vCPUs' logs afresh: everything is dirty anyway
+        self.dirty[:] = True
+        self.period_start, self.period_dirty = time.monotonic(), 0
+        return self.status(sync=True)
+
+    def on_sync(self, _msg: Message) -> dict:
+        self.period_dirty += self.harvest()
+        return self.status(sync=True)
+
+    def on_iterate(self, msg: Message) -> dict:
+        """Send dirty pages worth at most `budget` bytes (0: all) as one section."""
+        budget = msg.data["budget"]
+        kind = savevm.SECTION_END if msg.data.get("end") else savevm.SECTION_PART
+        self.emit(savevm.section_part(kind, msg.data["section_id"]))
+        sent = self.send_pages(budget)
+        self.emit(savevm.ram_eos(), savevm.footer(msg.data["section_id"]))
+        out = self.status(sync=False)
+        out.update(sent)
+        out["mark"] = self.mark()
+        return out
+
+    def on_cleanup(self, _msg: Message) -> dict:
+        self.dirty[:] = False
+        return {}
+
+    # ----------------------------------------------------------------------
+    def status(self, sync: bool) -> dict:
+        now = time.monotonic()
+        out = {"remaining": int(np.count_nonzero(self.dirty)) * PAGE_SIZE}
+        if sync and now - self.period_start >= 1.0:
+            self.dirty_rate = int(self.period_dirty / (now - self.period_start))
+            self.period_start, self.period_dirty = now, 0
+        out["dirty_pages_rate"] = self.dirty_rate
+        return out
+
+    def send_pages(self, budget: int) -> dict:
+        normal = zeros = wire = 0
+        candidates = np.flatnonzero(self.dirty)
+        pos = 0
+        pages = self.ram.pages
+        while pos < len(candidates) and (budget == 0 or wire < budget):
+            want = BATCH_PAGES
+            if budget:
+                want = max(1, min(BATCH_PAGES, (budget - wire) // NORMAL_COST + 1))
+            batch = candidates[pos:pos + want]
+            # A batch never spans two RAM blocks.
+            blocks = self.block_of_page[batch]
+            if blocks[0] != blocks[-1]:
+                batch = batch[blocks == blocks[0]]
+            pos += len(batch)
+            self.dirty[batch] = False  # cleared before reading: a later write re-dirties it
+            # Most non-zero pages show it in their first word; check the rest in full.
+            is_zero = pages[batch, :8].view(np.uint64)[:, 0] == 0
+            if is_zero.any():
+                idx = np.flatnonzero(is_zero)
+                is_zero[idx] = ~pages[batch[idx]].any(axis=1)
+            block = self.ram.blocks[int(blocks[0])]
+            self.data.send_multipart(
+                [b"pages", block.name.encode(), str(block.first_page).encode(),
+                 (batch - block.first_page).astype(np.uint32).tobytes(), is_zero.tobytes()],
+                copy=False)
+            nz = int(is_zero.sum())
+            zeros += nz
+            normal += len(batch) - nz
+            wire += (len(batch) - nz) * NORMAL_COST + nz * ZERO_COST
+        return {"normal": normal, "zero": zeros, "queued": wire}
+
+
+def run(cfg: HostConfig, ctx: zmq.Context) -> None:
+    sender = RamSender(cfg, ctx)
+    server = Server(ctx, cfg.endpoint("ram_sender"), "ram_sender")
+    handlers = {"emit": sender.on_emit, "setup": sender.on_setup, "sync": sender.on_sync,
+                "iterate": sender.on_iterate, "cleanup": sender.on_cleanup,
+                "ping": lambda _m: {}}
+    while True:
+        server.serve(handlers, None)
+
+
+if __name__ == "__main__":
+    actor_main("ram_sender", run)

@@ -1,0 +1,183 @@
+"""Receiver: the incoming side. Accepts exactly one connection, validates and
+loads the stream into shared RAM, collects vCPU and run state, and reports to
+the coordinator, which invalidates disks and starts the guest. It answers the
+source on the return path only once the coordinator says the guest resumed."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+import msgpack
+import zmq
+
+from actors.base import ActorError, HostConfig, Server, actor_main
+from machine.ram import GuestRam
+from protocol import savevm
+from protocol.messages import Message
+from protocol.transport import Channel, Listener, TransportError, parse_uri
+
+VCPU_SECTION = "livemig/vcpu"
+MAX_VCPU_STATE = 1 << 16
+
+
+class Receiver:
+    def __init__(self, cfg: HostConfig, ctx: zmq.Context) -> None:
+        guest = cfg["guest"]
+        self.cfg = cfg
+        self.ctx = ctx
+        self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
+        self.vcpus = guest["vcpus"]
+        self.listener: Listener | None = None
+        self.channel: Channel | None = None
+        self.thread: threading.Thread | None = None
+        self.finish = threading.Event()
+        self.finish_rc = 1
+        self.lock = threading.Lock()
+        self.notices: list[tuple[str, dict]] = []
+        self.wake: zmq.Socket | None = None
+
+    def notify(self, mtype: str, data: dict) -> None:
+        with self.lock:
+            self.notices.append((mtype, data))
+        assert self.wake is not None
+        self.wake.send(b"")
+
+    # control ---------------------------------------------------------------
+    def on_listen(self, msg: Message) -> dict:
+        if self.thread is not None and self.thread.is_alive():
+            raise ActorError("an incoming migration is already in progress")
+        uri = parse_uri(msg.data["uri"])
+        if uri.scheme == "fd" and int(uri.target) not in self.cfg["fds"]:
+            raise ActorError(f"descriptor {uri.target} was not passed to this host (--fd)")
+        try:
+            self.listener = Listener(uri)
+        except TransportError as exc:
+            raise ActorError(str(exc)) from None
+        self.finish.clear()
+        self.thread = threading.Thread(target=self.incoming, daemon=True)
+        self.thread.start()
+        return {"uri": self.listener.actual_uri}
+
+    def on_finish(self, msg: Message) -> dict:
+        """The coordinator is done with the loaded state: rc 0 means the guest resumed."""
+        self.finish_rc = int(msg.data.get("rc", 1))
+        self.finish.set()
+        return {}
+
+    # data thread -----------------------------------------------------------
+    def incoming(self) -> None:
+        assert self.listener is not None
+        listener = self.listener
+        try:
+            channel = listener.accept()
+        except (OSError, TransportError) as exc:
+            listener.close()
+            self.notify("failed", {"desc": f"incoming connection failed: {exc}"})
+            return
+        if listener.sock is not None:
+            # Exactly one migration per listen: refuse any later connection.
+            listener.close()
+        self.channel = channel
+        self.notify("started", {})
+        t0 = time.monotonic()
+        vcpu_states: dict[int, dict] = {}
+        runstate: list[str] = []
+
+        def load_vcpu(r: savevm.BufferedReader, instance: int, version: int) -> None:
+            if version != 1:
+                raise savevm.StreamError(f"{VCPU_SECTION} version {version} unsupported")
+            if instance >= self.vcpus:
+                raise savevm.StreamError(
+                    f"vCPU {instance} in the stream but this guest has {self.vcpus} vCPUs")
+            n = r.be32()
+            if n > MAX_VCPU_STATE:
+                raise savevm.StreamError(f"vCPU state of {n} bytes is too large")
+            try:
+                regs = msgpack.unpackb(bytes(r.take(n)), raw=False)
+            except (ValueError, msgpack.UnpackException) as exc:
+                raise savevm.StreamError(f"vCPU {instance} state is not readable: {exc}") from None
+            if not isinstance(regs, dict):
+                raise savevm.StreamError(f"vCPU {instance} state is not a map")
+            vcpu_states[instance] = regs
+
+        def load_globalstate(r: savevm.BufferedReader, _instance: int, version: int) -> None:
+            runstate.append(savevm.read_globalstate(r, version))
+
+        blocks = [savevm.RamBlock(b.name, self.ram.block_pages(b)) for b in self.ram.blocks]
+        loader = savevm.StreamLoader(
+            savevm.RamLoader(blocks), {VCPU_SECTION: load_vcpu, "globalstate": load_globalstate},
+            machine=self.cfg["guest"]["machine"])
+        reader = savevm.BufferedReader(channel.read_into)
+        try:
+            result = loader.load(reader, read_trailer=not channel.has_return_path)
+            if channel.has_return_path:
+                channel.settimeout(5)
+                try:
+                    result.vmdesc = loader._trailer(reader)
+                finally:
+                    channel.settimeout(None)
+            missing = sorted(set(range(self.vcpus)) - set(vcpu_states))
+            if self.vcpus and missing and any(s[0] == VCPU_SECTION for s in result.sections):
+                raise savevm.StreamError(f"stream has no state for vCPUs {missing}")
+        except (savevm.StreamError, OSError) as exc:
+            desc = str(exc) if isinstance(exc, savevm.StreamError) else f"incoming stream failed: {exc}"
+            self.reply_source(channel, 1, desc)
+            self.close_channel()
+            self.notify("failed", {"desc": desc, "bytes": reader.consumed})
+            return
+        stats = loader.ram.stats if loader.ram else None
+        self.notify("loaded", {
+            "vcpus": [vcpu_states[i] for i in sorted(vcpu_states)],
+            "runstate": runstate[0] if runstate else None,
+            "machine": result.machine, "bytes": result.bytes,
+            "return_path": channel.has_return_path,
+            "normal": stats.normal if stats else 0, "zero": stats.zero if stats else 0,
+            "seconds": time.monotonic() - t0})
+        if not self.finish.wait(300):
+            self.finish_rc = 1
+        self.reply_source(channel, self.finish_rc, "" if self.finish_rc == 0 else "destination did not start")
+        self.close_channel()
+
+    def reply_source(self, channel: Channel, rc: int, desc: str) -> None:
+        if not channel.has_return_path:
+            return
+        body = struct.pack(">I", rc) + desc.encode()[:200]
+        try:
+            channel.write(struct.pack(">HH", savevm.RP_SHUT, len(body)) + body)
+        except OSError:
+            pass
+
+    def close_channel(self) -> None:
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close()
+
+
+def run(cfg: HostConfig, ctx: zmq.Context) -> None:
+    receiver = Receiver(cfg, ctx)
+    server = Server(ctx, cfg.endpoint("receiver"), "receiver")
+    wake_in = ctx.socket(zmq.PULL)
+    wake_in.bind("inproc://receiver-wake")
+    # Only the incoming thread (one at a time) sends on this socket.
+    receiver.wake = ctx.socket(zmq.PUSH)
+    receiver.wake.connect("inproc://receiver-wake")
+    handlers = {"listen": receiver.on_listen, "finish": receiver.on_finish, "ping": lambda _m: {}}
+    poller = zmq.Poller()
+    poller.register(server.sock, zmq.POLLIN)
+    poller.register(wake_in, zmq.POLLIN)
+    while True:
+        events = dict(poller.poll())
+        if wake_in in events:
+            wake_in.recv()
+            with receiver.lock:
+                notices, receiver.notices = receiver.notices, []
+            for mtype, data in notices:
+                server.notify("coordinator", mtype, data)
+        if server.sock in events:
+            server.serve(handlers, 0)
+
+
+if __name__ == "__main__":
+    actor_main("receiver", run)

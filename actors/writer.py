@@ -1,0 +1,181 @@
+"""Transport writer: owns the outgoing connection. It turns page descriptors
+into QEMU page records straight from shared RAM, writes them with the other
+stream bytes in order, counts bytes, reports marks, and reads the return path.
+
+The data loop runs in its own thread so that the control loop can abort a
+write that is blocked on a stalled peer.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+import time
+
+import numpy as np
+import zmq
+
+from actors.base import ActorError, HostConfig, Server, actor_main
+from machine.ram import GuestRam
+from protocol import savevm
+from protocol.messages import Message
+from protocol.transport import Channel, TransportError, connect, parse_uri
+
+BATCH_PAGES = 512
+
+
+class Writer:
+    def __init__(self, cfg: HostConfig, ctx: zmq.Context) -> None:
+        guest = cfg["guest"]
+        self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
+        self.ctx = ctx
+        self.cfg = cfg
+        self.channel: Channel | None = None
+        self.encoder = savevm.PageEncoder(BATCH_PAGES)
+        self.written = 0
+        self.error: str | None = None
+        self.lock = threading.Lock()
+        self.notices: list[tuple[str, dict]] = []
+
+    # data thread -----------------------------------------------------------
+    def data_loop(self) -> None:
+        pull = self.ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, 8)
+        pull.setsockopt(zmq.LINGER, 0)
+        pull.bind(self.cfg.endpoint("writer-data"))
+        wake = self.ctx.socket(zmq.PUSH)
+        wake.connect("inproc://writer-wake")
+        while True:
+            try:
+                parts = pull.recv_multipart(copy=False)
+            except zmq.ContextTerminated:
+                return
+            kind = parts[0].bytes
+            try:
+                if kind == b"bytes":
+                    self.encoder.new_section()
+                    for p in parts[1:]:
+                        self.write(p.buffer)
+                elif kind == b"pages":
+                    self.write_pages(parts)
+                elif kind == b"mark":
+                    with self.lock:
+                        self.notices.append(("mark", {"mark": int(parts[1].bytes), "bytes": self.written,
+                                                       "error": self.error}))
+                    wake.send(b"")
+            except (OSError, TransportError) as exc:
+                with self.lock:
+                    if self.error is None:
+                        self.error = f"write to migration channel failed: {exc.strerror or exc}"
+                        self.notices.append(("failed", {"desc": self.error, "bytes": self.written}))
+                wake.send(b"")
+
+    def write(self, data) -> None:
+        if self.error is not None or self.channel is None:
+            return  # drop everything after a failure; the coordinator is told once
+        self.channel.write(data)
+        self.written += len(data)
+
+    def write_pages(self, parts: list) -> None:
+        block = self.ram.block(parts[1].bytes.decode())
+        pages = np.frombuffer(parts[3].buffer, np.uint32)
+        zero = np.frombuffer(parts[4].buffer, np.bool_)
+        for buf in self.encoder.encode(block.name, pages, self.ram.block_pages(block), zero):
+            self.write(buf)
+
+    # control ---------------------------------------------------------------
+    def on_connect(self, msg: Message) -> dict:
+        if self.channel is not None:
+            raise ActorError("migration channel already open")
+        uri = parse_uri(msg.data["uri"])
+        if uri.scheme == "fd":
+            # An fd: URI names a descriptor the host was given at start.
+            if int(uri.target) not in self.cfg["fds"]:
+                raise ActorError(f"descriptor {uri.target} was not passed to this host (--fd)")
+        try:
+            channel = connect(uri)
+        except TransportError as exc:
+            raise ActorError(str(exc)) from None
+        with self.lock:
+            self.written, self.error = 0, None
+            self.channel = channel
+        return {"return_path": channel.has_return_path}
+
+    def on_await_return(self, msg: Message) -> dict:
+        """Wait for the destination's SHUT on the return path."""
+        channel = self.channel
+        if channel is None or not channel.has_return_path:
+            raise ActorError("no return path on this channel")
+        channel.settimeout(msg.data.get("timeout", 30))
+        header = bytearray()
+        try:
+            while True:
+                while len(header) < 4:
+                    chunk = channel.sock.recv(4 - len(header))
+                    if not chunk:
+                        return {"shut": None, "desc": "destination closed the connection before it resumed"}
+                    header += chunk
+                mtype, length = struct.unpack(">HH", header)
+                body = b""
+                while len(body) < length:
+                    chunk = channel.sock.recv(length - len(body))
+                    if not chunk:
+                        return {"shut": None, "desc": "return path cut mid-message"}
+                    body += chunk
+                header.clear()
+                if mtype == savevm.RP_SHUT and length >= 4:
+                    return {"shut": struct.unpack(">I", body[:4])[0], "at": time.time(),
+                            "desc": body[4:].decode(errors="replace")}
+        except TimeoutError:
+            return {"shut": None, "desc": "destination did not answer on the return path in time"}
+        except OSError as exc:
+            return {"shut": None, "desc": f"return path failed: {exc.strerror or exc}"}
+
+    def on_close(self, msg: Message) -> dict:
+        with self.lock:
+            channel, self.channel = self.channel, None
+        status = 0
+        if channel is not None:
+            if msg.data.get("abort"):
+                channel.abort()
+            status = channel.close()
+        if status:
+            raise ActorError(f"migration command exited with status {status}")
+        return {"bytes": self.written}
+
+    def on_abort(self, _msg: Message) -> dict:
+        """Unblock a stalled write; the data thread then reports the failure."""
+        channel = self.channel
+        if channel is not None:
+            with self.lock:
+                if self.error is None:
+                    self.error = "migration channel aborted"
+            channel.abort()
+        return {}
+
+
+def run(cfg: HostConfig, ctx: zmq.Context) -> None:
+    writer = Writer(cfg, ctx)
+    server = Server(ctx, cfg.endpoint("writer"), "writer")
+    wake = ctx.socket(zmq.PULL)
+    wake.bind("inproc://writer-wake")
+    threading.Thread(target=writer.data_loop, daemon=True).start()
+    handlers = {"connect": writer.on_connect, "close": writer.on_close, "abort": writer.on_abort,
+                "await_return": writer.on_await_return, "ping": lambda _m: {}}
+    poller = zmq.Poller()
+    poller.register(server.sock, zmq.POLLIN)
+    poller.register(wake, zmq.POLLIN)
+    while True:
+        events = dict(poller.poll())
+        if wake in events:
+            wake.recv()
+            with writer.lock:
+                notices, writer.notices = writer.notices, []
+            for mtype, data in notices:
+                server.notify("coordinator", mtype, data)
+        if server.sock in events:
+            server.serve(handlers, 0)
+
+
+if __name__ == "__main__":
+    actor_main("writer", run)

@@ -1,0 +1,162 @@
+"""Deterministic vCPU workloads.
+
+A step's effect depends only on the workload's seed, the vCPU index and the
+step number, never on time, so any run can be replayed without migration and
+compared byte for byte. Each vCPU writes only its own slice of RAM, so the
+interleaving of vCPUs cannot change the outcome. The registers (step counter,
+PRNG state, an accumulator over every value produced) are the vCPU state that
+travels in the migration stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PAGE_SIZE = 4096
+WORDS = PAGE_SIZE // 8
+GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_MASK = (1 << 64) - 1
+_WORD_INDEX = np.arange(WORDS, dtype=np.uint64)
+KINDS = ("idle", "memtouch", "stream")
+IDLE_STEPS_PER_SECOND = 1000.0
+
+
+def parse_size(text: str | int) -> int:
+    """'64M', '1G', '4096', '1.5K' -> bytes (binary multiples)."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    mult = 1
+    if s and s[-1] in "KMGT":
+        mult = 1 << (10 * ("KMGT".index(s[-1]) + 1))
+        s = s[:-1]
+    try:
+        value = float(s)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (examples: 4096, 64K, 256M, 1G)") from None
+    if value < 0:
+        raise ValueError(f"size must not be negative: {text!r}")
+    return int(value * mult)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, vectorised (uint64 arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _mix1(x: int) -> int:
+    return int(_mix(np.array([x & _MASK], np.uint64))[0])
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    kind: str
+    rate: int = 0  # bytes per second the workload dirties (0: unpaced steps for idle)
+    wss: int = 0  # working set for memtouch, bytes (0: all RAM)
+
+    @classmethod
+    def parse(cls, text: str) -> WorkloadSpec:
+        kind, _, params = text.partition(":")
+        if kind not in KINDS:
+            raise ValueError(f"unknown workload {kind!r}: use idle, memtouch:rate=R,wss=S or stream:rate=R")
+        values: dict[str, int] = {}
+        for item in filter(None, params.split(",")):
+            key, eq, val = item.partition("=")
+            allowed = {"idle": (), "memtouch": ("rate", "wss"), "stream": ("rate",)}[kind]
+            if not eq or key not in allowed:
+                raise ValueError(f"workload {kind!r} takes {', '.join(allowed) or 'no parameters'}, not {item!r}")
+            values[key] = parse_size(val)
+        spec = cls(kind, values.get("rate", 0), values.get("wss", 0))
+        if kind != "idle" and spec.rate <= 0:
+            raise ValueError(f"workload {kind!r} needs rate=BYTES_PER_SECOND > 0")
+        return spec
+
+    def __str__(self) -> str:
+        if self.kind == "idle":
+            return "idle"
+        if self.kind == "stream":
+            return f"stream:rate={self.rate}"
+        return f"memtouch:rate={self.rate},wss={self.wss}"
+
+    @property
+    def steps_per_second(self) -> float:
+        return IDLE_STEPS_PER_SECOND if self.kind == "idle" else self.rate / PAGE_SIZE
+
+
+class Workload:
+    """One vCPU's program over guest RAM pages (an (n, 4096) uint8 array)."""
+
+    def __init__(self, spec: WorkloadSpec, seed: int, vcpu: int, vcpus: int, ram_pages: int) -> None:
+        self.spec = spec
+        self.vcpu = vcpu
+        self.base = _mix1((seed & _MASK) ^ _mix1((vcpu + 1) * 0xD1B54A32D192ED03))
+        span = ram_pages
+        if spec.kind == "memtouch" and spec.wss:
+            span = max(vcpus, min(ram_pages, spec.wss // PAGE_SIZE))
+        self.first = vcpu * span // vcpus
+        self.count = max(1, (vcpu + 1) * span // vcpus - self.first)
+        self.seed = seed
+        self.step = 0
+        self.acc = 0
+
+    @property
+    def registers(self) -> dict:
+        prng = (self.base + self.step * int(GAMMA)) & _MASK
+        return {"workload": str(self.spec), "vcpu": self.vcpu, "seed": self.seed,
+                "step": self.step, "prng": prng, "acc": self.acc}
+
+    def load_registers(self, regs: dict) -> None:
+        if regs.get("workload") != str(self.spec) or regs.get("seed") != self.seed \
+                or regs.get("vcpu") != self.vcpu:
+            raise ValueError(
+                f"vCPU state for {regs.get('workload')!r} seed {regs.get('seed')} vcpu {regs.get('vcpu')} "
+                f"does not match this guest ({self.spec} seed {self.seed} vcpu {self.vcpu})")
+        self.step = int(regs["step"])
+        self.acc = int(regs["acc"])
+        if regs.get("prng") != self.registers["prng"]:
+            raise ValueError("vCPU PRNG state does not match its step counter")
+
+    def run(self, pages: np.ndarray, n: int) -> np.ndarray:
+        """Run n steps; return the page indexes written (for the dirty log)."""
+        if n <= 0:
+            return np.empty(0, np.int64)
+        k = np.arange(self.step + 1, self.step + n + 1, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            x = _mix(np.uint64(self.base) + k * GAMMA)
+            self.acc = (self.acc + int(x.sum(dtype=np.uint64))) & _MASK
+        self.step += n
+        if self.spec.kind == "idle":
+            return np.empty(0, np.int64)
+        if self.spec.kind == "memtouch":
+            offs = (x % np.uint64(self.count)).astype(np.int64)
+        else:
+            offs = ((k - np.uint64(1)) % np.uint64(self.count)).astype(np.int64)
+        target = offs + self.first
+        # Later steps win when a batch touches a page twice, as sequential steps would.
+        rev_unique, rev_pos = np.unique(target[::-1], return_index=True)
+        last = n - 1 - rev_pos
+        values = _mix(x[last] ^ np.uint64(0xA5A5A5A5A5A5A5A5)) | np.uint64(1)
+        pages[rev_unique] = (values[:, None] ^ _WORD_INDEX).view(np.uint8)
+        return rev_unique
+
+
+def replay(pages: np.ndarray, spec: WorkloadSpec, seed: int, vcpus: int,
+           steps: list[int]) -> list[dict]:
+    """Run each vCPU's first steps[i] steps on `pages`, unpaced; return registers."""
+    regs = []
+    for i, n in enumerate(steps):
+        w = Workload(spec, seed, i, vcpus, pages.shape[0])
+        done = 0
+        while done < n:
+            chunk = min(65536, n - done)
+            w.run(pages, chunk)
+            done += chunk
+        regs.append(w.registers)
+    return regs

@@ -1,0 +1,246 @@
+"""Migration URIs and the byte channels behind them.
+
+tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N and file:PATH, in both directions.
+Sockets (tcp, unix, and fd: when the descriptor is a socket) also carry a
+return path from the destination back to the source.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import stat
+import subprocess
+from dataclasses import dataclass
+
+SCHEMES = ("tcp", "unix", "exec", "fd", "file")
+
+
+class TransportError(OSError):
+    """A URI that cannot be used, or a channel that failed."""
+
+
+@dataclass(frozen=True)
+class Uri:
+    scheme: str
+    target: str  # host:port, path, command line or descriptor number
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.target}"
+
+
+def parse_uri(text: str) -> Uri:
+    scheme, sep, rest = text.partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise TransportError(
+            f"unsupported migration URI {text!r}: use tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N or file:PATH")
+    if not rest:
+        raise TransportError(f"migration URI {text!r} has nothing after {scheme}:")
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise TransportError(f"tcp URI {text!r} must be tcp:HOST:PORT")
+        return Uri(scheme, rest, host, int(port))
+    if scheme == "fd" and not rest.isdigit():
+        raise TransportError(f"fd URI {text!r} must name a descriptor number")
+    if scheme == "file":
+        rest = rest.split(",", 1)[0]
+    return Uri(scheme, rest)
+
+
+class Channel:
+    """One direction of a migration (plus, for sockets, the return path)."""
+
+    def __init__(self, fd: int, sock: socket.socket | None = None,
+                 proc: subprocess.Popen | None = None, owns_fd: bool = True) -> None:
+        self.fd = fd
+        self.sock = sock
+        self.proc = proc
+        self.owns_fd = owns_fd
+        self.closed = False
+
+    @property
+    def has_return_path(self) -> bool:
+        return self.sock is not None
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self.sock is not None:
+            self.sock.sendall(data)
+            return
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self.fd, view)
+            view = view[n:]
+
+    def read_into(self, buf: memoryview) -> int:
+        if self.sock is not None:
+            return self.sock.recv_into(buf)
+        return os.readv(self.fd, [buf])
+
+    def settimeout(self, seconds: float | None) -> None:
+        if self.sock is not None:
+            self.sock.settimeout(seconds)
+
+    def shutdown_write(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def abort(self) -> None:
+        """Make a blocked read or write in another thread fail now."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def close(self) -> int:
+        """Close; for exec: channels, wait for the command and return its status."""
+        if self.closed:
+            return 0
+        self.closed = True
+        if self.sock is not None:
+            self.sock.close()
+        elif self.owns_fd:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+        if self.proc is not None:
+            try:
+                return self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                return self.proc.wait(timeout=5)
+        return 0
+
+
+def _socket_from_fd(fd: int) -> socket.socket | None:
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return None
+    return socket.socket(fileno=os.dup(fd))
+
+
+def connect(uri: Uri, timeout: float = 10.0) -> Channel:
+    """Open the outgoing side of a migration."""
+    try:
+        if uri.scheme == "tcp":
+            sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
+            sock.settimeout(None)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return Channel(sock.fileno(), sock)
+        if uri.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(uri.target)
+            sock.settimeout(None)
+            return Channel(sock.fileno(), sock)
+        if uri.scheme == "exec":
+            proc = subprocess.Popen(["/bin/sh", "-c", uri.target], stdin=subprocess.PIPE)
+            assert proc.stdin is not None
+            return Channel(proc.stdin.fileno(), proc=proc)
+        if uri.scheme == "fd":
+            fd = int(uri.target)
+            sock = _socket_from_fd(fd)
+            if sock is not None:
+                return Channel(sock.fileno(), sock)
+            return Channel(os.dup(fd))
+        fd = os.open(uri.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        return Channel(fd)
+    except OSError as exc:
+        raise TransportError(f"cannot open {uri}: {exc.strerror or exc}") from None
+
+
+class Listener:
+    """The incoming side: accepts exactly one connection."""
+
+    def __init__(self, uri: Uri) -> None:
+        self.uri = uri
+        self.sock: socket.socket | None = None
+        self.address: tuple | str | None = None
+        try:
+            if uri.scheme == "tcp":
+                family = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
+                self.sock = socket.socket(family, socket.SOCK_STREAM)
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                self.sock.bind((uri.host, uri.port))
+                self.sock.listen(1)
+                self.address = self.sock.getsockname()[:2]
+            elif uri.scheme == "unix":
+                if os.path.exists(uri.target) and stat.S_ISSOCK(os.stat(uri.target).st_mode):
+                    os.unlink(uri.target)
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self.sock.bind(uri.target)
+                self.sock.listen(1)
+                self.address = uri.target
+        except OSError as exc:
+            raise TransportError(f"cannot listen on {uri}: {exc.strerror or exc}") from None
+
+    @property
+    def actual_uri(self) -> str:
+        if self.uri.scheme == "tcp" and self.address:
+            host, port = self.address
+            host = f"[{host}]" if ":" in host else host
+            return f"tcp:{host}:{port}"
+        return str(self.uri)
+
+    def accept(self, timeout: float | None = None) -> Channel:
+        try:
+            if self.sock is not None:
+                self.sock.settimeout(timeout)
+                conn, _ = self.sock.accept()
+                conn.settimeout(None)
+                if self.uri.scheme == "tcp":
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                return Channel(conn.fileno(), conn)
+            if self.uri.scheme == "exec":
+                proc = subprocess.Popen(["/bin/sh", "-c", self.uri.target], stdout=subprocess.PIPE)
+                assert proc.stdout is not None
+                return Channel(proc.stdout.fileno(), proc=proc)
+            if self.uri.scheme == "fd":
+                fd = int(self.uri.target)
+                sock = _socket_from_fd(fd)
+                if sock is not None:
+                    return Channel(sock.fileno(), sock)
+                return Channel(os.dup(fd))
+            return Channel(os.open(self.uri.target, os.O_RDONLY))
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            raise TransportError(f"cannot accept on {self.uri}: {exc.strerror or exc}") from None
+
+    def refuse_pending(self) -> None:
+        """Refuse extra connections while a migration is in progress."""
+        if self.sock is None:
+            return
+        self.sock.settimeout(0)
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, TimeoutError, OSError):
+                return
+            conn.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+            if self.uri.scheme == "unix":
+                try:
+                    os.unlink(self.uri.target)
+                except OSError:
+                    pass
+
+
+def quote(path: str) -> str:
+    return shlex.quote(path)
