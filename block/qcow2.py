@@ -87,6 +87,13 @@ class Qcow2Image(Image):
         cb = F.peek_cluster_bits(head, path)
         h = F.parse_header(pread_full(fd, 1 << cb, 0), path)
         self._check_features(h, for_write)
+        if for_write and h.incompatible & F.INCOMPAT_DIRTY:
+            # Left by a crash (ours, or QEMU's with lazy refcounts): the refcounts may be
+            # missing increments, so rebuild them from the metadata before any allocation.
+            from .repair import rebuild_refcounts
+
+            rebuild_refcounts(fd, path, h)
+            h = F.parse_header(pread_full(fd, 1 << cb, 0), path)
         self._h = h
         cs = h.cluster_size
         self._cb = cb
@@ -129,10 +136,10 @@ class Qcow2Image(Image):
         if h.incompatible & F.INCOMPAT_CORRUPT:
             raise CorruptImage(f"{path}: image is marked corrupt (corrupt bit set); "
                                f"run 'qemu-img check -r all {path}' before writing to it")
-        if h.incompatible & F.INCOMPAT_DIRTY:
-            raise CorruptImage(f"{path}: image is dirty (it was not closed cleanly, so its "
-                               "refcounts may be stale); run "
-                               f"'qemu-img check -r all {path}' before writing to it")
+        if h.incompatible & F.INCOMPAT_DIRTY and h.extension(F.EXT_BITMAPS) is not None:
+            raise CorruptImage(f"{path}: image is dirty (not closed cleanly) and has "
+                               "persistent bitmaps, which this driver cannot account for "
+                               f"when rebuilding refcounts; run 'qemu-img check -r all {path}'")
 
     def _open_backing(self, h: F.Header) -> Image:
         from .api import open_image
