@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import BlockError, UnsupportedFeature
+from .errors import BlockError, ImageNotFound, UnsupportedFeature
 from .image import Image
 from .qcow2 import Qcow2Image, create_qcow2
 from .raw import RawImage, create_raw
@@ -46,8 +46,8 @@ def open_image(path: str | os.PathLike, format: str | None = None, read_only: bo
     path = os.fspath(path)
     try:
         fmt = format or probe_format(path)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as e:
+        raise ImageNotFound(f"{path}: no such image file") from e
     except OSError as e:
         raise BlockError(f"{path}: cannot open: {e.strerror}") from e
     if fmt not in FORMATS:
@@ -56,8 +56,8 @@ def open_image(path: str | os.PathLike, format: str | None = None, read_only: bo
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise
+    except FileNotFoundError as e:
+        raise ImageNotFound(f"{path}: no such image file") from e
     except OSError as e:
         raise BlockError(f"{path}: cannot open: {e.strerror}") from e
     img: Image
@@ -99,7 +99,7 @@ def create_image(path: str | os.PathLike, size: int | None, format: str = "qcow2
         full = backing if os.path.isabs(backing) else \
             os.path.join(os.path.dirname(os.path.abspath(path)), backing)
         if not os.path.exists(full):
-            raise BlockError(f"{path}: backing file {full} does not exist")
+            raise ImageNotFound(f"{path}: backing file {full} does not exist")
         backing_format = backing_format or probe_format(full)
         if size is None:
             with open_image(full, format=backing_format, read_only=True) as b:

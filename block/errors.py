@@ -35,5 +35,9 @@ class ImageClosed(BlockError):
     """The image was used after close()."""
 
 
+class ImageNotFound(BlockError, FileNotFoundError):
+    """The image file (or a backing file) does not exist."""
+
+
 class OutOfRange(BlockError, ValueError):
     """A request lies (partly) outside the virtual disk."""

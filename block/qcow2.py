@@ -24,7 +24,7 @@ from collections import OrderedDict
 import numpy as np
 
 from . import qcow2_format as F
-from .errors import BlockError, CorruptImage, UnsupportedFeature
+from .errors import BlockError, CorruptImage, ImageNotFound, UnsupportedFeature
 from .image import Image, pread_full, pwrite_full, pwritev_full
 
 DEFAULT_L2_CACHE_BYTES = 4 << 20
@@ -156,7 +156,7 @@ class Qcow2Image(Image):
         try:
             return open_image(name, format=fmt, read_only=True)
         except FileNotFoundError as e:
-            raise BlockError(f"{self.path}: backing file {name} not found") from e
+            raise ImageNotFound(f"{self.path}: backing file {name} not found") from e
 
     def _close_resources(self) -> None:
         if self.backing is not None:

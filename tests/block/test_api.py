@@ -8,6 +8,7 @@ from block import (
     BlockError,
     ImageClosed,
     ImageInactive,
+    ImageNotFound,
     OutOfRange,
     ReadOnlyImage,
     UnsupportedFeature,
@@ -90,8 +91,15 @@ def test_unknown_formats_are_refused(tmp_path):
         create_image(tmp_path / "r", 10, format="raw", backing="d.vmdk")
     with pytest.raises(BlockError, match="cluster size"):
         create_image(tmp_path / "c", 10, cluster_size=1000)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ImageNotFound, match="missing.qcow2"):
         open_image(tmp_path / "missing.qcow2")
+    with pytest.raises(FileNotFoundError):  # also a FileNotFoundError, for plain callers
+        open_image(tmp_path / "missing.qcow2")
+    (tmp_path / "b.raw").write_bytes(bytes(4096))
+    create_image(tmp_path / "o.qcow2", 4096, backing="b.raw", backing_format="raw")
+    (tmp_path / "b.raw").unlink()
+    with pytest.raises(ImageNotFound, match="backing file"):
+        open_image(tmp_path / "o.qcow2")
 
 
 def test_qcow2_exported_basics(tmp_path, patterned):
