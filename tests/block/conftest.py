@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 
+import block
+
+REPO = str(Path(block.__file__).resolve().parent.parent)  # PYTHONPATH for child processes
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 
@@ -147,3 +152,16 @@ def patterned():
         return random.Random(seed).randbytes(n)
 
     return make
+
+
+def digest(p: Path) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def poke_incompatible(p: Path, bits: int) -> None:
+    """Set qcow2 incompatible-feature bits behind the driver's back."""
+    with open(p, "r+b") as f:
+        f.seek(72)
+        (v,) = struct.unpack(">Q", f.read(8))
+        f.seek(72)
+        f.write(struct.pack(">Q", v | bits))

@@ -10,8 +10,7 @@ import pytest
 
 from block import ImageInUse, create_image, open_image
 
-from .conftest import needs_qemu, qemu_img, run
-from .test_stale_metadata import REPO
+from .conftest import REPO, needs_qemu, qemu_img, run
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])

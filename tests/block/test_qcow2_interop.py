@@ -120,6 +120,7 @@ def random_ops(d, expected: bytearray, rng: random.Random, n: int, max_len: int,
     (512, 4 * MiB, 150, 20000),
     (4096, 16 * MiB, 150, 100000),
     (65536, 64 * MiB, 120, 300000),
+    (2 * MiB, 32 * MiB, 40, 3 * MiB),
 ])
 def test_our_random_writes_pass_qemu_check(tmp_path, cluster, size, ops, max_len):
     img = tmp_path / "w.qcow2"
@@ -238,3 +239,24 @@ def test_write_to_qemu_made_image_and_zero_alloc(tmp_path, patterned):
     expected[8192:12288] = patterned(1, 4096)
     verify_image(img, expected, 4096)
     assert_no_shared_host_clusters(img, 4096)
+
+
+def test_three_level_chain_raw_qcow2_qcow2(tmp_path, patterned):
+    """raw <- qcow2 (qemu) <- qcow2 (ours): reads fall through two levels, COW too."""
+    raw = tmp_path / "base.raw"
+    raw.write_bytes(patterned(1, 2 * MiB))
+    mid = tmp_path / "mid.qcow2"
+    qemu_create(mid, "3M", "cluster_size=4096", backing=raw.name, backing_fmt="raw")
+    qemu_io(mid, "write -P 0x4d 1M 64k")
+    top = tmp_path / "top.qcow2"
+    create_image(top, None, cluster_size=65536, backing=mid.name)
+    with open_image(top) as d:
+        assert d.size == 3 * MiB and d.backing.backing.format == "raw"
+        d.write(MiB + 100, b"\x70" * 10)  # COW fill mixes mid's data and raw's
+        d.write(2 * MiB + 5, b"\x71")  # past the raw base: fill is zeros
+    expected = bytearray(patterned(1, 2 * MiB) + bytes(MiB))
+    expected[MiB:MiB + 65536] = b"\x4d" * 65536
+    expected[MiB + 100:MiB + 110] = b"\x70" * 10
+    expected[2 * MiB + 5] = 0x71
+    verify_image(top, expected, 65536)
+    assert qemu_to_raw(top, tmp_path / "top.raw") == expected

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
@@ -12,23 +11,20 @@ import pytest
 from block import BlockError, CorruptImage, UnsupportedFeature, open_image
 from block import qcow2_format as F
 
-from .conftest import check_image, needs_qemu, qemu_create, qemu_img, qemu_io, verify_image
+from .conftest import (
+    check_image,
+    digest,
+    needs_qemu,
+    poke_incompatible,
+    qemu_create,
+    qemu_img,
+    qemu_io,
+    verify_image,
+)
 
 pytestmark = needs_qemu
 
 MiB = 1 << 20
-
-
-def digest(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
-def poke_incompatible(p: Path, bits: int) -> None:
-    with open(p, "r+b") as f:
-        f.seek(72)
-        (v,) = struct.unpack(">Q", f.read(8))
-        f.seek(72)
-        f.write(struct.pack(">Q", v | bits))
 
 
 def make(tmp_path: Path, kind: str) -> Path:

@@ -11,9 +11,17 @@ import pytest
 from block import open_image
 from block import qcow2_format as F
 
-from .conftest import check_image, needs_qemu, qemu_create, qemu_img, qemu_io, run
-from .test_refusals import digest, poke_incompatible
-from .test_stale_metadata import REPO
+from .conftest import (
+    REPO,
+    check_image,
+    digest,
+    needs_qemu,
+    poke_incompatible,
+    qemu_create,
+    qemu_img,
+    qemu_io,
+    run,
+)
 
 pytestmark = needs_qemu
 

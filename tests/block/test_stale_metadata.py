@@ -19,16 +19,14 @@ from pathlib import Path
 
 import pytest
 
-import block
 from block import BlockError, ImageInactive, ImageInUse, open_image
 
-from .conftest import QemuIO, compare_raw, needs_qemu, qemu_create, qemu_img, qemu_io
+from .conftest import REPO, QemuIO, compare_raw, needs_qemu, qemu_create, qemu_img, qemu_io
 
 pytestmark = needs_qemu
 
 MiB = 1 << 20
 KiB = 1 << 10
-REPO = str(Path(block.__file__).resolve().parent.parent)
 
 # What the other opener does while D is inactive.  512-byte clusters: an L2 table
 # covers 32 KiB and one refcount-table cluster covers only 8 MiB of clusters.
