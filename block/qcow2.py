@@ -362,6 +362,15 @@ class Qcow2Image(Image):
 
     def _add_refcounts(self, start: int, n: int, delta: int) -> None:
         rbe = self._rb_entries
+        if n == 1:  # the common case (one cluster per request): skip the array reductions
+            bi, i = divmod(start, rbe)
+            rb = self._rb_get(bi)
+            if rb is not None:
+                new = int(rb.values[i]) + delta
+                if 0 <= new <= self._rc_max:
+                    rb.values[i] = new
+                    rb.dirty = True
+                    return
         end = start + n
         c = start
         while c < end:
