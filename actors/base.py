@@ -128,6 +128,7 @@ class AsyncPeer:
         self.node_id = node_id
         self.pending: dict[int, asyncio.Future] = {}
         self.on_notify = on_notify
+        self.tasks: set[asyncio.Task] = set()
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
@@ -145,7 +146,10 @@ class AsyncPeer:
             elif self.on_notify is not None:
                 result = self.on_notify(msg)
                 if asyncio.iscoroutine(result):
-                    await result
+                    # Its own task: a handler may call this same peer and wait for the reply.
+                    task = asyncio.get_running_loop().create_task(result)
+                    self.tasks.add(task)
+                    task.add_done_callback(self.tasks.discard)
 
     async def call(self, mtype: str, data: dict | None = None, timeout: float = 10.0,
                    frames: list | None = None) -> Message:

@@ -100,8 +100,9 @@ def command(name: str):
 def _check_args(fn: Callable, args: dict) -> None:
     sig = inspect.signature(fn)
     params = list(sig.parameters.values())[1:]
-    known = {p.name.replace("_", "-"): p for p in params}
-    for key in args:
+    known = {p.name.replace("_", "-"): p for p in params if p.kind is not p.VAR_KEYWORD}
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
+    for key in args if not open_ended else ():
         if key not in known:
             raise ActorError(f"Parameter '{key}' is unexpected")
     for key, p in known.items():
@@ -125,6 +126,7 @@ class Coordinator:
         self.writer_failure: str | None = None
         self.marks: dict[int, asyncio.Future] = {}
         self.wire_bytes = 0
+        self.mark_reached = 0
         self.stop_event = asyncio.Event()
         self.pub = ctx.socket(zmq.PUB)
         self.pub.bind(cfg["events"])
@@ -189,6 +191,7 @@ class Coordinator:
     def on_writer_notice(self, msg: Message) -> None:
         if msg.type == "mark":
             self.wire_bytes = msg.data["bytes"]
+            self.mark_reached = max(self.mark_reached, msg.data["mark"])
             if msg.data.get("error"):
                 self.writer_failure = msg.data["error"]
             fut = self.marks.pop(msg.data["mark"], None)
@@ -201,6 +204,10 @@ class Coordinator:
                     fut.set_result(msg.data)
 
     async def wait_mark(self, mark: int, timeout: float) -> None:
+        """Wait until the writer has put everything before `mark` on the wire
+        (marks increase, so one that was already reported counts too)."""
+        if self.mark_reached >= mark or self.writer_failure:
+            return
         fut = self.marks.setdefault(mark, asyncio.get_running_loop().create_future())
         try:
             await asyncio.wait_for(fut, timeout)
@@ -617,6 +624,9 @@ async def serve(cfg: HostConfig) -> None:
     receiver = asyncio.get_running_loop().create_task(receive())
     await coord.stop_event.wait()
     receiver.cancel()
+    if coord.task is not None and not coord.task.done():
+        coord.task.cancel()  # quit during a migration: undo it before the sockets go
+        await asyncio.wait([coord.task], timeout=10)
     ctx.destroy(linger=0)
 
 
