@@ -8,11 +8,8 @@ and its docstring is its help."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
-import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import msgpack
@@ -20,14 +17,16 @@ import zmq
 import zmq.asyncio
 
 from actors.base import ActorError, AsyncPeer, HostConfig, die_with_parent, log
+from actors.commands import Commands
+from machine.profile import profile
 from machine.ram import PAGE_SIZE, GuestRam
 from machine.runstate import RunState, StateError, check_transition
 from protocol import events as ev
 from protocol import savevm
+from protocol.devices import DEVICES, VCPU_SECTION, describe, full_section
 from protocol.messages import Message
 from protocol.transport import TransportError, parse_uri
 
-VCPU_SECTION = "livemig/vcpu"
 DEFAULT_PARAMETERS = {
     "max-bandwidth": 128 << 20,  # bytes/s, QEMU's default since 5.2; 0 = unlimited
     "downtime-limit": 300,  # ms
@@ -38,8 +37,8 @@ WINDOW = 0.1  # rate-limit window, as QEMU's BUFFER_DELAY
 UNLIMITED_CHUNK = 64 << 20  # bytes per iterate request when bandwidth is unlimited
 MAX_DOWNTIME_MS = 2_000_000
 
-# section ids, in the order QEMU would allocate them for our handlers
-SID_RAM, SID_GLOBALSTATE, SID_VCPU0 = 2, 3, 4
+# section ids: RAM first, then the device sections in stream order
+SID_RAM, SID_DEVICES = 2, 3
 
 
 class MigrationFailed(Exception):
@@ -86,36 +85,14 @@ class MigrationState:
         return out
 
 
-COMMANDS: dict[str, Callable] = {}
-
-
-def command(name: str):
-    """Register a QMP command; its docstring is its help."""
-    def wrap(fn):
-        COMMANDS[name] = fn
-        return fn
-    return wrap
-
-
-def _check_args(fn: Callable, args: dict) -> None:
-    sig = inspect.signature(fn)
-    params = list(sig.parameters.values())[1:]
-    known = {p.name.replace("_", "-"): p for p in params if p.kind is not p.VAR_KEYWORD}
-    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
-    for key in args if not open_ended else ():
-        if key not in known:
-            raise ActorError(f"Parameter '{key}' is unexpected")
-    for key, p in known.items():
-        if p.default is inspect.Parameter.empty and key not in args:
-            raise ActorError(f"Parameter '{key}' is missing")
-
-
-class Coordinator:
+class Coordinator(Commands):
     def __init__(self, cfg: HostConfig, ctx: zmq.asyncio.Context) -> None:
         self.cfg = cfg
         self.ctx = ctx
         guest = cfg["guest"]
         self.guest = guest
+        self.profile = profile(guest["machine"])
+        self.device_state: dict[str, object] = {}  # device states last loaded from a stream
         self.name = cfg["name"]
         self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
         self.runstate = RunState.PRELAUNCH
@@ -235,6 +212,7 @@ class Coordinator:
         self.mig.ram = {"transferred": data["bytes"], "remaining": 0, "total": self.ram.size,
                         "duplicate": data["zero"], "normal": data["normal"],
                         "normal-bytes": data["normal"] * PAGE_SIZE, "page-size": PAGE_SIZE}
+        self.device_state.update(data.get("devices", {}))
         try:
             states = data["vcpus"]
             if len(states) != len(self.vcpus):
@@ -268,6 +246,12 @@ class Coordinator:
         return self.incoming_uri
 
     # the outgoing migration -------------------------------------------------------
+    def start_migration(self, uri: str) -> None:
+        self.writer_failure = None
+        self.mig = MigrationState(start=time.monotonic())
+        self.set_status("setup")
+        self.task = asyncio.get_running_loop().create_task(self.migrate(uri))
+
     async def migrate(self, uri: str) -> None:
         mig = self.mig
         was_running = self.runstate.running
@@ -385,18 +369,17 @@ class Coordinator:
             self.mig.active_bytes += result["queued"]
 
     def device_sections(self, vcpus: list[dict], runstate: str) -> list[bytes]:
+        """Every FULL section the machine profile has, then EOF and the vmdesc."""
+        states: list[tuple[str, int, object]] = [(VCPU_SECTION, i, regs) for i, regs in enumerate(vcpus)]
+        for name in self.profile.devices:
+            state = runstate if name == "globalstate" else self.device_state.get(name)
+            states.append((name, 0, state))
         out, desc = [], []
-        for i, regs in enumerate(vcpus):
-            blob = msgpack.packb(regs)
-            sid = SID_VCPU0 + i
-            out += [savevm.section_start(savevm.SECTION_FULL, sid, VCPU_SECTION, i, 1),
-                    struct.pack(">I", len(blob)), blob, savevm.footer(sid)]
-            desc.append({"name": VCPU_SECTION, "instance_id": i, "vmsd_name": VCPU_SECTION, "version": 1,
-                         "fields": [{"name": "length", "type": "uint32", "size": 4},
-                                    {"name": "registers", "type": "buffer", "size": len(blob)}]})
-        out += [savevm.section_start(savevm.SECTION_FULL, SID_GLOBALSTATE, "globalstate", 0, 1),
-                savevm.globalstate(runstate), savevm.footer(SID_GLOBALSTATE)]
-        desc.append(savevm.GLOBALSTATE_DESC)
+        for sid, (name, instance, state) in enumerate(states, SID_DEVICES):
+            device = DEVICES[name]
+            payload = device.encode(state)
+            out += full_section(sid, device, instance, payload)
+            desc.append(describe(device, instance, payload))
         out += [savevm.eof(), savevm.vmdescription({"page_size": PAGE_SIZE, "devices": desc})]
         return out
 
@@ -418,176 +401,6 @@ class Coordinator:
                 await self.set_running(True)
             else:
                 self.set_runstate(RunState.PAUSED)
-
-    # commands --------------------------------------------------------------------------
-    async def execute(self, name: str, args: dict):
-        fn = COMMANDS.get(name)
-        if fn is None:
-            raise ActorError(f"The command {name} has not been found", "CommandNotFound")
-        if not isinstance(args, dict):
-            raise ActorError("'arguments' must be an object")
-        _check_args(fn, args)
-        kwargs = {k.replace("-", "_"): v for k, v in args.items()}
-        return await fn(self, **kwargs)
-
-    @command("query-status")
-    async def cmd_query_status(self) -> dict:
-        """Run state of the guest."""
-        return {"running": self.runstate.running, "singlestep": False, "status": self.runstate.value}
-
-    @command("stop")
-    async def cmd_stop(self) -> dict:
-        """Pause the guest; returns once no vCPU is mid-step."""
-        if self.runstate is RunState.RUNNING:
-            await self.set_running(False)
-        return {}
-
-    @command("cont")
-    async def cmd_cont(self) -> dict:
-        """Resume the guest."""
-        if self.runstate is RunState.INMIGRATE:
-            raise ActorError("Guest is waiting for an incoming migration")
-        if self.runstate is RunState.FINISH_MIGRATE or (self.task and not self.task.done()
-                                                         and self.mig.status != "active"):
-            raise ActorError("Migration is not finished yet")
-        if self.runstate is not RunState.RUNNING:
-            await self.set_running(True)
-        return {}
-
-    @command("quit")
-    async def cmd_quit(self) -> dict:
-        """Stop the host and every actor of it."""
-        asyncio.get_running_loop().call_later(0.2, self.stop_event.set)
-        return {}
-
-    @command("migrate")
-    async def cmd_migrate(self, uri: str, blk: bool = False, inc: bool = False, detach: bool = True) -> dict:
-        """Start migrating the guest to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N, file:PATH)."""
-        if self.task is not None and not self.task.done():
-            raise ActorError("migration already in progress")
-        if self.mig.incoming and self.mig.status in ("setup", "active"):
-            raise ActorError("Guest is waiting for an incoming migration")
-        if self.runstate is RunState.INMIGRATE:
-            raise ActorError("Guest is waiting for an incoming migration")
-        if blk or inc:
-            raise ActorError("block migration needs guest disks, and this guest has none")
-        if not isinstance(uri, str):
-            raise ActorError("Invalid parameter type for 'uri', expected: string")
-        try:
-            parse_uri(uri)
-        except TransportError as exc:
-            raise ActorError(str(exc)) from None
-        self.writer_failure = None
-        self.mig = MigrationState(start=time.monotonic())
-        self.set_status("setup")
-        self.task = asyncio.get_running_loop().create_task(self.migrate(uri))
-        return {}
-
-    @command("migrate-incoming")
-    async def cmd_migrate_incoming(self, uri: str) -> dict:
-        """Wait for an incoming migration on URI (host started with --incoming defer)."""
-        if self.runstate is not RunState.INMIGRATE:
-            raise ActorError("'-incoming' was not specified on the command line")
-        if self.mig.incoming and self.mig.status in ("setup", "active"):
-            raise ActorError("The incoming migration has already been started")
-        await self.start_incoming(uri)
-        return {}
-
-    @command("migrate_cancel")
-    async def cmd_migrate_cancel(self) -> dict:
-        """Cancel the current outgoing migration; harmless when none runs."""
-        if self.task is not None and not self.task.done() and not self.mig.committed:
-            self.mig.status = "cancelling"
-            self.publish(ev.MIGRATION, {"status": "cancelling"}, qmp=self.capabilities["events"])
-            self.task.cancel()
-        return {}
-
-    @command("query-migrate")
-    async def cmd_query_migrate(self) -> dict:
-        """Status and statistics of the current or last migration ({} before any)."""
-        return self.mig.info()
-
-    @command("query-migrate-parameters")
-    async def cmd_query_parameters(self) -> dict:
-        """Every migration parameter and its value."""
-        return dict(self.parameters)
-
-    @command("migrate-set-parameters")
-    async def cmd_set_parameters(self, **params) -> dict:
-        """Set migration parameters: max-bandwidth (bytes/s, 0 = unlimited), downtime-limit (ms)."""
-        new = dict(self.parameters)
-        for key, value in params.items():
-            key = key.replace("_", "-")
-            if key not in new:
-                raise ActorError(f"Parameter '{key}' is unexpected")
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ActorError(f"Parameter '{key}' expects a non-negative integer")
-            if key == "downtime-limit" and value > MAX_DOWNTIME_MS:
-                raise ActorError(f"Parameter 'downtime_limit' expects an integer in the range of 0 to "
-                                 f"{MAX_DOWNTIME_MS} milliseconds")
-            new[key] = value
-        self.parameters = new
-        return {}
-
-    @command("query-migrate-capabilities")
-    async def cmd_query_capabilities(self) -> list:
-        """Every migration capability and whether it is on."""
-        return [{"capability": k, "state": v} for k, v in self.capabilities.items()]
-
-    @command("migrate-set-capabilities")
-    async def cmd_set_capabilities(self, capabilities: list) -> dict:
-        """Turn migration capabilities on or off."""
-        if self.task is not None and not self.task.done():
-            raise ActorError("migration already in progress")
-        new = dict(self.capabilities)
-        for item in capabilities:
-            if not isinstance(item, dict) or set(item) != {"capability", "state"}:
-                raise ActorError("capabilities must be a list of {capability, state}")
-            if item["capability"] not in new:
-                raise ActorError(f"Capability '{item['capability']}' is not supported")
-            new[item["capability"]] = bool(item["state"])
-        self.capabilities = new
-        return {}
-
-    @command("migrate_set_speed")
-    async def cmd_set_speed(self, value: int) -> dict:
-        """Seed-era: maximum migration speed in bytes per second (negative means 0)."""
-        if not isinstance(value, int | float):
-            raise ActorError("Invalid parameter type for 'value', expected: integer")
-        self.parameters["max-bandwidth"] = max(0, int(value))
-        return {}
-
-    @command("migrate_set_downtime")
-    async def cmd_set_downtime(self, value: float) -> dict:
-        """Seed-era: maximum tolerated downtime in seconds."""
-        if not isinstance(value, int | float) or value < 0 or value * 1000 > MAX_DOWNTIME_MS:
-            raise ActorError("Parameter 'value' expects a number of seconds from 0 to 2000")
-        self.parameters["downtime-limit"] = int(value * 1000)
-        return {}
-
-    @command("pmemsave")
-    async def cmd_pmemsave(self, val: int, size: int, filename: str) -> dict:
-        """Save SIZE bytes of guest RAM from guest-physical address VAL to FILENAME."""
-        if val < 0 or size < 0 or val + size > self.ram.size:
-            raise ActorError(f"Invalid parameter: range {val:#x}+{size:#x} is outside guest RAM")
-        try:
-            with open(filename, "wb") as f:
-                f.write(memoryview(self.ram.bytes[val:val + size]))
-        except OSError as exc:
-            raise ActorError(f"Could not open '{filename}': {exc.strerror}") from None
-        return {}
-
-    @command("x-query-vcpus")
-    async def cmd_query_vcpus(self) -> list:
-        """livemig: each vCPU's registers (workload, seed, step, PRNG state, accumulator)."""
-        return await self.vcpu_states()
-
-    @command("x-query-host")
-    async def cmd_query_host(self) -> dict:
-        """livemig: this host's name, guest description, endpoints and incoming URI."""
-        return {"name": self.name, "guest": self.guest, "events": self.cfg["events"],
-                "incoming": self.incoming_uri, "pid": os.getppid()}
-
 
 async def serve(cfg: HostConfig) -> None:
     ctx = zmq.asyncio.Context()

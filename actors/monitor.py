@@ -16,7 +16,7 @@ import zmq
 import zmq.asyncio
 
 from actors.base import ActorError, AsyncPeer, HostConfig, die_with_parent, log
-from actors.coordinator import COMMANDS
+from actors.commands import COMMANDS
 from protocol import qmp
 
 VERSION = (7, 2, 0)

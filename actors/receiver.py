@@ -9,17 +9,15 @@ import struct
 import threading
 import time
 
-import msgpack
 import zmq
 
 from actors.base import ActorError, HostConfig, Server, actor_main
+from machine.profile import profile
 from machine.ram import GuestRam
 from protocol import savevm
+from protocol.devices import DEVICES, VCPU_SECTION, Device
 from protocol.messages import Message
 from protocol.transport import Channel, Listener, TransportError, parse_uri
-
-VCPU_SECTION = "livemig/vcpu"
-MAX_VCPU_STATE = 1 << 16
 
 
 class Receiver:
@@ -29,6 +27,7 @@ class Receiver:
         self.ctx = ctx
         self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
         self.vcpus = guest["vcpus"]
+        self.profile = profile(guest["machine"])
         self.listener: Listener | None = None
         self.channel: Channel | None = None
         self.thread: threading.Thread | None = None
@@ -82,33 +81,21 @@ class Receiver:
         self.channel = channel
         self.notify("started", {})
         t0 = time.monotonic()
-        vcpu_states: dict[int, dict] = {}
-        runstate: list[str] = []
+        states: dict[str, dict[int, object]] = {}
 
-        def load_vcpu(r: savevm.BufferedReader, instance: int, version: int) -> None:
-            if version != 1:
-                raise savevm.StreamError(f"{VCPU_SECTION} version {version} unsupported")
-            if instance >= self.vcpus:
-                raise savevm.StreamError(
-                    f"vCPU {instance} in the stream but this guest has {self.vcpus} vCPUs")
-            n = r.be32()
-            if n > MAX_VCPU_STATE:
-                raise savevm.StreamError(f"vCPU state of {n} bytes is too large")
-            try:
-                regs = msgpack.unpackb(bytes(r.take(n)), raw=False)
-            except (ValueError, msgpack.UnpackException) as exc:
-                raise savevm.StreamError(f"vCPU {instance} state is not readable: {exc}") from None
-            if not isinstance(regs, dict):
-                raise savevm.StreamError(f"vCPU {instance} state is not a map")
-            vcpu_states[instance] = regs
+        def loader_for(device: Device):
+            def load(r: savevm.BufferedReader, instance: int, version: int) -> None:
+                if device.idstr == VCPU_SECTION and instance >= self.vcpus:
+                    raise savevm.StreamError(
+                        f"vCPU {instance} in the stream but this guest has {self.vcpus} vCPUs")
+                states.setdefault(device.idstr, {})[instance] = device.load(r, version)
+            return load
 
-        def load_globalstate(r: savevm.BufferedReader, _instance: int, version: int) -> None:
-            runstate.append(savevm.read_globalstate(r, version))
-
+        wanted = [*((VCPU_SECTION,) if self.profile.has_vcpus else ()), *self.profile.devices]
+        loaders = {name: loader_for(DEVICES[name]) for name in wanted}
         blocks = [savevm.RamBlock(b.name, self.ram.block_pages(b)) for b in self.ram.blocks]
         loader = savevm.StreamLoader(
-            savevm.RamLoader(blocks), {VCPU_SECTION: load_vcpu, "globalstate": load_globalstate},
-            machine=self.cfg["guest"]["machine"])
+            savevm.RamLoader(blocks), loaders, machine=self.cfg["guest"]["machine"])
         reader = savevm.BufferedReader(channel.read_into)
         try:
             result = loader.load(reader, read_trailer=not channel.has_return_path)
@@ -118,9 +105,11 @@ class Receiver:
                     result.vmdesc = loader._trailer(reader)
                 finally:
                     channel.settimeout(None)
+            vcpu_states = states.get(VCPU_SECTION, {})
             missing = sorted(set(range(self.vcpus)) - set(vcpu_states))
-            if self.vcpus and missing and any(s[0] == VCPU_SECTION for s in result.sections):
+            if self.profile.has_vcpus and missing:
                 raise savevm.StreamError(f"stream has no state for vCPUs {missing}")
+            runstate = states.get("globalstate", {}).get(0)
         except (savevm.StreamError, OSError) as exc:
             desc = str(exc) if isinstance(exc, savevm.StreamError) else f"incoming stream failed: {exc}"
             self.reply_source(channel, 1, desc)
@@ -130,7 +119,9 @@ class Receiver:
         stats = loader.ram.stats if loader.ram else None
         self.notify("loaded", {
             "vcpus": [vcpu_states[i] for i in sorted(vcpu_states)],
-            "runstate": runstate[0] if runstate else None,
+            "runstate": runstate,
+            "devices": {name: st.get(0) for name, st in states.items()
+                        if name not in (VCPU_SECTION, "globalstate")},
             "machine": result.machine, "bytes": result.bytes,
             "return_path": channel.has_return_path,
             "normal": stats.normal if stats else 0, "zero": stats.zero if stats else 0,

@@ -1,0 +1,26 @@
+"""Machine profiles: what a guest of each machine type consists of, and so
+which sections its migration stream carries, in order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MachineProfile:
+    name: str
+    ram_block: str  # name of the default RAM block
+    has_vcpus: bool  # whether the guest runs vCPU workloads (their state travels)
+    devices: tuple[str, ...]  # FULL device sections after the vCPUs, in stream order
+
+
+PROFILES = {
+    "pc": MachineProfile("pc", "pc.ram", True, ("globalstate",)),
+}
+
+
+def profile(name: str) -> MachineProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown machine {name!r}: choose from {', '.join(sorted(PROFILES))}") from None

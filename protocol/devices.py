@@ -1,0 +1,74 @@
+"""Device state sections (FULL sections after the RAM): how each one is
+encoded on the wire and described in the vmdesc trailer.
+
+Each device has an encoder (state -> payload bytes) and a loader (reader,
+instance, version -> state). Which devices a guest has is its machine
+profile's business (machine/profile.py); this module only knows bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgpack
+
+from protocol import savevm
+
+VCPU_SECTION = "livemig/vcpu"
+MAX_VCPU_STATE = 1 << 16
+
+
+@dataclass(frozen=True)
+class Device:
+    idstr: str
+    version: int
+    encode: Callable[[object], bytes]
+    load: Callable[[savevm.BufferedReader, int], object]  # (reader, version) -> state
+    fields: Callable[[bytes], list[dict]]  # vmdesc fields for a payload
+
+
+def _encode_vcpu(regs: object) -> bytes:
+    blob = msgpack.packb(regs)
+    return struct.pack(">I", len(blob)) + blob
+
+
+def _load_vcpu(r: savevm.BufferedReader, version: int) -> dict:
+    if version != 1:
+        raise savevm.StreamError(f"{VCPU_SECTION} version {version} unsupported")
+    n = r.be32()
+    if n > MAX_VCPU_STATE:
+        raise savevm.StreamError(f"vCPU state of {n} bytes is too large")
+    try:
+        regs = msgpack.unpackb(bytes(r.take(n)), raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise savevm.StreamError(f"vCPU state is not readable: {exc}") from None
+    if not isinstance(regs, dict):
+        raise savevm.StreamError("vCPU state is not a map")
+    return regs
+
+
+def _load_globalstate(r: savevm.BufferedReader, version: int) -> str:
+    return savevm.read_globalstate(r, version)
+
+
+DEVICES: dict[str, Device] = {
+    VCPU_SECTION: Device(
+        VCPU_SECTION, 1, _encode_vcpu, _load_vcpu,
+        lambda p: [{"name": "length", "type": "uint32", "size": 4},
+                   {"name": "registers", "type": "buffer", "size": len(p) - 4}]),
+    "globalstate": Device(
+        "globalstate", 1, lambda runstate: savevm.globalstate(str(runstate)), _load_globalstate,
+        lambda _p: savevm.GLOBALSTATE_DESC["fields"]),
+}
+
+
+def full_section(section_id: int, device: Device, instance: int, payload: bytes) -> list[bytes]:
+    return [savevm.section_start(savevm.SECTION_FULL, section_id, device.idstr, instance, device.version),
+            payload, savevm.footer(section_id)]
+
+
+def describe(device: Device, instance: int, payload: bytes) -> dict:
+    return {"name": device.idstr, "instance_id": instance, "vmsd_name": device.idstr,
+            "version": device.version, "fields": device.fields(payload)}
