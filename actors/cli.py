@@ -11,6 +11,7 @@ import time
 import click
 
 from actors.host import HostSpec, default_qmp, qmp_address, run_host
+from machine.disk import DriveSpec
 from machine.ram import FILLS
 from machine.workload import WorkloadSpec, parse_size
 
@@ -90,17 +91,23 @@ def main() -> None:
               help="QMP socket(s). Default: a private UNIX socket in the host's run directory.")
 @click.option("--events", metavar="ENDPOINT", help="ZeroMQ PUB endpoint for events (default: ipc in the run dir).")
 @click.option("--fd", "fds", type=int, multiple=True, help="An inherited descriptor that fd:N URIs may use.")
+@click.option("--drive", "drives", multiple=True, metavar="file=PATH,format=qcow2|raw,id=NAME[,size=S]",
+              help="A guest disk (repeatable); size= creates the image if it does not exist.")
 @click.option("--json", "as_json", is_flag=True, help="Announce readiness as one JSON line.")
 def host(name, machine, ram, ram_block, fill, seed, vcpus, workload, incoming, paused, qmp, events, fds,
-         as_json) -> None:
+         drives, as_json) -> None:
     """Run a host with one guest until it is told to quit (or Ctrl-C)."""
     try:
         WorkloadSpec.parse(workload)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--workload") from None
+    try:
+        drive_specs = [DriveSpec.parse(d, i).to_dict() for i, d in enumerate(drives)]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--drive") from None
     spec = HostSpec(name=name, machine=machine, blocks=[(ram_block, ram)], fill=fill, seed=seed,
                     vcpus=vcpus, workload=workload, incoming=incoming, autostart=not paused,
-                    qmp=list(qmp), events=events, fds=list(fds))
+                    qmp=list(qmp), events=events, fds=list(fds), drives=drive_specs)
 
     def announce(cfg: dict) -> None:
         info = {"name": name, "qmp": cfg["qmp"][0], "events": cfg["events"], "pid": os.getpid()}

@@ -94,15 +94,13 @@ class Commands:
             raise ActorError("Guest is waiting for an incoming migration")
         if self.runstate is RunState.INMIGRATE:
             raise ActorError("Guest is waiting for an incoming migration")
-        if blk or inc:
-            raise ActorError("block migration needs guest disks, and this guest has none")
         if not isinstance(uri, str):
             raise ActorError("Invalid parameter type for 'uri', expected: string")
         try:
             parse_uri(uri)
         except TransportError as exc:
             raise ActorError(str(exc)) from None
-        self.start_migration(uri)
+        self.start_migration(uri, blk, inc)
         return {}
 
     @command("migrate-incoming")
@@ -186,6 +184,13 @@ class Commands:
             raise ActorError("Parameter 'value' expects a number of seconds from 0 to 2000")
         self.parameters["downtime-limit"] = int(value * 1000)
         return {}
+
+    @command("query-block")
+    async def cmd_query_block(self) -> list:
+        """The guest's drives: name, image file, format, size, and whether this host holds them active."""
+        if not self.guest_drives:
+            return []
+        return (await self.vcpus[0].call("drives")).data["result"]
 
     @command("pmemsave")
     async def cmd_pmemsave(self, val: int, size: int, filename: str) -> dict:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from machine.ram import GuestRam, fill_ram
 from machine.workload import WorkloadSpec
 
-ACTORS = ("receiver", "writer", "ram_sender", "coordinator", "monitor")
+ACTORS = ("receiver", "writer", "ram_sender", "block_sender", "coordinator", "monitor")
 
 
 def runtime_root() -> str:
@@ -47,11 +47,16 @@ class HostSpec:
     qmp: list[str] = field(default_factory=list)
     events: str | None = None
     fds: list[int] = field(default_factory=list)
+    drives: list[dict] = field(default_factory=list)  # machine.disk.DriveSpec fields
 
 
 class Host:
     def __init__(self, spec: HostSpec) -> None:
-        WorkloadSpec.parse(spec.workload)  # refuse a bad spec before creating anything
+        workload = WorkloadSpec.parse(spec.workload)  # refuse a bad spec before creating anything
+        if workload.uses_disk and not spec.drives:
+            raise ValueError(f"workload {workload.kind} writes to a disk: give --drive")
+        if workload.uses_disk and spec.vcpus != 1:
+            raise ValueError(f"workload {workload.kind} runs on one vCPU (vCPU 0 owns the drives)")
         self.spec = spec
         self.rundir = host_dir(spec.name)
         self.procs: dict[str, subprocess.Popen] = {}
@@ -86,7 +91,7 @@ class Host:
                       "seed": self.spec.seed, "vcpus": self.spec.vcpus, "workload": self.spec.workload},
             "incoming": self.spec.incoming, "autostart": self.spec.autostart, "qmp": qmp,
             "events": self.spec.events or f"ipc://{self.rundir}/events.sock",
-            "fds": self.spec.fds,
+            "fds": self.spec.fds, "drives": self.spec.drives,
         }
         self.config_path = os.path.join(self.rundir, "config.json")
         with open(self.config_path, "w") as f:

@@ -47,10 +47,11 @@ class RamSender:
     def emit(self, *chunks: bytes) -> None:
         self.data.send_multipart([b"bytes", *chunks], copy=False)
 
-    def mark(self) -> int:
+    def mark(self) -> str:
         self.marks += 1
-        self.data.send_multipart([b"mark", str(self.marks).encode()])
-        return self.marks
+        mark = f"ram:{self.marks}"
+        self.data.send_multipart([b"mark", mark.encode()])
+        return mark
 
     def harvest(self) -> int:
         """Fold every vCPU's dirty log into the bitmap; returns pages newly dirtied."""

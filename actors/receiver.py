@@ -12,9 +12,11 @@ import time
 import zmq
 
 from actors.base import ActorError, HostConfig, Server, actor_main
+from block import BlockError, open_image
+from block.image import Image
 from machine.profile import profile
 from machine.ram import GuestRam
-from protocol import savevm
+from protocol import blockmig, savevm
 from protocol.devices import DEVICES, VCPU_SECTION, Device
 from protocol.messages import Message
 from protocol.transport import Channel, Listener, TransportError, parse_uri
@@ -94,8 +96,11 @@ class Receiver:
         wanted = [*((VCPU_SECTION,) if self.profile.has_vcpus else ()), *self.profile.devices]
         loaders = {name: loader_for(DEVICES[name]) for name in wanted}
         blocks = [savevm.RamBlock(b.name, self.ram.block_pages(b)) for b in self.ram.blocks]
+        images: dict[str, Image] = {}
+        block_loader = blockmig.BlockLoader(lambda name: self.block_target(name, images))
         loader = savevm.StreamLoader(
-            savevm.RamLoader(blocks), loaders, machine=self.cfg["guest"]["machine"])
+            savevm.RamLoader(blocks), loaders, machine=self.cfg["guest"]["machine"],
+            live={"block": block_loader})
         reader = savevm.BufferedReader(channel.read_into)
         try:
             result = loader.load(reader, read_trailer=not channel.has_return_path)
@@ -110,7 +115,11 @@ class Receiver:
             if self.profile.has_vcpus and missing:
                 raise savevm.StreamError(f"stream has no state for vCPUs {missing}")
             runstate = states.get("globalstate", {}).get(0)
-        except (savevm.StreamError, OSError) as exc:
+            disk = {"transferred": block_loader.bytes, "remaining": 0,
+                    "total": sum(img.size for img in images.values())} if images else None
+            self.close_images(images)
+        except (savevm.StreamError, OSError, BlockError) as exc:
+            self.close_images(images)
             desc = str(exc) if isinstance(exc, savevm.StreamError) else f"incoming stream failed: {exc}"
             self.reply_source(channel, 1, desc)
             self.close_channel()
@@ -123,13 +132,34 @@ class Receiver:
             "devices": {name: st.get(0) for name, st in states.items()
                         if name not in (VCPU_SECTION, "globalstate")},
             "machine": result.machine, "bytes": result.bytes,
-            "return_path": channel.has_return_path,
+            "return_path": channel.has_return_path, "disk": disk,
             "normal": stats.normal if stats else 0, "zero": stats.zero if stats else 0,
             "seconds": time.monotonic() - t0})
         if not self.finish.wait(300):
             self.finish_rc = 1
         self.reply_source(channel, self.finish_rc, "" if self.finish_rc == 0 else "destination did not start")
         self.close_channel()
+
+    def block_target(self, name: str, images: dict[str, Image]) -> blockmig.BlockTarget | None:
+        """Block migration writes a drive through an image the receiver opens
+        active for the length of the stream; vCPU 0's inactive open re-reads
+        the metadata when it is activated afterwards."""
+        if name not in images:
+            spec = next((d for d in self.cfg["drives"] if d["id"] == name), None)
+            if spec is None:
+                return None
+            try:
+                images[name] = open_image(spec["file"], spec["format"])
+            except BlockError as exc:
+                raise savevm.StreamError(f"cannot open drive {name!r} for block migration: {exc}") from None
+        img = images[name]
+        return blockmig.BlockTarget(img.size, img.write, img.write_zeroes)
+
+    @staticmethod
+    def close_images(images: dict[str, Image]) -> None:
+        for img in images.values():
+            if not img.closed:
+                img.close()
 
     def reply_source(self, channel: Channel, rc: int, desc: str) -> None:
         if not channel.has_return_path:

@@ -10,6 +10,8 @@ import numpy as np
 import zmq
 
 from actors.base import ActorError, HostConfig, Server, actor_main
+from block import BlockError
+from machine.disk import Disk, DriveSpec
 from machine.ram import GuestRam
 from machine.workload import Workload, WorkloadSpec
 from protocol.messages import Message
@@ -25,6 +27,12 @@ class Vcpu:
         spec = WorkloadSpec.parse(guest["workload"])
         self.workload = Workload(spec, guest["seed"], index, guest["vcpus"], self.ram.pages.shape[0])
         self.dirty = np.zeros(self.ram.pages.shape[0], np.bool_)
+        # vCPU 0 owns the guest's drives; an incoming guest opens them inactive,
+        # reading their metadata now as QEMU's incoming side does.
+        self.disks: list[Disk] = []
+        if index == 0:
+            for d in cfg["drives"]:
+                self.disks.append(Disk(DriveSpec(**d), inactive=bool(cfg["incoming"])))
         self.running = False
         self.rate = spec.steps_per_second
         self.t0 = 0.0
@@ -38,7 +46,7 @@ class Vcpu:
         due = self.steps_due(now)
         if due > 0:
             n = min(due, max(1, int(self.rate * SLICE_SECONDS)))
-            written = self.workload.run(self.ram.pages, n)
+            written = self.workload.run(self.ram.pages, n, self.disks)
             self.dirty[written] = True  # marked after writing, as KVM's log does
             self.done += n
 
@@ -51,10 +59,19 @@ class Vcpu:
     # requests ---------------------------------------------------------------
     def stop(self, _msg: Message) -> dict:
         self.running = False
+        for d in self.disks:
+            if d.image.active:
+                d.image.flush()  # as QEMU flushes every drive when the guest stops
         return {"step": self.workload.step}
 
     def cont(self, _msg: Message) -> dict:
         if not self.running:
+            try:
+                for d in self.disks:
+                    if not d.image.active:
+                        d.image.activate()  # refused while the other host holds the image
+            except BlockError as exc:
+                raise ActorError(f"cannot run the guest: {exc}") from None
             self.running = True
             self.t0, self.done = time.monotonic(), 0
         return {"step": self.workload.step}
@@ -65,6 +82,52 @@ class Vcpu:
         count = int(np.count_nonzero(self.dirty))
         self.dirty[:] = False
         return {"dirty": count}, [bits.tobytes()]
+
+    # drives ------------------------------------------------------------------
+    def disk(self, name: str) -> Disk:
+        for d in self.disks:
+            if d.id == name:
+                return d
+        raise ActorError(f"Device '{name}' not found", "DeviceNotFound")
+
+    def drives(self, msg: Message) -> list:
+        out = []
+        for d in self.disks:
+            info = d.info()
+            if msg.data.get("allocation"):
+                info["allocated"] = d.allocated_chunks().tobytes()
+            out.append(info)
+        return out
+
+    def harvest_blocks(self, _msg: Message) -> tuple[dict, list]:
+        return {"drives": [d.id for d in self.disks]}, [d.harvest().tobytes() for d in self.disks]
+
+    def read_chunks(self, msg: Message) -> tuple[dict, list]:
+        disk = self.disk(msg.data["drive"])
+        return {}, [disk.read_chunk(i) for i in msg.data["chunks"]]
+
+    def drives_inactivate(self, _msg: Message) -> dict:
+        """Flush and let go of every image (the other host may take them now)."""
+        if self.running:
+            raise ActorError("cannot inactivate drives while the vCPU runs")
+        for d in self.disks:
+            d.image.inactivate()
+        return {}
+
+    def drives_activate(self, msg: Message) -> dict:
+        """Take the images back: drop every cached piece of metadata and re-read
+        it, unless told to skip that (a testing aid that shows the hazard)."""
+        try:
+            for d in self.disks:
+                if d.image.active:
+                    continue
+                if msg.data.get("skip_invalidate"):
+                    d.image._unsafe_activate_keeping_metadata()
+                else:
+                    d.image.activate()
+        except BlockError as exc:
+            raise ActorError(f"cannot activate drives: {exc}") from None
+        return {}
 
     def get_state(self, _msg: Message) -> dict:
         return self.workload.registers
@@ -85,6 +148,9 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     server = Server(ctx, cfg.endpoint(f"vcpu{index}"), f"vcpu{index}")
     handlers = {"stop": vcpu.stop, "cont": vcpu.cont, "harvest": vcpu.harvest,
                 "get_state": vcpu.get_state, "set_state": vcpu.set_state,
+                "drives": vcpu.drives, "harvest_blocks": vcpu.harvest_blocks,
+                "read_chunks": vcpu.read_chunks, "drives_inactivate": vcpu.drives_inactivate,
+                "drives_activate": vcpu.drives_activate,
                 "ping": lambda _m: {"step": vcpu.workload.step}}
     while True:
         # Serve everything pending, then run the steps that are due.

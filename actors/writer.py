@@ -60,7 +60,7 @@ class Writer:
                     self.write_pages(parts)
                 elif kind == b"mark":
                     with self.lock:
-                        self.notices.append(("mark", {"mark": int(parts[1].bytes), "bytes": self.written,
+                        self.notices.append(("mark", {"mark": parts[1].bytes.decode(), "bytes": self.written,
                                                        "error": self.error}))
                     wake.send(b"")
             except (OSError, TransportError) as exc:

@@ -21,7 +21,10 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _MASK = (1 << 64) - 1
 _WORD_INDEX = np.arange(WORDS, dtype=np.uint64)
-KINDS = ("idle", "memtouch", "stream")
+KINDS = ("idle", "memtouch", "stream", "diskwrite", "kv")
+DISK_KINDS = ("diskwrite", "kv")
+KV_SLOT = 16
+KV_RECORD = 64
 IDLE_STEPS_PER_SECOND = 1000.0
 
 
@@ -58,36 +61,57 @@ def _mix1(x: int) -> int:
 @dataclass(frozen=True)
 class WorkloadSpec:
     kind: str
-    rate: int = 0  # bytes per second the workload dirties (0: unpaced steps for idle)
+    rate: int = 0  # bytes/s for memtouch and stream, steps/s for kv
     wss: int = 0  # working set for memtouch, bytes (0: all RAM)
+    iops: int = 0  # disk writes per second for diskwrite
+    size: int = 4096  # bytes per diskwrite write (a multiple of 512)
 
     @classmethod
     def parse(cls, text: str) -> WorkloadSpec:
         kind, _, params = text.partition(":")
         if kind not in KINDS:
-            raise ValueError(f"unknown workload {kind!r}: use idle, memtouch:rate=R,wss=S or stream:rate=R")
+            raise ValueError(f"unknown workload {kind!r}: use idle, memtouch:rate=R,wss=S, stream:rate=R, "
+                             "diskwrite:iops=N,size=S or kv:rate=N")
         values: dict[str, int] = {}
         for item in filter(None, params.split(",")):
             key, eq, val = item.partition("=")
-            allowed = {"idle": (), "memtouch": ("rate", "wss"), "stream": ("rate",)}[kind]
+            allowed = {"idle": (), "memtouch": ("rate", "wss"), "stream": ("rate",),
+                       "diskwrite": ("iops", "size"), "kv": ("rate",)}[kind]
             if not eq or key not in allowed:
                 raise ValueError(f"workload {kind!r} takes {', '.join(allowed) or 'no parameters'}, not {item!r}")
             values[key] = parse_size(val)
-        spec = cls(kind, values.get("rate", 0), values.get("wss", 0))
-        if kind != "idle" and spec.rate <= 0:
-            raise ValueError(f"workload {kind!r} needs rate=BYTES_PER_SECOND > 0")
+        spec = cls(kind, values.get("rate", 0), values.get("wss", 0), values.get("iops", 0),
+                   values.get("size", 4096))
+        if kind in ("memtouch", "stream", "kv") and spec.rate <= 0:
+            raise ValueError(f"workload {kind!r} needs rate=N > 0")
+        if kind == "diskwrite" and (spec.iops <= 0 or spec.size <= 0 or spec.size % 512):
+            raise ValueError("diskwrite needs iops=N > 0 and size=S, a positive multiple of 512")
         return spec
+
+    @property
+    def uses_disk(self) -> bool:
+        return self.kind in DISK_KINDS
 
     def __str__(self) -> str:
         if self.kind == "idle":
             return "idle"
         if self.kind == "stream":
             return f"stream:rate={self.rate}"
+        if self.kind == "diskwrite":
+            return f"diskwrite:iops={self.iops},size={self.size}"
+        if self.kind == "kv":
+            return f"kv:rate={self.rate}"
         return f"memtouch:rate={self.rate},wss={self.wss}"
 
     @property
     def steps_per_second(self) -> float:
-        return IDLE_STEPS_PER_SECOND if self.kind == "idle" else self.rate / PAGE_SIZE
+        if self.kind == "idle":
+            return IDLE_STEPS_PER_SECOND
+        if self.kind == "diskwrite":
+            return float(self.iops)
+        if self.kind == "kv":
+            return float(self.rate)
+        return self.rate / PAGE_SIZE
 
 
 class Workload:
@@ -123,8 +147,10 @@ class Workload:
         if regs.get("prng") != self.registers["prng"]:
             raise ValueError("vCPU PRNG state does not match its step counter")
 
-    def run(self, pages: np.ndarray, n: int) -> np.ndarray:
-        """Run n steps; return the page indexes written (for the dirty log)."""
+    def run(self, pages: np.ndarray, n: int, disks: list | None = None) -> np.ndarray:
+        """Run n steps; return the page indexes written (for the dirty log).
+        Disk workloads write through `disks` (machine.disk.Disk), which log
+        their own dirty chunks."""
         if n <= 0:
             return np.empty(0, np.int64)
         k = np.arange(self.step + 1, self.step + n + 1, dtype=np.uint64)
@@ -134,6 +160,10 @@ class Workload:
         self.step += n
         if self.spec.kind == "idle":
             return np.empty(0, np.int64)
+        if self.spec.uses_disk:
+            if not disks:
+                raise ValueError(f"workload {self.spec} needs a drive (--drive)")
+            return self._disk_steps(pages, k, x, disks)
         if self.spec.kind == "memtouch":
             offs = (x % np.uint64(self.count)).astype(np.int64)
         else:
@@ -147,16 +177,45 @@ class Workload:
         return rev_unique
 
 
+    def _disk_steps(self, pages: np.ndarray, k: np.ndarray, x: np.ndarray, disks: list) -> np.ndarray:
+        y = _mix(x ^ np.uint64(0x5851F42D4C957F2D))
+        written = []
+        for step, xv, yv in zip(k.tolist(), x.tolist(), y.tolist(), strict=True):
+            if self.spec.kind == "diskwrite":
+                disk = disks[(xv >> 8) % len(disks)]
+                length = min(self.spec.size, disk.size - disk.size % 512)
+                slots = max(1, (disk.size - length) // 512 + 1)
+                offset = ((xv >> 16) % slots) * 512
+                if xv % 8 == 0:
+                    disk.write_zeroes(offset, length)
+                else:
+                    data = np.uint64(yv) ^ np.arange(length // 8, dtype=np.uint64)
+                    disk.write(offset, data.tobytes())
+            else:  # kv: the table lives in this vCPU's RAM, the log on the first disk
+                slots = self.count * PAGE_SIZE // KV_SLOT
+                key = xv % slots
+                page = self.first + key * KV_SLOT // PAGE_SIZE
+                at = key * KV_SLOT % PAGE_SIZE
+                pages[page, at:at + KV_SLOT] = np.array([key, yv], np.uint64).view(np.uint8)
+                written.append(page)
+                disk = disks[0]
+                records = disk.size // KV_RECORD
+                record = np.array([step, key, yv, xv, 0, 0, 0, 0], np.uint64).tobytes()
+                disk.write((step % records) * KV_RECORD, record)
+        return np.unique(np.array(written, np.int64))
+
+
 def replay(pages: np.ndarray, spec: WorkloadSpec, seed: int, vcpus: int,
-           steps: list[int]) -> list[dict]:
-    """Run each vCPU's first steps[i] steps on `pages`, unpaced; return registers."""
+           steps: list[int], disks: list | None = None) -> list[dict]:
+    """Run each vCPU's first steps[i] steps on `pages` (and `disks`), unpaced;
+    return registers."""
     regs = []
     for i, n in enumerate(steps):
         w = Workload(spec, seed, i, vcpus, pages.shape[0])
         done = 0
         while done < n:
             chunk = min(65536, n - done)
-            w.run(pages, chunk)
+            w.run(pages, chunk, disks)
             done += chunk
         regs.append(w.registers)
     return regs

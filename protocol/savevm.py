@@ -11,6 +11,7 @@ import json
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -426,6 +427,12 @@ class RamLoader:
         return n > 0
 
 
+class LiveLoader(Protocol):
+    """The loader of an iterative section (START, PARTs, END): ram, block."""
+
+    def load(self, r: BufferedReader, version: int) -> None: ...
+
+
 DeviceLoader = Callable[[BufferedReader, int, int], None]
 """A FULL-section loader: (reader, instance_id, version_id) -> None."""
 
@@ -448,12 +455,16 @@ class StreamLoader:
 
     def __init__(self, ram: RamLoader | None, devices: dict[str, DeviceLoader],
                  machine: str | None = None,
-                 on_return_path: Callable[[], None] | None = None) -> None:
+                 on_return_path: Callable[[], None] | None = None,
+                 live: dict[str, LiveLoader] | None = None) -> None:
         self.ram = ram
         self.devices = devices
+        self.live: dict[str, LiveLoader] = dict(live or {})
+        if ram is not None:
+            self.live["ram"] = ram
         self.machine = machine
         self.on_return_path = on_return_path
-        self.open_sections: dict[int, str] = {}
+        self.open_sections: dict[int, tuple[str, int]] = {}  # section id -> (idstr, version)
 
     def load(self, r: BufferedReader, read_trailer: bool = True) -> LoadResult:
         result = LoadResult()
@@ -479,11 +490,11 @@ class StreamLoader:
                 instance = r.be32()
                 ver = r.be32()
                 result.sections.append((idstr, instance, ver))
-                if idstr == "ram" and self.ram is not None and instance == 0:
+                if idstr in self.live and instance == 0:
                     if kind == SECTION_FULL:
-                        raise StreamError("ram section sent as FULL")
-                    self.open_sections[sid] = idstr
-                    self.ram.load(r, ver)
+                        raise StreamError(f"{idstr} section sent as FULL")
+                    self.open_sections[sid] = (idstr, ver)
+                    self.live[idstr].load(r, ver)
                 elif kind == SECTION_FULL and idstr in self.devices:
                     self.devices[idstr](r, instance, ver)
                 else:
@@ -493,11 +504,10 @@ class StreamLoader:
                 self._footer(r, sid)
             elif kind in (SECTION_PART, SECTION_END):
                 sid = r.be32()
-                idstr = self.open_sections.get(sid)
-                if idstr is None:
+                opened = self.open_sections.get(sid)
+                if opened is None:
                     raise StreamError(f"{SECTION_NAMES[kind]} for unknown section id {sid}")
-                assert self.ram is not None
-                self.ram.load(r, RAM_VERSION)
+                self.live[opened[0]].load(r, opened[1])
                 if kind == SECTION_END:
                     del self.open_sections[sid]
                 self._footer(r, sid)
