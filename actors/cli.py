@@ -310,15 +310,19 @@ def events(endpoint, count, timeout, host, qmp) -> None:
 @click.option("--uri", default=None, help="Migration URI (default: tcp on a free loopback port).")
 @click.option("--seed", type=int, default=42, show_default=True)
 @click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--disk", is_flag=True, help="Give the guest a shared qcow2 disk and a diskwrite workload.")
+@click.option("--keep", type=click.Path(file_okay=False), help="Leave the disk and its replay image in this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def demo(ram, workload, uri, seed, vcpus, as_json) -> None:
+def demo(ram, workload, uri, seed, vcpus, disk, keep, as_json) -> None:
     """Migrate a running guest between two local hosts and verify it by replay."""
     from actors.demo import run_demo
 
-    result = run_demo(ram=ram, workload=workload, uri=uri, seed=seed, vcpus=vcpus, quiet=as_json)
+    result = run_demo(ram=ram, workload=workload, uri=uri, seed=seed, vcpus=vcpus, quiet=as_json,
+                      disk=disk or keep is not None, keep=keep)
     if as_json:
         click.echo(json.dumps(result))
-    ok = result["status"] == "completed" and result["verify"]["ram_equal"] and result["verify"]["vcpu_equal"]
+    v = result["verify"]
+    ok = result["status"] == "completed" and v["ram_equal"] and v["vcpu_equal"] and v.get("disk_equal", True)
     sys.exit(0 if ok else 1)
 
 

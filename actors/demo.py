@@ -4,46 +4,92 @@ them with a progress bar, then verified by replay without migration."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tempfile
 import time
 
 import numpy as np
 
 from actors.launch import HostProcess, free_port
+from block import open_image
+from machine.disk import Disk, DriveSpec
 from machine.ram import fill_ram
 from machine.workload import WorkloadSpec, replay
 
 DEFAULT_WORKLOAD = "memtouch:rate=16M,wss=32M"
+DISK_WORKLOAD = "diskwrite:iops=300,size=4096"
+DISK_SIZE = 64 << 20
+
+
+def compare_disks(image: str, replay_path: str) -> dict:
+    equal = True
+    with open_image(image, "qcow2", read_only=True) as a, open_image(replay_path, "qcow2", read_only=True) as b:
+        for offset in range(0, DISK_SIZE, 4 << 20):
+            if a.read(offset, 4 << 20) != b.read(offset, 4 << 20):
+                equal = False
+                break
+    out = {"disk_equal": equal, "disk_image": image, "replay_image": replay_path}
+    if shutil.which("qemu-img"):
+        check = subprocess.run(["qemu-img", "check", image], capture_output=True, timeout=120)
+        out["disk_check_clean"] = check.returncode == 0
+    return out
 
 
 def verify(dst: HostProcess, src_regs: list[dict], ram_size: int, fill: str, seed: int,
-           workload: str, vcpus: int) -> dict:
-    """Stop the destination guest and compare it with a replay of the same steps."""
+           workload: str, vcpus: int, image: str | None = None, workdir: str = "") -> dict:
+    """Stop the destination guest and compare it with a replay of the same
+    steps on a fresh guest (and a fresh disk image) that never migrated."""
     dst.cmd("stop")
     regs = dst.cmd("x-query-vcpus")
     with tempfile.TemporaryDirectory(prefix="livemig-verify-") as tmp:
         dump = os.path.join(tmp, "ram.bin")
         dst.cmd("pmemsave", val=0, size=ram_size, filename=dump)
         migrated = np.fromfile(dump, np.uint8)
+    disks = []
+    if image is not None:
+        dst.close()  # closes the image: everything it wrote is on disk now
+        replay_path = os.path.join(workdir, "replay.qcow2")
+        if os.path.exists(replay_path):
+            os.unlink(replay_path)
+        disks.append(Disk(DriveSpec(file=replay_path, id="disk0", format="qcow2", size=DISK_SIZE)))
     fresh = np.zeros(ram_size, np.uint8)
     fill_ram(fresh, fill, seed)
     steps = [r["step"] for r in regs]
-    replayed = replay(fresh.reshape(-1, 4096), WorkloadSpec.parse(workload), seed, vcpus, steps)
-    return {"ram_equal": bool(np.array_equal(migrated, fresh)), "vcpu_equal": replayed == regs,
-            "steps_source": sum(r["step"] for r in src_regs),
-            "steps_destination": sum(steps) - sum(r["step"] for r in src_regs),
-            "steps_total": sum(steps)}
+    replayed = replay(fresh.reshape(-1, 4096), WorkloadSpec.parse(workload), seed, vcpus, steps, disks)
+    out = {"ram_equal": bool(np.array_equal(migrated, fresh)), "vcpu_equal": replayed == regs,
+           "steps_source": sum(r["step"] for r in src_regs),
+           "steps_destination": sum(steps) - sum(r["step"] for r in src_regs),
+           "steps_total": sum(steps)}
+    for d in disks:
+        d.close()
+        out.update(compare_disks(image, d.spec.file))
+    return out
 
 
 def run_demo(ram: int = 256 << 20, workload: str | None = None, uri: str | None = None, seed: int = 42,
-             vcpus: int = 1, quiet: bool = False) -> dict:
+             vcpus: int = 1, quiet: bool = False, disk: bool = False, keep: str | None = None) -> dict:
+    """With `disk`, the guest writes to a qcow2 image that both hosts share
+    (in `keep`, or a temporary directory), and the image is verified too."""
     from actors.cli import Qmp, follow, print_summary
 
-    workload = workload or DEFAULT_WORKLOAD
+    with tempfile.TemporaryDirectory(prefix="livemig-demo-") as tmp:
+        workdir = keep or tmp
+        os.makedirs(workdir, exist_ok=True)
+        return _run_demo(ram, workload or (DISK_WORKLOAD if disk else DEFAULT_WORKLOAD), uri, seed, vcpus,
+                         quiet, os.path.join(workdir, "disk.qcow2") if disk else None, workdir,
+                         Qmp, follow, print_summary)
+
+
+def _run_demo(ram, workload, uri, seed, vcpus, quiet, image, workdir, Qmp, follow, print_summary) -> dict:
     uri = uri or f"tcp:127.0.0.1:{free_port()}"
     tag = f"demo{os.getpid()}"
     guest = ["--ram", str(ram), "--fill", "random", "--seed", str(seed), "--vcpus", str(vcpus),
              "--workload", workload]
+    if image is not None:
+        if os.path.exists(image):
+            os.unlink(image)
+        guest += ["--drive", f"file={image},format=qcow2,id=disk0,size={DISK_SIZE}"]
     src = dst = None
     try:
         src = HostProcess(f"{tag}-src", *guest)
@@ -68,10 +114,13 @@ def run_demo(ram: int = 256 << 20, workload: str | None = None, uri: str | None 
         src_regs = src.cmd("x-query-vcpus")
         dst.wait_status("running", 30)
         time.sleep(1.0)  # the guest runs on at the destination
-        result["verify"] = verify(dst, src_regs, ram, "random", seed, workload, vcpus)
+        result["verify"] = verify(dst, src_regs, ram, "random", seed, workload, vcpus, image, workdir)
         if not quiet:
             v = result["verify"]
-            ok = v["ram_equal"] and v["vcpu_equal"]
+            ok = v["ram_equal"] and v["vcpu_equal"] and v.get("disk_equal", True)
+            if "disk_equal" in v:
+                print(f"disk: {'equal' if v['disk_equal'] else 'DIFFERENT'} to the replay image "
+                      f"({v['disk_image']} vs {v['replay_image']})")
             print(f"verify by replay: RAM {'equal' if v['ram_equal'] else 'DIFFERENT'}, vCPU state "
                   f"{'equal' if v['vcpu_equal'] else 'DIFFERENT'} after {v['steps_total']} steps "
                   f"({v['steps_source']} on the source, {v['steps_destination']} on the destination)"
