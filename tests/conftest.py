@@ -17,8 +17,9 @@ from machine.workload import WorkloadSpec, replay
 TAG = f"livemig-test-{uuid.uuid4().hex[:8]}"
 
 
-def tagged_pids(tag: str) -> list[int]:
-    """Processes whose environment carries the tag of this test session."""
+def tagged_pids(tag: str, prefix: bool = False) -> list[int]:
+    """Processes whose environment carries the tag (or, with prefix, any tag
+    starting with it)."""
     found = []
     needle = f"LIVEMIG_TEST_TAG={tag}".encode()
     for entry in os.listdir("/proc"):
@@ -26,8 +27,9 @@ def tagged_pids(tag: str) -> list[int]:
             continue
         try:
             with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    found.append(int(entry))
+                env = f.read().split(b"\0")
+            if any(v == needle or (prefix and v.startswith(needle)) for v in env):
+                found.append(int(entry))
         except OSError:
             continue
     return found
@@ -47,6 +49,16 @@ class Hosts:
     def close(self) -> None:
         for h in self.started:
             h.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind():
+    """Whatever a test started (hosts, demos, QEMU), nothing outlives the session."""
+    yield
+    deadline = time.monotonic() + 10
+    while (left := tagged_pids(TAG, prefix=True)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes left behind by the test session: {left}"
 
 
 @pytest.fixture
