@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -62,8 +63,29 @@ class HostConfig:
         return f"ipc://{self.raw['rundir']}/{name}.sock"
 
 
-def actor_main(name: str, run: Callable[[HostConfig, zmq.Context], None]) -> None:
-    """Entry point of an actor process: `python -m actors.X CONFIG [extra]`."""
+HEARTBEAT_INTERVAL = 0.1
+
+
+def heartbeat(endpoint: str, name: str) -> None:
+    """Tell the supervisor every 100 ms that this process is alive and not
+    stopped; a thread of its own, with a context of its own."""
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 4)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(endpoint)
+    beat = f"{name} {os.getpid()}".encode()
+    while True:
+        try:
+            push.send(beat, zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # the supervisor is busy; the next beat will do
+        time.sleep(HEARTBEAT_INTERVAL)
+
+
+def start_actor(name: str) -> HostConfig:
+    """What every actor process does first: die with the host, read the
+    host's config, log with its name, leave a pid file, start heartbeats."""
     die_with_parent()
     cfg = HostConfig.load(sys.argv[1])
     logging.basicConfig(
@@ -71,6 +93,15 @@ def actor_main(name: str, run: Callable[[HostConfig, zmq.Context], None]) -> Non
         format=f"%(asctime)s {cfg['name']}/{name} %(levelname)s %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # nothing to flush: die quietly
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when we stop
+    with open(os.path.join(cfg["rundir"], f"{name}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    threading.Thread(target=heartbeat, args=(cfg.endpoint("heartbeat"), name), daemon=True).start()
+    return cfg
+
+
+def actor_main(name: str, run: Callable[[HostConfig, zmq.Context], None]) -> None:
+    """Entry point of an actor process: `python -m actors.X CONFIG [extra]`."""
+    cfg = start_actor(name if len(sys.argv) < 3 else f"{name}{sys.argv[2]}")
     ctx = zmq.Context()
     try:
         run(cfg, ctx)

@@ -140,7 +140,10 @@ class Commands:
             key = key.replace("_", "-")
             if key not in new:
                 raise ActorError(f"Parameter '{key}' is unexpected")
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if isinstance(new[key], str):
+                if not isinstance(value, str):
+                    raise ActorError(f"Invalid parameter type for '{key}', expected: string")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ActorError(f"Parameter '{key}' expects a non-negative integer")
             if key == "downtime-limit" and value > MAX_DOWNTIME_MS:
                 raise ActorError(f"Parameter 'downtime_limit' expects an integer in the range of 0 to "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -16,14 +17,14 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from actors.base import ActorError, AsyncPeer, HostConfig, die_with_parent, log
+from actors.base import ActorError, AsyncPeer, HostConfig, log, start_actor
 from actors.commands import Commands
 from machine.profile import profile
 from machine.ram import PAGE_SIZE, GuestRam
 from machine.runstate import RunState, StateError, check_transition
 from protocol import events as ev
 from protocol import savevm
-from protocol.devices import DEVICES, VCPU_SECTION, describe, full_section
+from protocol.devices import DEVICES, SWITCHOVER_SECTION, VCPU_SECTION, describe, full_section
 from protocol.messages import Message
 from protocol.transport import TransportError, parse_uri
 
@@ -31,7 +32,15 @@ DEFAULT_PARAMETERS = {
     "max-bandwidth": 128 << 20,  # bytes/s, QEMU's default since 5.2; 0 = unlimited
     "downtime-limit": 300,  # ms
     "avail-switchover-bandwidth": 0,
+    # testing aids (docs/reliability.md): a fault to inject, "POINT:ACTION", and how
+    # long a connected transport may make no progress before the migration fails
+    "x-fault": "",
+    "x-transport-timeout": 30_000,  # ms
 }
+SOURCE_FAULT_POINTS = ("connect", "setup", "pass", "block-bulk", "before-stop", "after-stop", "after-eof")
+DEST_FAULT_POINTS = ("incoming", "after-eof")
+FAULT_ACTIONS = ("fail", "kill", "stall", "reset", "slow")
+MIGRATION_ACTORS = ("writer", "ram_sender", "block_sender")
 DEFAULT_CAPABILITIES = {"events": False, "return-path": True,
                         # testing aid: the destination keeps stale image metadata (the seed's bug)
                         "x-skip-invalidate": False}
@@ -62,6 +71,7 @@ class MigrationState:
     active_bytes: int = 0
     incoming: bool = False
     committed: bool = False  # EOF sent: too late to cancel
+    go_sent: bool = False  # the destination was told it may run the guest
     disk: dict = field(default_factory=dict)
     block_bulk_done: bool = False
     incremental: bool = False
@@ -109,6 +119,7 @@ class Coordinator(Commands):
         self.mig = MigrationState()
         self.task: asyncio.Task | None = None
         self.writer_failure: str | None = None
+        self.actor_failure: str | None = None  # set when a migration actor died or hung
         self.marks: dict[int, asyncio.Future] = {}
         self.wire_bytes = 0
         self.marks_reached: dict[str, int] = {}  # producer -> highest mark the writer passed
@@ -206,8 +217,10 @@ class Coordinator(Commands):
 
     async def on_receiver_notice(self, msg: Message) -> None:
         if msg.type == "started":
-            self.mig = MigrationState(start=time.monotonic(), incoming=True)
+            self.mig.start = time.monotonic()
             self.set_status("active")
+            await asyncio.sleep(0.2)  # so that a fault strikes mid-stream
+            await self.fault("incoming")
         elif msg.type == "failed":
             self.mig.status = "failed" if self.mig.incoming or self.mig.status == "none" else self.mig.status
             self.mig.incoming = True
@@ -225,6 +238,7 @@ class Coordinator(Commands):
                         "normal-bytes": data["normal"] * PAGE_SIZE, "page-size": PAGE_SIZE}
         self.device_state.update(data.get("devices", {}))
         try:
+            await self.fault("after-eof")
             states = data["vcpus"]
             if len(states) != len(self.vcpus):
                 raise ActorError(f"stream carries {len(states)} vCPUs, this guest has {len(self.vcpus)}")
@@ -236,17 +250,27 @@ class Coordinator(Commands):
                     "skip_invalidate": self.capabilities["x-skip-invalidate"]}, timeout=60)
             if data.get("disk"):
                 self.mig.disk = data["disk"]
-            if self.cfg["autostart"] and data.get("runstate") == "running":
-                await self.set_running(True)
-            else:
-                self.set_runstate(RunState.PRELAUNCH if not self.cfg["autostart"] else RunState.PAUSED)
-        except (ActorError, StateError) as exc:
+            if self.mig.status != "active":
+                raise MigrationFailed(self.mig.error or "incoming migration failed")
+            # Everything that can fail is done: tell the source, and wait for its go-ahead.
+            go = (await self.receiver.call("finish", {"rc": 0}, timeout=20)).data["result"]["go"]
+            if not go:
+                raise MigrationFailed("the source did not confirm the switchover")
+        except (ActorError, StateError, MigrationFailed) as exc:
             self.mig.error = f"cannot start the migrated guest: {exc}"
             self.mig.end = time.monotonic()
             self.set_status("failed")
-            await self.receiver.call("finish", {"rc": 1})
+            try:
+                await self.receiver.call("finish", {"rc": 1, "desc": str(exc)}, timeout=5)
+                if self.guest_drives:
+                    await self.vcpus[0].call("drives_inactivate", timeout=60)  # the source takes them back
+            except ActorError as cleanup:
+                log.warning("after a failed incoming migration: %s", cleanup)
             return
-        await self.receiver.call("finish", {"rc": 0})
+        if self.cfg["autostart"] and data.get("runstate") == "running":
+            await self.set_running(True)
+        else:
+            self.set_runstate(RunState.PRELAUNCH if not self.cfg["autostart"] else RunState.PAUSED)
         self.mig.end = time.monotonic()
         self.set_status("completed")
 
@@ -255,18 +279,71 @@ class Coordinator(Commands):
             parse_uri(uri)
         except TransportError as exc:
             raise ActorError(str(exc)) from None
-        reply = await self.receiver.call("listen", {"uri": uri})
-        self.incoming_uri = reply.data["result"]["uri"]
+        # The state first: the receiver may report "started" before it answers.
         self.mig = MigrationState(start=time.monotonic(), incoming=True)
         self.mig.status = "setup"
         self.publish(ev.MIGRATION, {"status": "setup"}, qmp=True)  # QEMU emits this one ungated
+        try:
+            reply = await self.receiver.call("listen", {"uri": uri, "timeout": self.parameters["x-transport-timeout"]})
+        except ActorError as exc:
+            self.mig.status, self.mig.error = "failed", str(exc)
+            raise
+        self.incoming_uri = reply.data["result"]["uri"]
         return self.incoming_uri
+
+    # failures --------------------------------------------------------------------
+    async def on_actor_failed(self, actor: str, cause: str) -> None:
+        """The supervisor restarted an actor that died or hung: fail what it was part of."""
+        desc = f"{actor} actor {cause}"
+        log.warning("%s", desc)
+        if actor in MIGRATION_ACTORS and self.task is not None and not self.task.done():
+            self.actor_failure = desc
+            self.task.cancel()
+        if actor == "receiver" and self.mig.incoming and self.mig.status in ("setup", "active"):
+            self.mig.error = f"incoming migration failed: {desc}"
+            self.mig.end = time.monotonic()
+            self.set_status("failed")
+        peer = {"writer": self.writer, "ram_sender": self.ram_sender,
+                "block_sender": self.block_sender, "receiver": self.receiver}.get(actor)
+        deadline = time.monotonic() + 15
+        while peer is not None and time.monotonic() < deadline:
+            try:
+                await peer.call("ping", timeout=1)  # the new instance learns who we are
+                break
+            except ActorError:
+                continue
+
+    async def fault(self, point: str) -> None:
+        """Inject the fault the `x-fault` parameter names for this point, if any."""
+        spec = self.parameters["x-fault"]
+        if not spec or spec.split(":")[0] != point:
+            return
+        action, _, target = spec.split(":", 1)[1].partition("-")
+        incoming = point in DEST_FAULT_POINTS and self.mig.incoming
+        log.warning("injecting fault %s", spec)
+        if action == "fail":
+            if incoming and point == "incoming":
+                await self.receiver.call("inject", {"action": "fail"})
+                return
+            raise MigrationFailed(f"injected fault: {action} at {point}")
+        if action in ("kill", "stall"):
+            actor = target or ("receiver" if incoming else "writer")
+            with open(os.path.join(self.cfg["rundir"], f"{actor}.pid")) as f:
+                os.kill(int(f.read()), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
+            if not incoming:
+                await asyncio.sleep(30)  # the supervisor notices and the migration is failed
+            return
+        if action in ("reset", "slow"):
+            if incoming:
+                await self.receiver.call("inject", {"action": action})
+            else:
+                await self.writer.call("abort")
 
     # the outgoing migration -------------------------------------------------------
     def start_migration(self, uri: str, blk: bool = False, inc: bool = False) -> None:
         if (blk or inc) and not self.guest_drives:
             raise ActorError("block migration needs guest drives, and this guest has none")
-        self.writer_failure = None
+        self.writer_failure = self.actor_failure = None
         self.mig = MigrationState(start=time.monotonic(), incremental=inc)
         self.set_status("setup")
         self.task = asyncio.get_running_loop().create_task(self.migrate(uri, blk or inc))
@@ -277,7 +354,9 @@ class Coordinator(Commands):
         stopped = inactivated = False
         ram = self.ram_sender
         try:
-            reply = await self.writer.call("connect", {"uri": uri}, timeout=30)
+            await self.fault("connect")
+            reply = await self.writer.call("connect", {"uri": uri, "timeout": self.parameters["x-transport-timeout"]},
+                                           timeout=30)
             return_path = reply.data["result"]["return_path"] and self.capabilities["return-path"]
             blocks = [(b.name, b.size) for b in self.ram.blocks]
             head = [savevm.header(), savevm.configuration(self.guest["machine"])]
@@ -290,6 +369,7 @@ class Coordinator(Commands):
                     "setup", {"inc": mig.incremental, "section_id": SID_BLOCK}, timeout=300)).data["result"]
                 await self.wait_mark(setup["mark"], 60)
                 mig.disk = {"transferred": 0, "remaining": setup["remaining"], "total": setup["total"]}
+            await self.fault("setup")
             status = (await ram.call("setup")).data["result"]
             await ram.call("emit", {}, frames=[
                 savevm.section_start(savevm.SECTION_START, SID_RAM, "ram", 0, savevm.RAM_VERSION),
@@ -303,9 +383,11 @@ class Coordinator(Commands):
             await self.iterate(status["remaining"], blk)
 
             # Completion, with the guest stopped.
-            stop_at, stop_wall = time.monotonic(), time.time()
+            await self.fault("before-stop")
+            stop_at = time.monotonic()
             await self.set_running(False, RunState.FINISH_MIGRATE)
             stopped = True
+            await self.fault("after-stop")
             if blk:
                 await self.block_step(0, end=True)
             sync = (await ram.call("sync")).data["result"]
@@ -327,12 +409,17 @@ class Coordinator(Commands):
             await self.wait_mark(mark, 600)
             if self.writer_failure:
                 raise MigrationFailed(self.writer_failure)
+            await self.fault("after-eof")
             mig.ram["transferred"] = self.wire_bytes
             if return_path:
                 answer = (await self.writer.call("await_return", {"timeout": 60}, timeout=70)).data["result"]
                 if answer["shut"] != 0:
                     raise MigrationFailed(answer["desc"] or "destination failed to load the stream")
-                mig.guest_downtime = int((answer["at"] - stop_wall) * 1000)
+                if self.profile.has_vcpus:
+                    # From here on the destination may run the guest: never resume it here.
+                    mig.go_sent = True
+                    await self.writer.call("confirm", timeout=10)
+                mig.guest_downtime = int((time.monotonic() - stop_at) * 1000)
             await self.writer.call("close", timeout=40)
             mig.downtime = int((time.monotonic() - stop_at) * 1000)
             mig.end = time.monotonic()
@@ -340,7 +427,10 @@ class Coordinator(Commands):
             self.set_runstate(RunState.POSTMIGRATE)
             self.set_status("completed")
         except asyncio.CancelledError:
-            await self.abandon(was_running and stopped, "cancelled", "migration cancelled", inactivated)
+            if self.actor_failure:
+                await self.abandon(was_running and stopped, "failed", self.actor_failure, inactivated)
+            else:
+                await self.abandon(was_running and stopped, "cancelled", "migration cancelled", inactivated)
         except (ActorError, MigrationFailed, OSError) as exc:
             await self.abandon(was_running and stopped, "failed", str(exc), inactivated)
 
@@ -349,6 +439,7 @@ class Coordinator(Commands):
         the writer has it all, so that RAM's section cannot overtake it."""
         result = (await self.block_sender.call(
             "iterate", {"budget": budget, "end": end, "section_id": SID_BLOCK}, timeout=600)).data["result"]
+        await self.fault("block-bulk")
         await self.wait_mark(result["mark"], 600)
         self.mig.disk = {"transferred": result["transferred"], "remaining": result["remaining"],
                          "total": result["total"]}
@@ -370,6 +461,7 @@ class Coordinator(Commands):
             if remaining + disk_left <= threshold and (not blk or mig.block_bulk_done):
                 sync = (await self.ram_sender.call("sync")).data["result"]
                 self.count_pass(sync)
+                await self.fault("pass")
                 remaining = dirty_at_sync = sync["remaining"]
                 if blk:
                     await self.block_step(1)  # harvests: the disk's exact pending bytes
@@ -430,6 +522,8 @@ class Coordinator(Commands):
     def device_sections(self, vcpus: list[dict], runstate: str) -> list[bytes]:
         """Every FULL section the machine profile has, then EOF and the vmdesc."""
         states: list[tuple[str, int, object]] = [(VCPU_SECTION, i, regs) for i, regs in enumerate(vcpus)]
+        if self.profile.has_vcpus:
+            states.append((SWITCHOVER_SECTION, 0, None))
         for name in self.profile.devices:
             state = runstate if name == "globalstate" else self.device_state.get(name)
             states.append((name, 0, state))
@@ -444,8 +538,12 @@ class Coordinator(Commands):
 
     async def abandon(self, resume: bool, status: str, desc: str, inactivated: bool = False) -> None:
         """Undo a migration that did not complete: the source guest runs on,
-        with its images taken back."""
+        with its images taken back -- unless the destination was already told
+        to run it, in which case the source stays paused."""
         log.warning("migration %s: %s", status, desc)
+        if self.mig.go_sent:
+            resume = inactivated = False
+            desc += "; the destination was told to run the guest, so the source stays paused"
         try:
             await self.writer.call("abort", timeout=5)
             await self.ram_sender.call("cleanup", timeout=120)
@@ -493,7 +591,11 @@ async def serve(cfg: HostConfig) -> None:
                 msg = Message.unserialize(parts)
             except ValueError:
                 continue
-            t = asyncio.get_running_loop().create_task(handle(ident, msg))
+            if msg.type == "actor_failed":
+                t = asyncio.get_running_loop().create_task(
+                    coord.on_actor_failed(msg.data["actor"], msg.data["cause"]))
+            else:
+                t = asyncio.get_running_loop().create_task(handle(ident, msg))
             tasks.add(t)
             t.add_done_callback(tasks.discard)
 
@@ -507,15 +609,7 @@ async def serve(cfg: HostConfig) -> None:
 
 
 def main() -> None:
-    import logging
-    import signal
-    import sys
-    die_with_parent()
-    cfg = HostConfig.load(sys.argv[1])
-    logging.basicConfig(level=os.environ.get("LIVEMIG_LOG", "WARNING").upper(),
-                        format=f"%(asctime)s {cfg['name']}/coordinator %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # nothing to flush: die quietly
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cfg = start_actor("coordinator")
     asyncio.run(serve(cfg))
 
 

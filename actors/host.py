@@ -18,6 +18,13 @@ from machine.ram import GuestRam, fill_ram
 from machine.workload import WorkloadSpec
 
 ACTORS = ("receiver", "writer", "ram_sender", "block_sender", "coordinator", "monitor")
+# Actors that hold no guest state: they can be started afresh after a failure.
+RESTARTABLE = ("receiver", "writer", "ram_sender", "block_sender", "monitor")
+SILENCE = 1.0  # seconds without a heartbeat before an actor counts as stuck
+
+
+def describe_exit(code: int) -> str:
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
 
 
 def runtime_root() -> str:
@@ -103,7 +110,15 @@ class Host:
                                 pass_fds=fds, stdin=subprocess.DEVNULL)
 
     def start(self) -> dict:
+        import zmq
+
         cfg = self.prepare()
+        self.zmq = zmq.Context()
+        self.beats = self.zmq.socket(zmq.PULL)
+        self.beats.setsockopt(zmq.LINGER, 0)
+        self.beats.bind(f"ipc://{self.rundir}/heartbeat.sock")
+        self.last_beat: dict[str, float] = {}
+        self.started = time.monotonic() + 10  # grace while everything starts
         fds = tuple(self.spec.fds)
         for i in range(self.spec.vcpus):
             self.procs[f"vcpu{i}"] = self.spawn("vcpu", str(i))
@@ -141,21 +156,57 @@ class Host:
                 raise ChildExit(name, code)
 
     def supervise(self) -> int:
-        """Block until the host is told to quit or an actor dies."""
-        while not self.stopping:
-            try:
-                self.check_children()
-            except ChildExit as exc:
-                if exc.name == "coordinator" and exc.code == 0:
-                    return 0  # quit
-                print(f"livemig host {self.spec.name}: actor {exc.name} exited with status {exc.code}; "
-                      "stopping the host", file=sys.stderr)
-                return 1
-            time.sleep(0.1)
+        """Watch every actor until the host is told to quit. A migration actor
+        that dies or falls silent (no heartbeat for SILENCE seconds, e.g. a
+        stopped process) is killed and started afresh, and the coordinator is
+        told so that it fails the migration with the cause; without its vCPUs
+        or its coordinator the guest is lost, and the host stops."""
+        import zmq
+
+        from protocol.messages import Message
+
+        ctx = zmq.Context()
+        coordinator = ctx.socket(zmq.DEALER)
+        coordinator.setsockopt(zmq.LINGER, 0)
+        coordinator.connect(f"ipc://{self.rundir}/coordinator.sock")
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                while self.beats.poll(0):
+                    name = self.beats.recv().split()[0].decode()
+                    self.last_beat[name] = now
+                for name, proc in list(self.procs.items()):
+                    code = proc.poll()
+                    if code is None and now - self.last_beat.get(name, self.started) > SILENCE:
+                        proc.kill()
+                        proc.wait(5)
+                        cause = f"stopped responding for more than {SILENCE:.0f} s"
+                    elif code is not None:
+                        if name == "coordinator" and code == 0:
+                            return 0  # quit
+                        cause = f"died ({describe_exit(code)})"
+                    else:
+                        continue
+                    if name not in RESTARTABLE:
+                        print(f"livemig host {self.spec.name}: actor {name} {cause}; the guest is lost, "
+                              "stopping the host", file=sys.stderr)
+                        return 1
+                    print(f"livemig host {self.spec.name}: actor {name} {cause}; restarting it",
+                          file=sys.stderr)
+                    self.procs[name] = self.spawn(name, fds=tuple(self.spec.fds)
+                                                  if name in ("writer", "receiver") else ())
+                    self.last_beat[name] = time.monotonic() + 5  # grace while it starts
+                    coordinator.send_multipart(Message("actor_failed", {"actor": name, "cause": cause},
+                                                       "host").serialize())
+                self.beats.poll(50)
+        finally:
+            ctx.destroy(linger=0)
         return 0
 
     def stop(self) -> None:
         self.stopping = True
+        if hasattr(self, "zmq"):
+            self.zmq.destroy(linger=0)
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()

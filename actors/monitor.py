@@ -6,16 +6,13 @@ client only loses its own events; it never holds up the host."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import signal
-import sys
 
 import msgpack
 import zmq
 import zmq.asyncio
 
-from actors.base import ActorError, AsyncPeer, HostConfig, die_with_parent, log
+from actors.base import ActorError, AsyncPeer, HostConfig, log, start_actor
 from actors.commands import COMMANDS
 from protocol import qmp
 
@@ -177,12 +174,7 @@ class Monitor:
 
 
 def main() -> None:
-    die_with_parent()
-    cfg = HostConfig.load(sys.argv[1])
-    logging.basicConfig(level=os.environ.get("LIVEMIG_LOG", "WARNING").upper(),
-                        format=f"%(asctime)s {cfg['name']}/monitor %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # nothing to flush: die quietly
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cfg = start_actor("monitor")
     asyncio.run(Monitor(cfg).serve())
 
 

@@ -5,6 +5,7 @@ source on the return path only once the coordinator says the guest resumed."""
 
 from __future__ import annotations
 
+import socket
 import struct
 import threading
 import time
@@ -17,7 +18,7 @@ from block.image import Image
 from machine.profile import profile
 from machine.ram import GuestRam
 from protocol import blockmig, savevm
-from protocol.devices import DEVICES, VCPU_SECTION, Device
+from protocol.devices import DEVICES, SWITCHOVER_GO, SWITCHOVER_SECTION, VCPU_SECTION, Device
 from protocol.messages import Message
 from protocol.transport import Channel, Listener, TransportError, parse_uri
 
@@ -34,10 +35,12 @@ class Receiver:
         self.channel: Channel | None = None
         self.thread: threading.Thread | None = None
         self.finish = threading.Event()
-        self.finish_rc = 1
+        self.handshake = False
         self.lock = threading.Lock()
         self.notices: list[tuple[str, dict]] = []
         self.wake: zmq.Socket | None = None
+        self.injected: str | None = None
+        self.timeout = 30.0
 
     def notify(self, mtype: str, data: dict) -> None:
         with self.lock:
@@ -57,15 +60,67 @@ class Receiver:
         except TransportError as exc:
             raise ActorError(str(exc)) from None
         self.finish.clear()
+        self.injected = None
+        self.timeout = msg.data.get("timeout", 30_000) / 1000
         self.thread = threading.Thread(target=self.incoming, daemon=True)
         self.thread.start()
         return {"uri": self.listener.actual_uri}
 
-    def on_finish(self, msg: Message) -> dict:
-        """The coordinator is done with the loaded state: rc 0 means the guest resumed."""
-        self.finish_rc = int(msg.data.get("rc", 1))
-        self.finish.set()
+    def on_inject(self, msg: Message) -> dict:
+        """Testing aid (x-fault on the destination): break the incoming stream."""
+        action = msg.data["action"]
+        channel = self.channel
+        self.injected = action
+        if channel is None:
+            raise ActorError("no incoming migration to inject a fault into")
+        if action == "fail":
+            channel.abort()
+        elif action == "reset" and channel.sock is not None:
+            channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            channel.sock.shutdown(socket.SHUT_RD)  # the loader stops; closing then sends a RST
+        elif action != "slow":
+            raise ActorError(f"cannot inject {action!r} into the receiver")
         return {}
+
+    def read_into(self, channel: Channel):
+        def read(buf: memoryview) -> int:
+            if self.injected == "slow":  # a slow destination: the source feels back-pressure
+                time.sleep(0.005)
+                return channel.read_into(buf[:65536])
+            return channel.read_into(buf)
+        return read
+
+    def on_finish(self, msg: Message) -> dict:
+        """The coordinator is ready (rc 0) or not (rc 1) to run the loaded guest.
+        Tell the source; when it is a livemig source (the switchover section was
+        in the stream), resume only on its go-ahead, so that the two hosts never
+        both run the guest: the source resumes on any failure unless it sent it."""
+        rc = int(msg.data.get("rc", 1))
+        channel = self.channel
+        go = False
+        try:
+            if channel is not None:
+                self.reply_source(channel, rc, msg.data.get("desc", ""))
+                if rc == 0:
+                    go = not (self.handshake and channel.has_return_path) or self.await_go(channel)
+        finally:
+            self.finish.set()
+        return {"go": go}
+
+    def await_go(self, channel: Channel) -> bool:
+        if channel.sock is None:
+            return False
+        channel.settimeout(10)
+        try:
+            got = b""
+            while len(got) < len(SWITCHOVER_GO):
+                chunk = channel.sock.recv(len(SWITCHOVER_GO) - len(got))
+                if not chunk:
+                    return False
+                got += chunk
+            return got == SWITCHOVER_GO
+        except OSError:
+            return False
 
     # data thread -----------------------------------------------------------
     def incoming(self) -> None:
@@ -81,6 +136,7 @@ class Receiver:
             # Exactly one migration per listen: refuse any later connection.
             listener.close()
         self.channel = channel
+        channel.settimeout(self.timeout)  # a source that stops sending fails the migration
         self.notify("started", {})
         t0 = time.monotonic()
         states: dict[str, dict[int, object]] = {}
@@ -93,7 +149,8 @@ class Receiver:
                 states.setdefault(device.idstr, {})[instance] = device.load(r, version)
             return load
 
-        wanted = [*((VCPU_SECTION,) if self.profile.has_vcpus else ()), *self.profile.devices]
+        wanted = [*((VCPU_SECTION, SWITCHOVER_SECTION) if self.profile.has_vcpus else ()),
+                  *self.profile.devices]
         loaders = {name: loader_for(DEVICES[name]) for name in wanted}
         blocks = [savevm.RamBlock(b.name, self.ram.block_pages(b)) for b in self.ram.blocks]
         images: dict[str, Image] = {}
@@ -101,7 +158,7 @@ class Receiver:
         loader = savevm.StreamLoader(
             savevm.RamLoader(blocks), loaders, machine=self.cfg["guest"]["machine"],
             live={"block": block_loader})
-        reader = savevm.BufferedReader(channel.read_into)
+        reader = savevm.BufferedReader(self.read_into(channel))
         try:
             result = loader.load(reader, read_trailer=not channel.has_return_path)
             if channel.has_return_path:
@@ -110,6 +167,8 @@ class Receiver:
                     result.vmdesc = loader._trailer(reader)
                 finally:
                     channel.settimeout(None)
+            if self.injected in ("fail", "reset"):
+                raise savevm.StreamError(f"injected fault: {self.injected}")
             vcpu_states = states.get(VCPU_SECTION, {})
             missing = sorted(set(range(self.vcpus)) - set(vcpu_states))
             if self.profile.has_vcpus and missing:
@@ -121,6 +180,8 @@ class Receiver:
         except (savevm.StreamError, OSError, BlockError) as exc:
             self.close_images(images)
             desc = str(exc) if isinstance(exc, savevm.StreamError) else f"incoming stream failed: {exc}"
+            if self.injected in ("fail", "reset"):
+                desc = f"injected fault: {self.injected} ({desc})"
             self.reply_source(channel, 1, desc)
             self.close_channel()
             self.notify("failed", {"desc": desc, "bytes": reader.consumed})
@@ -130,14 +191,13 @@ class Receiver:
             "vcpus": [vcpu_states[i] for i in sorted(vcpu_states)],
             "runstate": runstate,
             "devices": {name: st.get(0) for name, st in states.items()
-                        if name not in (VCPU_SECTION, "globalstate")},
+                        if name not in (VCPU_SECTION, SWITCHOVER_SECTION, "globalstate")},
             "machine": result.machine, "bytes": result.bytes,
             "return_path": channel.has_return_path, "disk": disk,
             "normal": stats.normal if stats else 0, "zero": stats.zero if stats else 0,
             "seconds": time.monotonic() - t0})
-        if not self.finish.wait(300):
-            self.finish_rc = 1
-        self.reply_source(channel, self.finish_rc, "" if self.finish_rc == 0 else "destination did not start")
+        self.handshake = SWITCHOVER_SECTION in states
+        self.finish.wait(300)
         self.close_channel()
 
     def block_target(self, name: str, images: dict[str, Image]) -> blockmig.BlockTarget | None:
@@ -184,7 +244,8 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     # Only the incoming thread (one at a time) sends on this socket.
     receiver.wake = ctx.socket(zmq.PUSH)
     receiver.wake.connect("inproc://receiver-wake")
-    handlers = {"listen": receiver.on_listen, "finish": receiver.on_finish, "ping": lambda _m: {}}
+    handlers = {"listen": receiver.on_listen, "finish": receiver.on_finish, "inject": receiver.on_inject,
+                "ping": lambda _m: {}}
     poller = zmq.Poller()
     poller.register(server.sock, zmq.POLLIN)
     poller.register(wake_in, zmq.POLLIN)

@@ -18,6 +18,7 @@ import zmq
 from actors.base import ActorError, HostConfig, Server, actor_main
 from machine.ram import GuestRam
 from protocol import savevm
+from protocol.devices import SWITCHOVER_GO
 from protocol.messages import Message
 from protocol.transport import Channel, TransportError, connect, parse_uri
 
@@ -96,6 +97,8 @@ class Writer:
             channel = connect(uri)
         except TransportError as exc:
             raise ActorError(str(exc)) from None
+        # A peer that takes nothing for this long fails the migration.
+        channel.settimeout(msg.data.get("timeout", 30_000) / 1000)
         with self.lock:
             self.written, self.error = 0, None
             self.channel = channel
@@ -131,6 +134,16 @@ class Writer:
         except OSError as exc:
             return {"shut": None, "desc": f"return path failed: {exc.strerror or exc}"}
 
+    def on_confirm(self, _msg: Message) -> dict:
+        """Tell a livemig destination that it may run the guest now."""
+        if self.channel is None:
+            raise ActorError("no migration channel")
+        try:
+            self.channel.write(SWITCHOVER_GO)
+        except OSError as exc:
+            raise ActorError(f"could not confirm the switchover: {exc.strerror or exc}") from None
+        return {}
+
     def on_close(self, msg: Message) -> dict:
         with self.lock:
             channel, self.channel = self.channel, None
@@ -161,7 +174,8 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     wake.bind("inproc://writer-wake")
     threading.Thread(target=writer.data_loop, daemon=True).start()
     handlers = {"connect": writer.on_connect, "close": writer.on_close, "abort": writer.on_abort,
-                "await_return": writer.on_await_return, "ping": lambda _m: {}}
+                "await_return": writer.on_await_return,
+                "confirm": writer.on_confirm, "ping": lambda _m: {}}
     poller = zmq.Poller()
     poller.register(server.sock, zmq.POLLIN)
     poller.register(wake, zmq.POLLIN)

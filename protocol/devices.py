@@ -18,6 +18,10 @@ from protocol import savevm
 
 VCPU_SECTION = "livemig/vcpu"
 MAX_VCPU_STATE = 1 << 16
+# A livemig source announces that it will confirm the switchover: after the
+# destination's SHUT(0) it sends these bytes, and only then does the guest run.
+SWITCHOVER_SECTION = "livemig/switchover"
+SWITCHOVER_GO = b"LMGO"
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,9 @@ DEVICES: dict[str, Device] = {
         VCPU_SECTION, 1, _encode_vcpu, _load_vcpu,
         lambda p: [{"name": "length", "type": "uint32", "size": 4},
                    {"name": "registers", "type": "buffer", "size": len(p) - 4}]),
+    SWITCHOVER_SECTION: Device(
+        SWITCHOVER_SECTION, 1, lambda _s: struct.pack(">I", 0), lambda r, _v: r.be32(),
+        lambda _p: [{"name": "flags", "type": "uint32", "size": 4}]),
     "globalstate": Device(
         "globalstate", 1, lambda runstate: savevm.globalstate(str(runstate)), _load_globalstate,
         lambda _p: savevm.GLOBALSTATE_DESC["fields"]),
