@@ -182,6 +182,12 @@ class AsyncPeer:
                     self.tasks.add(task)
                     task.add_done_callback(self.tasks.discard)
 
+    def fail_pending(self, desc: str) -> None:
+        """The worker died: every request it had will never be answered."""
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_result(Message(ERROR, {"class": "GenericError", "desc": desc}, self.endpoint))
+
     async def call(self, mtype: str, data: dict | None = None, timeout: float = 10.0,
                    frames: list | None = None) -> Message:
         data = dict(data or {})

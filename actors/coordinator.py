@@ -39,7 +39,7 @@ DEFAULT_PARAMETERS = {
 }
 SOURCE_FAULT_POINTS = ("connect", "setup", "pass", "block-bulk", "before-stop", "after-stop", "after-eof")
 DEST_FAULT_POINTS = ("incoming", "after-eof")
-FAULT_ACTIONS = ("fail", "kill", "stall", "reset", "slow")
+FAULT_ACTIONS = ("fail", "kill", "stall", "reset", "slow", "cancel")
 MIGRATION_ACTORS = ("writer", "ram_sender", "block_sender")
 DEFAULT_CAPABILITIES = {"events": False, "return-path": True,
                         # testing aid: the destination keeps stale image metadata (the seed's bug)
@@ -253,7 +253,7 @@ class Coordinator(Commands):
             if self.mig.status != "active":
                 raise MigrationFailed(self.mig.error or "incoming migration failed")
             # Everything that can fail is done: tell the source, and wait for its go-ahead.
-            go = (await self.receiver.call("finish", {"rc": 0}, timeout=20)).data["result"]["go"]
+            go = (await self.receiver.call("finish", {"rc": 0}, timeout=15)).data["result"]["go"]
             if not go:
                 raise MigrationFailed("the source did not confirm the switchover")
         except (ActorError, StateError, MigrationFailed) as exc:
@@ -262,10 +262,13 @@ class Coordinator(Commands):
             self.set_status("failed")
             try:
                 await self.receiver.call("finish", {"rc": 1, "desc": str(exc)}, timeout=5)
-                if self.guest_drives:
-                    await self.vcpus[0].call("drives_inactivate", timeout=60)  # the source takes them back
             except ActorError as cleanup:
                 log.warning("after a failed incoming migration: %s", cleanup)
+            if self.guest_drives:
+                try:
+                    await self.vcpus[0].call("drives_inactivate", timeout=60)  # the source takes them back
+                except ActorError as cleanup:
+                    log.warning("after a failed incoming migration: %s", cleanup)
             return
         if self.cfg["autostart"] and data.get("runstate") == "running":
             await self.set_running(True)
@@ -305,6 +308,8 @@ class Coordinator(Commands):
             self.set_status("failed")
         peer = {"writer": self.writer, "ram_sender": self.ram_sender,
                 "block_sender": self.block_sender, "receiver": self.receiver}.get(actor)
+        if peer is not None:
+            peer.fail_pending(desc)
         deadline = time.monotonic() + 15
         while peer is not None and time.monotonic() < deadline:
             try:
@@ -332,6 +337,12 @@ class Coordinator(Commands):
                 os.kill(int(f.read()), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
             if not incoming:
                 await asyncio.sleep(30)  # the supervisor notices and the migration is failed
+            return
+        if action == "cancel":
+            # What a user's migrate_cancel would do at this very moment (twice: harmless).
+            await self.cmd_migrate_cancel()
+            await self.cmd_migrate_cancel()
+            await asyncio.sleep(0)
             return
         if action in ("reset", "slow"):
             if incoming:
@@ -433,6 +444,22 @@ class Coordinator(Commands):
                 await self.abandon(was_running and stopped, "cancelled", "migration cancelled", inactivated)
         except (ActorError, MigrationFailed, OSError) as exc:
             await self.abandon(was_running and stopped, "failed", str(exc), inactivated)
+
+    async def resume_after_failure(self) -> None:
+        """Run the source guest again. Its images may still be held for a moment
+        by a destination that is giving up, so taking them back is retried."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await self.set_running(True)
+                return
+            except ActorError as exc:
+                if "in use" not in exc.desc or time.monotonic() > deadline:
+                    log.error("cannot resume the guest: %s", exc)
+                    self.set_runstate(RunState.PAUSED)
+                    return
+                self.runstate = RunState.FINISH_MIGRATE
+                await asyncio.sleep(0.2)
 
     async def block_step(self, budget: int, end: bool = False) -> int:
         """One block section (PART, or END with the guest stopped); waits until
@@ -559,7 +586,7 @@ class Coordinator(Commands):
         self.set_status(status)
         if resume or self.runstate is RunState.FINISH_MIGRATE:
             if resume:
-                await self.set_running(True)
+                await self.resume_after_failure()
             else:
                 self.set_runstate(RunState.PAUSED)
 

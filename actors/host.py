@@ -86,11 +86,16 @@ class Host:
     def prepare(self) -> dict:
         self.check_free()
         os.makedirs(self.rundir, mode=0o700, exist_ok=True)
-        ram_path = f"/dev/shm/livemig-{os.getuid()}-{self.spec.name}-{os.getpid()}.ram"
-        self.ram = GuestRam(ram_path, self.spec.blocks, create=True)
+        shm_path = f"/dev/shm/livemig-{os.getuid()}-{self.spec.name}-{os.getpid()}.ram"
+        self.ram = GuestRam(shm_path, self.spec.blocks, create=True)
         fill_ram(self.ram.bytes, self.spec.fill, self.spec.seed)
         if self.spec.incoming:
             self.ram.prefault()  # page faults while receiving would cap the rate
+        # Actors (also ones restarted later) open the RAM through our descriptor,
+        # so the file can go now: it disappears with the host, even a killed one.
+        self.ram_fd = os.open(shm_path, os.O_RDWR)
+        os.unlink(shm_path)
+        ram_path = f"/proc/{os.getpid()}/fd/{self.ram_fd}"
         qmp = self.spec.qmp or [f"unix:{os.path.join(self.rundir, 'qmp.sock')}"]
         cfg = {
             "name": self.spec.name, "rundir": self.rundir, "ram_path": ram_path,
@@ -125,9 +130,7 @@ class Host:
         for name in ACTORS:
             self.procs[name] = self.spawn(name, fds=fds if name in ("writer", "receiver") else ())
         self.wait_ready(cfg["qmp"][0], 60)
-        # Every actor has mapped the RAM by now; unlinking it means that it
         # goes away with the last process even if the host is killed.
-        os.unlink(cfg["ram_path"])
         return cfg
 
     def wait_ready(self, qmp: str, timeout: float) -> None:
@@ -219,10 +222,7 @@ class Host:
                 proc.wait(5)
         if self.ram is not None:
             self.ram.close()
-            try:
-                os.unlink(self.ram.path)
-            except OSError:
-                pass
+            os.close(self.ram_fd)
         shutil.rmtree(self.rundir, ignore_errors=True)
 
 

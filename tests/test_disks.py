@@ -35,8 +35,10 @@ def check_clean(path) -> None:
 
 
 def replay_disk(tmp_path, host_guest: dict, regs: list[dict], size: int, fmt: str, cluster: int,
-                backing=None, backing_format: str = "raw") -> tuple[str, bool, list[dict]]:
-    """Replay the guest's steps on a fresh image; returns (image, ram_equal, registers)."""
+                backing=None, backing_format: str = "raw", ram_out: list | None = None
+                ) -> tuple[str, bool, list[dict]]:
+    """Replay the guest's steps on a fresh image; returns (image, vcpu_equal,
+    registers), and the replayed RAM in ram_out when given."""
     path = str(tmp_path / f"replay.{fmt}")
     if backing:
         create_image(path, size, fmt, cluster_size=cluster, backing=str(backing), backing_format=backing_format)
@@ -47,6 +49,8 @@ def replay_disk(tmp_path, host_guest: dict, regs: list[dict], size: int, fmt: st
     regs_replayed = replay(pages.reshape(-1, 4096), WorkloadSpec.parse(host_guest["workload"]),
                            host_guest["seed"], host_guest["vcpus"], [r["step"] for r in regs], [disk])
     disk.close()
+    if ram_out is not None:
+        ram_out.append(pages)
     return path, regs_replayed == regs, regs_replayed
 
 
