@@ -104,12 +104,15 @@ class Commands:
         return {}
 
     @command("migrate-incoming")
-    async def cmd_migrate_incoming(self, uri: str) -> dict:
-        """Wait for an incoming migration on URI (host started with --incoming defer)."""
+    async def cmd_migrate_incoming(self, uri: str, exit_on_error: bool = False) -> dict:
+        """Wait for an incoming migration on URI (host started with --incoming, also
+        again after a failed one). With exit-on-error the host quits if it fails,
+        as QEMU does by default; livemig stays up by default."""
         if self.runstate is not RunState.INMIGRATE:
             raise ActorError("'-incoming' was not specified on the command line")
         if self.mig.incoming and self.mig.status in ("setup", "active"):
             raise ActorError("The incoming migration has already been started")
+        self.exit_on_error = bool(exit_on_error)
         await self.start_incoming(uri)
         return {}
 

@@ -24,7 +24,14 @@ from machine.ram import PAGE_SIZE, GuestRam
 from machine.runstate import RunState, StateError, check_transition
 from protocol import events as ev
 from protocol import savevm
-from protocol.devices import DEVICES, SWITCHOVER_SECTION, VCPU_SECTION, describe, full_section
+from protocol.devices import (
+    DEVICES,
+    DIGEST_SECTION,
+    SWITCHOVER_SECTION,
+    VCPU_SECTION,
+    describe,
+    full_section,
+)
 from protocol.messages import Message
 from protocol.transport import TransportError, parse_uri
 
@@ -43,7 +50,9 @@ FAULT_ACTIONS = ("fail", "kill", "stall", "reset", "slow", "cancel")
 MIGRATION_ACTORS = ("writer", "ram_sender", "block_sender")
 DEFAULT_CAPABILITIES = {"events": False, "return-path": True,
                         # testing aid: the destination keeps stale image metadata (the seed's bug)
-                        "x-skip-invalidate": False}
+                        "x-skip-invalidate": False,
+                        # integrity: send digests of the final RAM, checked before the guest runs
+                        "x-digest": False}
 WINDOW = 0.1  # rate-limit window, as QEMU's BUFFER_DELAY
 UNLIMITED_CHUNK = 64 << 20  # bytes per iterate request when bandwidth is unlimited
 MAX_DOWNTIME_MS = 2_000_000
@@ -127,6 +136,7 @@ class Coordinator(Commands):
         self.pub = ctx.socket(zmq.PUB)
         self.pub.bind(cfg["events"])
         self.incoming_uri: str | None = None
+        self.exit_on_error = False  # quit when an incoming migration fails (QEMU's default)
 
     async def connect_workers(self) -> None:
         ep = self.cfg.endpoint
@@ -228,6 +238,8 @@ class Coordinator(Commands):
             self.mig.end = time.monotonic()
             log.warning("incoming migration failed: %s", msg.data["desc"])
             self.set_status("failed")
+            if self.exit_on_error:
+                self.stop_event.set()
         elif msg.type == "loaded":
             await self.finish_incoming(msg.data)
 
@@ -236,9 +248,15 @@ class Coordinator(Commands):
         self.mig.ram = {"transferred": data["bytes"], "remaining": 0, "total": self.ram.size,
                         "duplicate": data["zero"], "normal": data["normal"],
                         "normal-bytes": data["normal"] * PAGE_SIZE, "page-size": PAGE_SIZE}
+        digests = data.get("devices", {}).pop(DIGEST_SECTION, None)
         self.device_state.update(data.get("devices", {}))
         try:
             await self.fault("after-eof")
+            if digests is not None:
+                local = await asyncio.get_running_loop().run_in_executor(None, self.ram.digests)
+                bad = [name for name, digest in digests.items() if local.get(name) != digest]
+                if bad:
+                    raise MigrationFailed(f"RAM digest mismatch in block {bad[0]!r}: the stream was damaged")
             states = data["vcpus"]
             if len(states) != len(self.vcpus):
                 raise ActorError(f"stream carries {len(states)} vCPUs, this guest has {len(self.vcpus)}")
@@ -551,6 +569,8 @@ class Coordinator(Commands):
         states: list[tuple[str, int, object]] = [(VCPU_SECTION, i, regs) for i, regs in enumerate(vcpus)]
         if self.profile.has_vcpus:
             states.append((SWITCHOVER_SECTION, 0, None))
+            if self.capabilities["x-digest"]:
+                states.append((DIGEST_SECTION, 0, self.ram.digests()))
         for name in self.profile.devices:
             state = runstate if name == "globalstate" else self.device_state.get(name)
             states.append((name, 0, state))

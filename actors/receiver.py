@@ -18,7 +18,14 @@ from block.image import Image
 from machine.profile import profile
 from machine.ram import GuestRam
 from protocol import blockmig, savevm
-from protocol.devices import DEVICES, SWITCHOVER_GO, SWITCHOVER_SECTION, VCPU_SECTION, Device
+from protocol.devices import (
+    DEVICES,
+    DIGEST_SECTION,
+    SWITCHOVER_GO,
+    SWITCHOVER_SECTION,
+    VCPU_SECTION,
+    Device,
+)
 from protocol.messages import Message
 from protocol.transport import Channel, Listener, TransportError, parse_uri
 
@@ -149,7 +156,7 @@ class Receiver:
                 states.setdefault(device.idstr, {})[instance] = device.load(r, version)
             return load
 
-        wanted = [*((VCPU_SECTION, SWITCHOVER_SECTION) if self.profile.has_vcpus else ()),
+        wanted = [*((VCPU_SECTION, SWITCHOVER_SECTION, DIGEST_SECTION) if self.profile.has_vcpus else ()),
                   *self.profile.devices]
         loaders = {name: loader_for(DEVICES[name]) for name in wanted}
         blocks = [savevm.RamBlock(b.name, self.ram.block_pages(b)) for b in self.ram.blocks]

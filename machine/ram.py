@@ -3,6 +3,7 @@ the guest's vCPUs and the migration actors all map."""
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 from dataclasses import dataclass
@@ -63,6 +64,11 @@ class GuestRam:
 
     def block_pages(self, b: BlockLayout) -> np.ndarray:
         return self.pages[b.first_page:b.first_page + b.pages]
+
+    def digests(self) -> dict[str, bytes]:
+        """BLAKE2b of every block's content (hashlib releases the GIL while it works)."""
+        return {b.name: hashlib.blake2b(memoryview(self.block_pages(b)).cast("B"), digest_size=32).digest()
+                for b in self.blocks}
 
     def prefault(self) -> None:
         """Back every page now, so that receiving does not pay for page faults."""

@@ -22,6 +22,10 @@ MAX_VCPU_STATE = 1 << 16
 # destination's SHUT(0) it sends these bytes, and only then does the guest run.
 SWITCHOVER_SECTION = "livemig/switchover"
 SWITCHOVER_GO = b"LMGO"
+# With the x-digest capability the source sends a digest of every RAM block's
+# final content; the destination compares before it lets the guest run.
+DIGEST_SECTION = "livemig/digest"
+DIGEST_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,23 @@ def _load_vcpu(r: savevm.BufferedReader, version: int) -> dict:
     return regs
 
 
+def _encode_digest(digests: object) -> bytes:
+    assert isinstance(digests, dict)
+    out = [struct.pack(">I", len(digests))]
+    for name, digest in digests.items():
+        out.append(bytes([len(name.encode())]) + name.encode() + digest)
+    return b"".join(out)
+
+
+def _load_digest(r: savevm.BufferedReader, version: int) -> dict:
+    if version != 1:
+        raise savevm.StreamError(f"{DIGEST_SECTION} version {version} unsupported")
+    count = r.be32()
+    if count > 256:
+        raise savevm.StreamError(f"digest section lists {count} RAM blocks")
+    return {r.idstr(): bytes(r.take(DIGEST_SIZE)) for _ in range(count)}
+
+
 def _load_globalstate(r: savevm.BufferedReader, version: int) -> str:
     return savevm.read_globalstate(r, version)
 
@@ -65,6 +86,9 @@ DEVICES: dict[str, Device] = {
     SWITCHOVER_SECTION: Device(
         SWITCHOVER_SECTION, 1, lambda _s: struct.pack(">I", 0), lambda r, _v: r.be32(),
         lambda _p: [{"name": "flags", "type": "uint32", "size": 4}]),
+    DIGEST_SECTION: Device(
+        DIGEST_SECTION, 1, _encode_digest, _load_digest,
+        lambda p: [{"name": "digests", "type": "buffer", "size": len(p)}]),
     "globalstate": Device(
         "globalstate", 1, lambda runstate: savevm.globalstate(str(runstate)), _load_globalstate,
         lambda _p: savevm.GLOBALSTATE_DESC["fields"]),
