@@ -1,0 +1,248 @@
+"""Fuzzing of the two inputs a host takes from the outside: migration streams
+and QMP. `scripts/fuzz` runs it at scale (python -m tests.fuzz); the test
+suite runs a sample (tests/test_fuzz.py).
+
+Stream cases are mutations of valid streams (bit flips, byte changes,
+insertions, deletions, splices), every truncation of a small valid stream,
+and random bytes; each must load or fail with StreamError, nothing else, and
+memory must stay bounded. QMP cases are random JSON commands (names and
+argument types) and random or mutated bytes sent to a live monitor, which must
+answer or close, and keep serving other clients."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import socket
+import struct
+import sys
+import time
+
+import numpy as np
+
+from protocol import devices, savevm
+
+PAGES = 16
+
+
+def valid_stream(rng: random.Random) -> bytes:
+    """A small stream as livemig writes it: RAM with normal and zero pages in
+    two passes, vCPU, switchover and globalstate sections, EOF, vmdesc."""
+    ram = np.frombuffer(rng.randbytes(PAGES * 4096), np.uint8).reshape(PAGES, 4096).copy()
+    ram[rng.randrange(PAGES)::3] = 0
+    enc = savevm.PageEncoder(PAGES)
+    out = [savevm.header(), savevm.configuration("pc"),
+           savevm.section_start(savevm.SECTION_START, 2, "ram", 0, 4),
+           savevm.ram_mem_size([("pc.ram", PAGES * 4096)]), savevm.ram_eos(), savevm.footer(2)]
+    for kind in (savevm.SECTION_PART, savevm.SECTION_END):
+        enc.new_section()
+        idx = np.array(sorted(rng.sample(range(PAGES), rng.randrange(1, PAGES))))
+        out.append(savevm.section_part(kind, 2))
+        out += [bytes(b) for b in enc.encode("pc.ram", idx, ram, ~ram[idx].any(axis=1))]
+        out += [savevm.ram_eos(), savevm.footer(2)]
+    sid = 3
+    for name, state in ((devices.VCPU_SECTION, {"step": rng.randrange(1 << 30)}),
+                        (devices.SWITCHOVER_SECTION, None), ("globalstate", "running")):
+        out += devices.full_section(sid, devices.DEVICES[name], 0, devices.DEVICES[name].encode(state))
+        sid += 1
+    out += [savevm.eof(), savevm.vmdescription({"page_size": 4096, "devices": []})]
+    return b"".join(out)
+
+
+def load(data: bytes) -> bool:
+    """True if the stream loads; False if refused with StreamError. Anything
+    else propagates: that is a bug."""
+    pages = np.zeros((PAGES, 4096), np.uint8)
+    pos = 0
+
+    def read_into(buf: memoryview) -> int:
+        nonlocal pos
+        n = min(len(buf), len(data) - pos)
+        buf[:n] = data[pos:pos + n]
+        pos += n
+        return n
+
+    loaders = {name: (lambda dev: lambda r, _i, v: dev.load(r, v))(devices.DEVICES[name])
+               for name in (devices.VCPU_SECTION, devices.SWITCHOVER_SECTION, devices.DIGEST_SECTION,
+                            "globalstate")}
+    loader = savevm.StreamLoader(savevm.RamLoader([savevm.RamBlock("pc.ram", pages)]), loaders, machine="pc")
+    try:
+        loader.load(savevm.BufferedReader(read_into, capacity=1 << 20))
+    except savevm.StreamError:
+        return False
+    return True
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    buf = bytearray(data)
+    for _ in range(rng.randrange(1, 5)):
+        kind = rng.randrange(6)
+        at = rng.randrange(len(buf)) if buf else 0
+        if kind == 0 and buf:
+            buf[at] ^= 1 << rng.randrange(8)
+        elif kind == 1 and buf:
+            buf[at] = rng.randrange(256)
+        elif kind == 2:
+            buf[at:at] = rng.randbytes(rng.randrange(1, 16))
+        elif kind == 3 and buf:
+            del buf[at:at + rng.randrange(1, 64)]
+        elif kind == 4 and buf:
+            # an interesting value in a length or header field
+            buf[at:at + 4] = struct.pack(">I", rng.choice([0, 1, 0x7F, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF]))
+        else:
+            other = valid_stream(rng)
+            cut = rng.randrange(len(other))
+            buf = buf[:at] + other[cut:cut + rng.randrange(1, 4096)]
+    return bytes(buf)
+
+
+def fuzz_streams(cases: int, seconds: float, seed: int = 0, report=print) -> dict:
+    rng = random.Random(seed)
+    base = valid_stream(rng)
+    assert load(base), "the valid stream does not load"
+    start = time.monotonic()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    counts = {"cases": 0, "loaded": 0, "refused": 0}
+    truncations = list(range(len(base)))[:: max(1, len(base) // 2000)]
+    while counts["cases"] < cases and time.monotonic() - start < seconds:
+        n = counts["cases"]
+        if n < len(truncations):
+            data = base[:truncations[n]]
+        elif n % 10 == 0:
+            data = savevm.header() + rng.randbytes(rng.randrange(1, 2048))
+        elif n % 10 == 1:
+            data = rng.randbytes(rng.randrange(0, 512))
+        else:
+            data = mutate(rng, base if n % 7 else valid_stream(rng))
+        loaded = load(data)
+        if loaded and n < len(truncations):
+            raise AssertionError(f"a stream truncated at {truncations[n]} of {len(base)} bytes loaded")
+        counts["loaded" if loaded else "refused"] += 1
+        counts["cases"] += 1
+        if counts["cases"] % 20000 == 0:
+            report(f"streams: {counts}")
+    counts["seconds"] = round(time.monotonic() - start, 1)
+    counts["maxrss_growth_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+    assert counts["maxrss_growth_kib"] < 256 << 10, counts
+    return counts
+
+
+# QMP --------------------------------------------------------------------------------------------
+SAFE_COMMANDS = ["query-status", "query-migrate", "query-migrate-parameters", "query-migrate-capabilities",
+                 "query-version", "query-commands", "migrate-set-parameters", "migrate-set-capabilities",
+                 "migrate_set_speed", "migrate_set_downtime", "migrate_cancel", "query-block",
+                 "x-query-vcpus", "qmp_capabilities", "no-such-command", "stop", "cont"]
+# Commands with side effects outside the host only ever get arguments of the wrong type.
+TYPE_ONLY = ["migrate", "migrate-incoming", "pmemsave", "quit", "human-monitor-command"]
+
+
+def random_value(rng: random.Random, depth: int = 0):
+    kind = rng.randrange(8 if depth < 2 else 6)
+    if kind == 6:
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if kind == 7:
+        return {rng.choice(["uri", "value", "capabilities", "max-bandwidth", "a"]): random_value(rng, depth + 1)
+                for _ in range(rng.randrange(4))}
+    return [None, True, rng.randrange(-2**40, 2**40), rng.random() * 1e9, "x" * rng.randrange(40),
+            rng.choice(["max-bandwidth", "downtime-limit", "events", "on", "-1"])][kind]
+
+
+def random_command(rng: random.Random) -> dict:
+    if rng.random() < 0.2:
+        name = rng.choice(TYPE_ONLY)
+        args = {rng.choice(["uri", "val", "size", "filename", "command-line"]): rng.choice([[], {}, None, 1.5])}
+    else:
+        name = rng.choice(SAFE_COMMANDS)
+        args = {rng.choice(["max-bandwidth", "downtime-limit", "value", "capabilities", "bogus", "enable"]):
+                random_value(rng) for _ in range(rng.randrange(3))}
+        if name == "migrate-set-parameters" and "x-fault" in args:
+            del args["x-fault"]
+    msg: dict = {"execute": name, "arguments": args}
+    if rng.random() < 0.5:
+        msg["id"] = random_value(rng)
+    if rng.random() < 0.1:
+        msg[rng.choice(["extra", "exec-oob"])] = 1
+    return msg
+
+
+class QmpConnection:
+    def __init__(self, path: str, negotiate: bool = True) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(10)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+        json.loads(self.file.readline())
+        if negotiate:
+            self.ask({"execute": "qmp_capabilities"})
+
+    def ask(self, msg: dict) -> dict:
+        self.sock.sendall(json.dumps(msg).encode())
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError("monitor closed the connection")
+            reply = json.loads(line)
+            if "event" not in reply:
+                return reply
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def fuzz_qmp(path: str, cases: int, seconds: float, seed: int = 0) -> dict:
+    """Throw random commands and bytes at the monitor at `path`; after each
+    batch a fresh client must still be answered."""
+    rng = random.Random(seed)
+    start = time.monotonic()
+    counts = {"commands": 0, "errors": 0, "byte_cases": 0, "reconnects": 0}
+    conn = QmpConnection(path, negotiate=rng.random() < 0.9)
+    while counts["commands"] + counts["byte_cases"] < cases and time.monotonic() - start < seconds:
+        try:
+            if rng.random() < 0.85:
+                reply = conn.ask(random_command(rng))
+                assert "return" in reply or "error" in reply, reply
+                counts["commands"] += 1
+                counts["errors"] += "error" in reply
+            else:
+                blob = rng.choice([rng.randbytes(rng.randrange(1, 4096)),
+                                   json.dumps(random_command(rng)).encode()[: rng.randrange(1, 60)],
+                                   b"{" * rng.randrange(1, 500), b'{"execute": ' + rng.randbytes(30) + b"}"])
+                conn.sock.sendall(blob)
+                counts["byte_cases"] += 1
+                conn.close()  # abrupt disconnect, possibly mid-message
+                counts["reconnects"] += 1
+                conn = QmpConnection(path)
+        except (ConnectionError, OSError):
+            counts["reconnects"] += 1
+            conn = QmpConnection(path)
+        if (counts["commands"] + counts["byte_cases"]) % 200 == 0:
+            probe = QmpConnection(path)
+            assert "return" in probe.ask({"execute": "query-status"})
+            probe.close()
+    conn.close()
+    counts["seconds"] = round(time.monotonic() - start, 1)
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fuzz livemig's stream loader and QMP monitor.")
+    parser.add_argument("--stream-cases", type=int, default=100_000)
+    parser.add_argument("--qmp-cases", type=int, default=20_000)
+    parser.add_argument("--seconds", type=float, default=600, help="time bound for each part")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print("stream fuzzing:", fuzz_streams(args.stream_cases, args.seconds, args.seed), flush=True)
+    from actors.launch import HostProcess
+
+    with HostProcess(f"fuzz{time.time_ns() % 100000}", "--ram", "16M", "--workload", "idle") as host:
+        result = fuzz_qmp(host.qmp_addr.removeprefix("unix:"), args.qmp_cases, args.seconds, args.seed)
+        assert host.alive()
+        print("QMP fuzzing:", result, flush=True)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
