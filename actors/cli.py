@@ -326,5 +326,41 @@ def demo(ram, workload, uri, seed, vcpus, disk, keep, as_json) -> None:
     sys.exit(0 if ok else 1)
 
 
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("scenario")
+@click.argument("results_dir", required=False)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Results directory (default: rig-results/NAME-TIME).")
+@click.option("--loopback", is_flag=True, help="No namespaces: hosts share loopback, links are not shaped.")
+def rig(scenario, results_dir, out_dir, loopback) -> None:
+    """Run SCENARIO.toml: hosts in network namespaces joined by shaped links,
+    guests, migrations (sequential, evacuations, a parameter matrix), events
+    collected, a report with plots. `livemig rig report DIR` rebuilds a report."""
+    from actors.rig import Rig, RigError, Scenario, report
+
+    if scenario == "report":
+        if not results_dir:
+            raise click.UsageError("livemig rig report RESULTS_DIR")
+        click.echo(report(results_dir))
+        return
+    try:
+        spec = Scenario.load(scenario)
+        out = out_dir or os.path.join("rig-results", f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        results = Rig(spec, out, loopback=loopback).execute()
+    except (RigError, OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    path = report(out)
+    for r in results:
+        rate = f"{r['rate_bps'] / 1e6:.0f} Mbit/s" if r.get("rate_bps") else "-"
+        if r["status"] == "completed":
+            note = f"downtime {r.get('downtime_ms')} ms" + (", verified" if r.get("verified") else "")
+        elif not r["converged"] and r["status"] == "cancelled":
+            note = f"not converged, expected downtime {r.get('expected_downtime_ms')} ms"
+        else:
+            note = r.get("error") or ""
+        click.echo(f"{r['run']} {r['guest']} {r['from']}->{r['to']}: {r['status']} ({note}), {rate}")
+    click.echo(f"report: {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -25,9 +25,10 @@ class HostProcess:
     """One `livemig host` process tree, stopped for sure when closed."""
 
     def __init__(self, name: str, *args: str, pass_fds: tuple[int, ...] = (), timeout: float = 60,
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, prefix: tuple[str, ...] = ()) -> None:
+        """`prefix` runs the host under another command, e.g. `ip netns exec NS`."""
         self.name = name
-        cmd = [sys.executable, "-m", "actors.cli", "host", "--name", name, "--json", *args]
+        cmd = [*prefix, sys.executable, "-m", "actors.cli", "host", "--name", name, "--json", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      pass_fds=pass_fds, start_new_session=True,
                                      env={**os.environ, **(env or {})})
