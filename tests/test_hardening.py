@@ -32,7 +32,8 @@ def test_bit_flip_caught_by_digests(hosts, tmp_path, digest):
     src.cmd("migrate", uri=f"file:{path}")
     assert src.wait_migration(60)["status"] == "completed"
     dump = tmp_path / "page"
-    src.cmd("pmemsave", val=1000 * 4096, size=4096, filename=str(dump))
+    # A page outside the working set: nothing overwrites it after the switch.
+    src.cmd("pmemsave", val=5000 * 4096, size=4096, filename=str(dump))
     flip_a_page_byte(path, dump.read_bytes())
     dst = hosts.start("dst", *ARGS, "--incoming", f"file:{path}")
     info = dst.wait_migration(60)
