@@ -11,6 +11,7 @@ import time
 import click
 
 from actors.host import HostSpec, default_qmp, qmp_address, run_host
+from actors.stream_cli import stream
 from machine.disk import DriveSpec
 from machine.profile import PROFILES, profile
 from machine.ram import FILLS
@@ -342,6 +343,8 @@ def demo(ram, workload, uri, seed, vcpus, disk, keep, as_json) -> None:
     ok = result["status"] == "completed" and v["ram_equal"] and v["vcpu_equal"] and v.get("disk_equal", True)
     sys.exit(0 if ok else 1)
 
+
+main.add_command(stream)
 
 if __name__ == "__main__":
     main()

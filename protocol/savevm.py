@@ -307,7 +307,10 @@ class RamLoadStats:
 class RamLoader:
     """Loads the payload of "ram" sections (version 4) into local RAM blocks."""
 
-    def __init__(self, blocks: list[RamBlock]) -> None:
+    def __init__(self, blocks: list[RamBlock],
+                 create_block: Callable[[str, int], RamBlock] | None = None) -> None:
+        # create_block: make a block the stream announces (tools that take any stream)
+        self.create_block = create_block
         self.blocks = {b.name: b for b in blocks}
         self.order = [b.name for b in blocks]
         self.last: RamBlock | None = None
@@ -368,6 +371,9 @@ class RamLoader:
             name = r.idstr()
             length = r.be64()
             block = self.blocks.get(name)
+            if block is None and self.create_block is not None:
+                block = self.blocks[name] = self.create_block(name, length)
+                self.order.append(name)
             if block is None:
                 raise StreamError(
                     f"unknown RAM block {name!r} of {length} bytes, cannot accept migration "
