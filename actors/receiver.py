@@ -168,9 +168,13 @@ class Receiver:
         def listens() -> None:
             self.source_listens = True
 
+        def pong(value: int) -> None:
+            channel.write(savevm.rp_message(savevm.RP_PONG, struct.pack(">I", value)))
+
         loader = savevm.StreamLoader(
             savevm.RamLoader(blocks), loaders, machine=self.cfg["guest"]["machine"],
-            live={"block": block_loader}, on_return_path=listens)
+            live={"block": block_loader}, on_return_path=listens,
+            on_ping=pong if channel.has_return_path else None)
         reader = savevm.BufferedReader(self.read_into(channel))
         try:
             result = loader.load(reader, read_trailer=not channel.has_return_path)

@@ -69,8 +69,7 @@ def _print(info: StreamInfo) -> None:
     console.print(f"[bold]{info.path}[/]: savevm v{savevm.VERSION}, {info.size} bytes, machine "
                   f"[bold]{machine}[/]{f' ({extra})' if extra else ''}")
     for c in info.commands:
-        label = {savevm.CMD_OPEN_RETURN_PATH: "OPEN_RETURN_PATH", savevm.CMD_PING: "PING"}.get(
-            c["command"], f"command {c['command']}")
+        label = f"{c['name']} ({c['command']})"
         console.print(f"command at offset {c['offset']}: {label} ({c['length']} bytes of data)")
 
     table = Table(title="sections")

@@ -193,7 +193,8 @@ class _Scanner:
             elif kind == savevm.COMMAND:
                 cmd, length = r.be16(), r.be16()
                 r.take(length)
-                info.commands.append({"offset": at, "command": cmd, "length": length})
+                info.commands.append({"offset": at, "command": cmd, "length": length,
+                                      "name": savevm.COMMAND_NAMES.get(cmd, "unknown")})
             elif kind in (savevm.SECTION_START, savevm.SECTION_FULL):
                 self.start(r, kind, at)
             elif kind in (savevm.SECTION_PART, savevm.SECTION_END):

@@ -38,7 +38,11 @@ SECTION_NAMES = {
 
 # COMMAND sub-commands (be16) that livemig sends or understands.
 CMD_OPEN_RETURN_PATH = 1
-CMD_PING = 3
+CMD_PING = 2
+# The rest of QEMU's numbering, so that a refusal can say what was sent.
+COMMAND_NAMES = {1: "OPEN_RETURN_PATH", 2: "PING", 3: "POSTCOPY_ADVISE", 4: "POSTCOPY_LISTEN",
+                 5: "POSTCOPY_RUN", 6: "POSTCOPY_RAM_DISCARD", 7: "PACKAGED", 8: "ENABLE_COLO",
+                 9: "POSTCOPY_RESUME", 10: "RECV_BITMAP", 11: "SWITCHOVER_START"}
 
 # Return-path messages (destination -> source), be16 type + be16 length + data.
 RP_SHUT = 1
@@ -112,6 +116,11 @@ def command(cmd: int, data: bytes = b"") -> bytes:
 
 def eof() -> bytes:
     return bytes([EOF])
+
+
+def rp_message(mtype: int, data: bytes = b"") -> bytes:
+    """A return-path message (destination -> source)."""
+    return struct.pack(">HH", mtype, len(data)) + data
 
 
 def vmdescription(desc: dict) -> bytes:
@@ -463,7 +472,8 @@ class StreamLoader:
     def __init__(self, ram: RamLoader | None, devices: dict[str, DeviceLoader],
                  machine: str | None = None,
                  on_return_path: Callable[[], None] | None = None,
-                 live: dict[str, LiveLoader] | None = None) -> None:
+                 live: dict[str, LiveLoader] | None = None,
+                 on_ping: Callable[[int], None] | None = None) -> None:
         self.ram = ram
         self.devices = devices
         self.live: dict[str, LiveLoader] = dict(live or {})
@@ -471,6 +481,7 @@ class StreamLoader:
             self.live["ram"] = ram
         self.machine = machine
         self.on_return_path = on_return_path
+        self.on_ping = on_ping
         self.return_path = False  # the source asked for answers on the return path
         self.open_sections: dict[int, tuple[str, int]] = {}  # section id -> (idstr, version)
 
@@ -548,13 +559,22 @@ class StreamLoader:
     def _command(self, r: BufferedReader, result: LoadResult) -> None:
         cmd = r.be16()
         length = r.be16()
-        r.take(length)
+        data = bytes(r.take(length))
         if cmd == CMD_OPEN_RETURN_PATH:
             result.return_path = self.return_path = True
             if self.on_return_path:
                 self.on_return_path()
-        elif cmd != CMD_PING:
-            raise StreamError(f"unsupported stream command {cmd}")
+        elif cmd == CMD_PING:
+            # QEMU pings right after opening the return path and expects a PONG with the value.
+            if length != 4:
+                raise StreamError(f"PING command with {length} bytes of data (expected 4)")
+            if not self.return_path:
+                raise StreamError("PING command received with no return path open")
+            if self.on_ping:
+                self.on_ping(_be32.unpack(data)[0])
+        else:
+            name = COMMAND_NAMES.get(cmd, "unknown")
+            raise StreamError(f"unsupported stream command {cmd} ({name})")
 
     def _footer(self, r: BufferedReader, sid: int) -> None:
         if r.peek_u8() != SECTION_FOOTER:
