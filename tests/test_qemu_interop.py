@@ -24,9 +24,10 @@ import pytest
 
 from actors.launch import free_port
 from machine.ram import fill_ram
+from tests.conftest import replay_matches
 
 QEMU = shutil.which("qemu-system-x86_64")
-pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed "
+needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not installed "
                                 "(scripts/test installs Debian's qemu-system-x86)")
 
 RAM = "256M"
@@ -155,6 +156,7 @@ def inspect(stream: Path) -> dict:
     # A livemig guest that never ran sends "prelaunch", which QEMU takes as is.
     ("unix", True, True, "prelaunch"),
 ])
+@needs_qemu
 def test_livemig_to_qemu_round_trip(hosts, qemu, scratch, tmp_path, transport, start_paused, qemu_S, expect):
     """livemig guest with random RAM -> QEMU -> QEMU saves to a file -> livemig
     stream extract -> byte for byte the livemig guest's RAM."""
@@ -204,6 +206,7 @@ def qemu_ram_file(path: Path, content: str) -> np.ndarray:
     ("unix", "random", True),
     ("tcp", "zero-heavy", False),
 ])
+@needs_qemu
 def test_qemu_to_livemig(hosts, qemu, scratch, tmp_path, transport, content, return_path):
     mem = scratch / "qemu.ram"
     data = qemu_ram_file(mem, content)
@@ -234,6 +237,7 @@ def test_qemu_to_livemig(hosts, qemu, scratch, tmp_path, transport, content, ret
      "unknown savevm section or instance 'ipmi-bmc-sim' 0 (version 1)"),
     (["-M", "none", "-icount", "shift=0"], "section 'timer' carries subsection 'timer/icount'"),
 ], ids=["pc", "extra-device", "icount"])
+@needs_qemu
 def test_unhostable_qemu_stream_refused(hosts, qemu, tmp_path, qemu_args, error):
     uri = uri_for("tcp", tmp_path)
     dst = hosts.start("dst", "--machine", "none", "--ram", RAM, "--incoming", uri)
@@ -253,6 +257,7 @@ def test_unhostable_qemu_stream_refused(hosts, qemu, tmp_path, qemu_args, error)
 # --------------------------------------------------------------------------- livemig stream
 
 
+@needs_qemu
 def test_stream_tools_on_qemu_pc_stream(qemu, scratch):
     """A full PC's stream (30 device sections livemig cannot load) still
     inspects and extracts: the vmdesc trailer gives every section's size."""
@@ -284,6 +289,7 @@ def test_stream_tools_on_qemu_pc_stream(qemu, scratch):
     assert "no vmdesc trailer" in run.stderr
 
 
+@needs_qemu
 def test_stream_tools_on_nested_subsections(qemu, scratch):
     """QEMU's timer with icount carries a subsection inside a subsection."""
     src = qemu("-M", "none", "-m", "16M", "-S", "-icount", "shift=0")
@@ -323,3 +329,17 @@ def test_host_none_machine_options():
     assert run.returncode != 0 and "no vCPUs to run a workload" in run.stderr
     run = livemig("host", "--machine", "q35")
     assert run.returncode != 0 and "'q35' is not one of" in run.stderr
+
+
+def test_none_guest_between_livemig_hosts(hosts, tmp_path, port):
+    """The `none` machine between two livemig hosts: no vCPU anywhere."""
+    args = ("--machine", "none", "--ram", "64M", "--fill", "random", "--seed", "7")
+    src = hosts.start("src", *args)
+    dst = hosts.start("dst", *args, "--incoming", f"tcp:127.0.0.1:{port}")
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    assert src.wait_migration(60)["status"] == "completed"
+    assert dst.wait_migration(60)["status"] == "completed"
+    dst.wait_status("running", 30)
+    assert dst.cmd("x-query-host")["guest"]["blocks"] == [["ram", 64 << 20]]
+    result = replay_matches(dst, tmp_path)  # no vCPU: the replay is the fill itself
+    assert result == {"ram_equal": True, "vcpu_equal": True, "steps": []}
