@@ -109,6 +109,9 @@ def host(name, machine, ram, ram_block, fill, seed, vcpus, workload, incoming, p
         if workload is not None:
             raise click.BadParameter(f"machine {machine!r} has no vCPUs to run a workload",
                                      param_hint="--workload")
+        if drives:
+            raise click.BadParameter(f"machine {machine!r} has no disks (its vCPUs would drive them)",
+                                     param_hint="--drive")
         vcpus = 0
     elif vcpus == 0:
         raise click.BadParameter(f"machine {machine!r} needs at least one vCPU", param_hint="--vcpus")

@@ -95,6 +95,8 @@ def _print(info: StreamInfo) -> None:
     console.print(blocks)
     console.print(f"page records: {info.ram_pages.get('normal', 0)} normal, {info.ram_pages.get('zero', 0)} "
                   f"zero; EOF at offset {info.eof_offset}")
+    if info.drives:
+        console.print(f"block migration of drives: {', '.join(info.drives)}")
 
     if info.vmdesc is None:
         console.print("no vmdesc trailer")

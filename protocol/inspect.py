@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protocol import savevm
+from protocol import blockmig, savevm
 from protocol.devices import DEVICES
 
 _TRAILER_HEAD = 5  # type byte + be32 length
@@ -57,6 +57,7 @@ class StreamInfo:
     sections: list[Section] = field(default_factory=list)
     ram_blocks: list[tuple[str, int]] = field(default_factory=list)
     ram_pages: dict[str, int] = field(default_factory=dict)  # records: normal / zero
+    drives: list[str] = field(default_factory=list)  # drives in a block migration section
     eof_offset: int | None = None
     vmdesc: dict | None = None
     vmdesc_offset: int | None = None
@@ -67,7 +68,7 @@ class StreamInfo:
                 "configuration": self.configuration, "commands": self.commands,
                 "sections": [s.as_dict() for s in self.sections],
                 "ram_blocks": [{"name": n, "size": sz} for n, sz in self.ram_blocks],
-                "ram_pages": self.ram_pages, "eof_offset": self.eof_offset,
+                "ram_pages": self.ram_pages, "drives": self.drives, "eof_offset": self.eof_offset,
                 "vmdesc_offset": self.vmdesc_offset, "vmdesc": self.vmdesc,
                 "ram_files": self.ram_files}
 
@@ -153,6 +154,14 @@ class _Scanner:
                 if isinstance(d, dict):
                     self.devices[(d.get("name"), d.get("instance_id"))] = d
         self.live: dict[int, Section] = {}
+        # Block migration chunks are read and dropped: only which drives travel is shown.
+        self.block = blockmig.BlockLoader(self.block_target)
+        self.loaders = {"ram": self.ram, "block": self.block}
+
+    def block_target(self, name: str) -> blockmig.BlockTarget:
+        if name not in self.info.drives:
+            self.info.drives.append(name)
+        return blockmig.BlockTarget(1 << 62, lambda _o, _d: None, lambda _o, _n: None)
 
     def create_block(self, name: str, length: int) -> savevm.RamBlock:
         if length % savevm.PAGE_SIZE or length <= 0:
@@ -203,7 +212,7 @@ class _Scanner:
                 if sec is None:
                     raise savevm.StreamError(f"{savevm.SECTION_NAMES[kind]} at offset {at} for section id "
                                              f"{sid}, which was never started")
-                self.ram.load(r, savevm.RAM_VERSION)
+                self.loaders[sec.name].load(r, sec.version)
                 self.footer(r, sid)
                 self.account(sec, kind, at, r.consumed)
             else:
@@ -218,12 +227,12 @@ class _Scanner:
         self.info.sections.append(sec)
         where = f"section {name!r} instance {instance}"
         if kind == savevm.SECTION_START:
-            if name != "ram" or instance != 0:
-                # Only RAM is parsed without a description; the vmdesc never describes live sections.
+            if name not in self.loaders or instance != 0:
+                # The vmdesc never describes live sections: only those known here can be read.
                 raise savevm.StreamError(f"cannot read live {where} (version {version}) at offset {at}: "
-                                         "only 'ram' is known")
+                                         f"only {' and '.join(map(repr, self.loaders))} are known")
             self.live[sid] = sec
-            self.ram.load(r, version)
+            self.loaders[name].load(r, version)
         else:
             desc = self.devices.get((name, instance))
             if desc is not None:

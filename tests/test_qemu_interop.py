@@ -303,19 +303,22 @@ def test_stream_tools_on_nested_subsections(qemu, scratch):
 
 
 def test_stream_tools_on_livemig_stream(hosts, scratch):
-    """livemig's own stream (pc machine: vCPU sections) reads back through the same tools."""
+    """livemig's own stream (pc machine: vCPU sections, block migration of a
+    drive) reads back through the same tools."""
     src = hosts.start("src", "--ram", "32M", "--fill", "half", "--seed", "3", "--vcpus", "2",
-                      "--workload", "memtouch:rate=4M,wss=8M")
+                      "--workload", "memtouch:rate=4M,wss=8M",
+                      "--drive", f"file={scratch}/disk.raw,format=raw,id=disk0,size=4M")
     stream = scratch / "livemig.stream"
-    src.cmd("migrate", uri=f"exec:cat > {stream}")
+    src.cmd("migrate", uri=f"exec:cat > {stream}", blk=True)
     assert src.wait_migration(120)["status"] == "completed"
     info = inspect(stream)
     assert info["configuration"] == {"machine": "pc"}
     assert [c["command"] for c in info["commands"]] == []  # exec: has no return path
     sections = [(s["name"], s["instance"]) for s in info["sections"]]
-    assert sections == [("ram", 0), ("livemig/vcpu", 0), ("livemig/vcpu", 1), ("globalstate", 0)]
+    assert sections == [("block", 0), ("ram", 0), ("livemig/vcpu", 0), ("livemig/vcpu", 1), ("globalstate", 0)]
+    assert info["drives"] == ["disk0"]
     regs = src.cmd("x-query-vcpus")
-    assert [s["state"] for s in info["sections"][1:3]] == regs
+    assert [s["state"] for s in info["sections"] if s["name"] == "livemig/vcpu"] == regs
     files = extract(stream, scratch / "ram")
     dump = scratch / "src.ram"
     src.cmd("pmemsave", val=0, size=32 << 20, filename=str(dump))
@@ -327,6 +330,8 @@ def test_host_none_machine_options():
     assert run.returncode != 0 and "machine 'none' has no vCPUs" in run.stderr
     run = livemig("host", "--machine", "none", "--workload", "memtouch:rate=1M")
     assert run.returncode != 0 and "no vCPUs to run a workload" in run.stderr
+    run = livemig("host", "--machine", "none", "--drive", "file=/nonexistent,format=raw,id=d")
+    assert run.returncode != 0 and "machine 'none' has no disks" in run.stderr
     run = livemig("host", "--machine", "q35")
     assert run.returncode != 0 and "'q35' is not one of" in run.stderr
 
