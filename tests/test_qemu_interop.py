@@ -33,7 +33,7 @@ needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 is not 
 RAM = "256M"
 RAM_BYTES = 256 << 20
 PAGE = 4096
-FAST = 8 << 30  # QEMU's max-bandwidth for saving to a file: no need to wait 2 s at its 128 MiB/s default
+FAST = 8 << 30  # QEMU's max-bandwidth on loopback: no need to wait 2 s at its 128 MiB/s default
 
 
 class Qemu:
@@ -165,6 +165,7 @@ def test_livemig_to_qemu_round_trip(hosts, qemu, scratch, tmp_path, transport, s
     assert src.cmd("x-query-vcpus") == []
     uri = uri_for(transport, tmp_path)
     dst = qemu("-M", "none", "-m", RAM, *(["-S"] if qemu_S else []), "-incoming", uri)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})  # unlimited: no need to pace loopback
     src.cmd("migrate", uri=uri)
     info = src.wait_migration(120)
     assert info["status"] == "completed", info
@@ -200,23 +201,26 @@ def qemu_ram_file(path: Path, content: str) -> np.ndarray:
     return data
 
 
-@pytest.mark.parametrize("transport, content, return_path", [
-    ("tcp", "random", False),
+@pytest.mark.parametrize("transport, content, return_path, block", [
+    ("tcp", "random", False, "ram"),
     # QEMU's return path (off by default): it sends PING, wants a PONG, then waits for SHUT.
-    ("unix", "random", True),
-    ("tcp", "zero-heavy", False),
+    ("unix", "random", True, "ram"),
+    # QEMU names the block after its backend's id; livemig's --ram-block follows it.
+    ("tcp", "zero-heavy", False, "guestmem"),
 ])
 @needs_qemu
-def test_qemu_to_livemig(hosts, qemu, scratch, tmp_path, transport, content, return_path):
+def test_qemu_to_livemig(hosts, qemu, scratch, tmp_path, transport, content, return_path, block):
     mem = scratch / "qemu.ram"
     data = qemu_ram_file(mem, content)
     uri = uri_for(transport, tmp_path)
-    dst = hosts.start("dst", "--machine", "none", "--ram", RAM, "--incoming", uri)
+    dst = hosts.start("dst", "--machine", "none", "--ram", RAM, "--incoming", uri,
+                      *(["--ram-block", block] if block != "ram" else []))
     src = qemu("-M", "none", "-m", RAM, "-S",
-               "-object", f"memory-backend-file,id=ram,size={RAM},mem-path={mem},share=off",
-               "-machine", "memory-backend=ram")
+               "-object", f"memory-backend-file,id={block},size={RAM},mem-path={mem},share=off",
+               "-machine", f"memory-backend={block}")
     if return_path:
         src.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": FAST})
     src.cmd("migrate", uri=uri)
     sent = src.wait_migration(120)
     assert sent["status"] == "completed", sent
@@ -224,6 +228,7 @@ def test_qemu_to_livemig(hosts, qemu, scratch, tmp_path, transport, content, ret
     assert got["status"] == "completed", got
     # QEMU's -S guest was in prelaunch; livemig (started without -S) does not run it.
     assert dst.cmd("query-status")["status"] == "paused"
+    assert dst.cmd("x-query-host")["guest"]["blocks"] == [[block, RAM_BYTES]]
     assert np.array_equal(guest_ram(dst, scratch), data)
     zero_pages = int(np.count_nonzero(~data.reshape(-1, PAGE).any(axis=1)))
     assert got["ram"]["duplicate"] == sent["ram"]["duplicate"] == zero_pages
