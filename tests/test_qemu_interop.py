@@ -320,7 +320,8 @@ def test_stream_tools_on_livemig_stream(hosts, scratch):
     assert info["configuration"] == {"machine": "pc"}
     assert [c["command"] for c in info["commands"]] == []  # exec: has no return path
     sections = [(s["name"], s["instance"]) for s in info["sections"]]
-    assert sections == [("block", 0), ("ram", 0), ("livemig/vcpu", 0), ("livemig/vcpu", 1), ("globalstate", 0)]
+    assert sections == [("block", 0), ("ram", 0), ("livemig/vcpu", 0), ("livemig/vcpu", 1),
+                        ("livemig/switchover", 0), ("globalstate", 0)]
     assert info["drives"] == ["disk0"]
     regs = src.cmd("x-query-vcpus")
     assert [s["state"] for s in info["sections"] if s["name"] == "livemig/vcpu"] == regs
