@@ -11,7 +11,9 @@ import time
 import click
 
 from actors.host import HostSpec, default_qmp, qmp_address, run_host
+from actors.stream_cli import stream
 from machine.disk import DriveSpec
+from machine.profile import PROFILES, profile
 from machine.ram import FILLS
 from machine.workload import WorkloadSpec, parse_size
 
@@ -75,15 +77,17 @@ def main() -> None:
 @main.command()
 @click.option("--name", default=lambda: os.environ.get("LIVEMIG_HOST", "default"),
               show_default="$LIVEMIG_HOST or 'default'", help="Host name; other commands find it by -H NAME.")
-@click.option("--machine", default="pc", show_default=True, help="Machine type sent in the stream.")
+@click.option("--machine", type=click.Choice(sorted(PROFILES)), default="pc", show_default=True,
+              help="Machine type: pc (livemig vCPUs) or none (QEMU's -M none: RAM only, no vCPU).")
 @click.option("--ram", "ram", default="256M", show_default=True, callback=size_arg,
               help="Size of the RAM block (K/M/G suffixes).")
-@click.option("--ram-block", "ram_block", default="pc.ram", show_default=True, help="Name of the RAM block.")
+@click.option("--ram-block", "ram_block", show_default="pc.ram for pc, ram for none",
+              help="Name of the RAM block (QEMU names it after its memory backend's id).")
 @click.option("--fill", type=click.Choice(FILLS), default="zero", show_default=True,
               help="Initial RAM: zero, random (incompressible) or half (odd pages zero).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fill and the workload.")
-@click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True)
-@click.option("--workload", default="idle", show_default=True,
+@click.option("--vcpus", type=click.IntRange(0, 64), show_default="1; none has no vCPU")
+@click.option("--workload", show_default="idle",
               help="idle | memtouch:rate=R,wss=S | stream:rate=R (R in bytes/s, S in bytes).")
 @click.option("--incoming", metavar="URI|defer", help="Wait for an incoming migration on URI.")
 @click.option("-S", "paused", is_flag=True, help="Do not start the guest (stay in prelaunch).")
@@ -97,6 +101,23 @@ def main() -> None:
 def host(name, machine, ram, ram_block, fill, seed, vcpus, workload, incoming, paused, qmp, events, fds,
          drives, as_json) -> None:
     """Run a host with one guest until it is told to quit (or Ctrl-C)."""
+    machine_profile = profile(machine)
+    if not machine_profile.has_vcpus:
+        # A `none` guest is RAM only, like QEMU's -M none: nothing runs a workload.
+        if vcpus:
+            raise click.BadParameter(f"machine {machine!r} has no vCPUs", param_hint="--vcpus")
+        if workload is not None:
+            raise click.BadParameter(f"machine {machine!r} has no vCPUs to run a workload",
+                                     param_hint="--workload")
+        if drives:
+            raise click.BadParameter(f"machine {machine!r} has no disks (its vCPUs would drive them)",
+                                     param_hint="--drive")
+        vcpus = 0
+    elif vcpus == 0:
+        raise click.BadParameter(f"machine {machine!r} needs at least one vCPU", param_hint="--vcpus")
+    vcpus = 1 if vcpus is None else vcpus
+    workload = workload or "idle"
+    ram_block = ram_block or machine_profile.ram_block
     try:
         WorkloadSpec.parse(workload)
     except ValueError as exc:
@@ -326,7 +347,6 @@ def demo(ram, workload, uri, seed, vcpus, disk, keep, as_json) -> None:
     sys.exit(0 if ok else 1)
 
 
-
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.argument("scenario")
 @click.argument("results_dir", required=False)
@@ -361,6 +381,8 @@ def rig(scenario, results_dir, out_dir, loopback) -> None:
         click.echo(f"{r['run']} {r['guest']} {r['from']}->{r['to']}: {r['status']} ({note}), {rate}")
     click.echo(f"report: {path}")
 
+
+main.add_command(stream)
 
 if __name__ == "__main__":
     main()

@@ -414,6 +414,7 @@ class Coordinator(Commands):
             # Completion, with the guest stopped.
             await self.fault("before-stop")
             stop_at = time.monotonic()
+            sent_runstate = self.runstate.value  # as QEMU: the state the guest had before the switch
             await self.set_running(False, RunState.FINISH_MIGRATE)
             stopped = True
             await self.fault("after-stop")
@@ -426,7 +427,7 @@ class Coordinator(Commands):
             self.account(last)
             mig.ram["downtime-bytes"] = last["queued"]
             *devices, eof, trailer = self.device_sections(
-                await self.vcpu_states(), "running" if was_running else "paused")
+                await self.vcpu_states(), sent_runstate)
             await ram.call("emit", {}, frames=devices)
             if self.guest_drives:
                 # Images are flushed and let go before EOF: the destination may

@@ -43,6 +43,7 @@ class Receiver:
         self.thread: threading.Thread | None = None
         self.finish = threading.Event()
         self.handshake = False
+        self.source_listens = False  # the source opened the return path
         self.lock = threading.Lock()
         self.notices: list[tuple[str, dict]] = []
         self.wake: zmq.Socket | None = None
@@ -162,9 +163,18 @@ class Receiver:
         blocks = [savevm.RamBlock(b.name, self.ram.block_pages(b)) for b in self.ram.blocks]
         images: dict[str, Image] = {}
         block_loader = blockmig.BlockLoader(lambda name: self.block_target(name, images))
+        self.source_listens = False
+
+        def listens() -> None:
+            self.source_listens = True
+
+        def pong(value: int) -> None:
+            channel.write(savevm.rp_message(savevm.RP_PONG, struct.pack(">I", value)))
+
         loader = savevm.StreamLoader(
             savevm.RamLoader(blocks), loaders, machine=self.cfg["guest"]["machine"],
-            live={"block": block_loader})
+            live={"block": block_loader}, on_return_path=listens,
+            on_ping=pong if channel.has_return_path else None)
         reader = savevm.BufferedReader(self.read_into(channel))
         try:
             result = loader.load(reader, read_trailer=not channel.has_return_path)
@@ -229,7 +239,8 @@ class Receiver:
                 img.close()
 
     def reply_source(self, channel: Channel, rc: int, desc: str) -> None:
-        if not channel.has_return_path:
+        # Only a source that sent OPEN_RETURN_PATH reads answers (QEMU's is off by default).
+        if not channel.has_return_path or not self.source_listens:
             return
         body = struct.pack(">I", rc) + desc.encode()[:200]
         try:

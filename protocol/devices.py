@@ -78,6 +78,30 @@ def _load_globalstate(r: savevm.BufferedReader, version: int) -> str:
     return savevm.read_globalstate(r, version)
 
 
+# QEMU's "timer" section (version 2): the offsets of the guest's tick and
+# clock counters. A livemig guest has no clocks of its own; it carries what
+# it last received so that QEMU -> livemig -> QEMU gives QEMU its state back.
+TIMER_VERSION = 2
+TIMER_FIELDS = [{"name": "cpu_ticks_offset", "type": "int64", "size": 8},
+                {"name": "unused", "type": "unused_buffer", "size": 8},
+                {"name": "cpu_clock_offset", "type": "int64", "size": 8}]
+_timer = struct.Struct(">q8xq")
+
+
+def _encode_timer(state: object) -> bytes:
+    st = state if isinstance(state, dict) else {}
+    return _timer.pack(int(st.get("cpu_ticks_offset", 0)), int(st.get("cpu_clock_offset", 0)))
+
+
+def _load_timer(r: savevm.BufferedReader, version: int) -> dict:
+    if version not in (1, TIMER_VERSION):
+        raise savevm.StreamError(f"timer version {version} unsupported (need 1 or {TIMER_VERSION})")
+    ticks = struct.unpack(">q", r.take(8))[0]
+    r.take(8)  # unused since QEMU 1.x
+    clock = struct.unpack(">q", r.take(8))[0] if version >= 2 else 0
+    return {"cpu_ticks_offset": ticks, "cpu_clock_offset": clock}
+
+
 DEVICES: dict[str, Device] = {
     VCPU_SECTION: Device(
         VCPU_SECTION, 1, _encode_vcpu, _load_vcpu,
@@ -92,6 +116,7 @@ DEVICES: dict[str, Device] = {
     "globalstate": Device(
         "globalstate", 1, lambda runstate: savevm.globalstate(str(runstate)), _load_globalstate,
         lambda _p: savevm.GLOBALSTATE_DESC["fields"]),
+    "timer": Device("timer", TIMER_VERSION, _encode_timer, _load_timer, lambda _p: TIMER_FIELDS),
 }
 
 

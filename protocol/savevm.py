@@ -38,7 +38,11 @@ SECTION_NAMES = {
 
 # COMMAND sub-commands (be16) that livemig sends or understands.
 CMD_OPEN_RETURN_PATH = 1
-CMD_PING = 3
+CMD_PING = 2
+# The rest of QEMU's numbering, so that a refusal can say what was sent.
+COMMAND_NAMES = {1: "OPEN_RETURN_PATH", 2: "PING", 3: "POSTCOPY_ADVISE", 4: "POSTCOPY_LISTEN",
+                 5: "POSTCOPY_RUN", 6: "POSTCOPY_RAM_DISCARD", 7: "PACKAGED", 8: "ENABLE_COLO",
+                 9: "POSTCOPY_RESUME", 10: "RECV_BITMAP", 11: "SWITCHOVER_START"}
 
 # Return-path messages (destination -> source), be16 type + be16 length + data.
 RP_SHUT = 1
@@ -112,6 +116,11 @@ def command(cmd: int, data: bytes = b"") -> bytes:
 
 def eof() -> bytes:
     return bytes([EOF])
+
+
+def rp_message(mtype: int, data: bytes = b"") -> bytes:
+    """A return-path message (destination -> source)."""
+    return struct.pack(">HH", mtype, len(data)) + data
 
 
 def vmdescription(desc: dict) -> bytes:
@@ -307,7 +316,10 @@ class RamLoadStats:
 class RamLoader:
     """Loads the payload of "ram" sections (version 4) into local RAM blocks."""
 
-    def __init__(self, blocks: list[RamBlock]) -> None:
+    def __init__(self, blocks: list[RamBlock],
+                 create_block: Callable[[str, int], RamBlock] | None = None) -> None:
+        # create_block: make a block the stream announces (tools that take any stream)
+        self.create_block = create_block
         self.blocks = {b.name: b for b in blocks}
         self.order = [b.name for b in blocks]
         self.last: RamBlock | None = None
@@ -368,6 +380,9 @@ class RamLoader:
             name = r.idstr()
             length = r.be64()
             block = self.blocks.get(name)
+            if block is None and self.create_block is not None:
+                block = self.blocks[name] = self.create_block(name, length)
+                self.order.append(name)
             if block is None:
                 raise StreamError(
                     f"unknown RAM block {name!r} of {length} bytes, cannot accept migration "
@@ -440,6 +455,7 @@ DeviceLoader = Callable[[BufferedReader, int, int], None]
 @dataclass
 class LoadResult:
     machine: str | None = None
+    configuration: dict = field(default_factory=dict)
     sections: list[tuple[str, int, int]] = field(default_factory=list)  # (idstr, instance, version)
     return_path: bool = False
     vmdesc: dict | None = None
@@ -456,7 +472,8 @@ class StreamLoader:
     def __init__(self, ram: RamLoader | None, devices: dict[str, DeviceLoader],
                  machine: str | None = None,
                  on_return_path: Callable[[], None] | None = None,
-                 live: dict[str, LiveLoader] | None = None) -> None:
+                 live: dict[str, LiveLoader] | None = None,
+                 on_ping: Callable[[int], None] | None = None) -> None:
         self.ram = ram
         self.devices = devices
         self.live: dict[str, LiveLoader] = dict(live or {})
@@ -464,6 +481,8 @@ class StreamLoader:
             self.live["ram"] = ram
         self.machine = machine
         self.on_return_path = on_return_path
+        self.on_ping = on_ping
+        self.return_path = False  # the source asked for answers on the return path
         self.open_sections: dict[int, tuple[str, int]] = {}  # section id -> (idstr, version)
 
     def load(self, r: BufferedReader, read_trailer: bool = True) -> LoadResult:
@@ -481,7 +500,7 @@ class StreamLoader:
             if kind == EOF:
                 break
             if kind == CONFIGURATION:
-                result.machine = self._configuration(r)
+                result.machine = self._configuration(r, result)
             elif kind == COMMAND:
                 self._command(r, result)
             elif kind in (SECTION_START, SECTION_FULL):
@@ -497,10 +516,17 @@ class StreamLoader:
                     self.live[idstr].load(r, ver)
                 elif kind == SECTION_FULL and idstr in self.devices:
                     self.devices[idstr](r, instance, ver)
+                    if r.peek_u8() == SUBSECTION:
+                        # Optional device state the loader does not know (e.g. QEMU's
+                        # timer/icount): refuse rather than drop it.
+                        r.u8()
+                        raise StreamError(f"section {idstr!r} carries subsection {r.idstr()!r}, "
+                                          "which this machine cannot load")
                 else:
+                    machine = f" {self.machine!r}" if self.machine else ""
                     raise StreamError(
                         f"unknown savevm section or instance {idstr!r} {instance} "
-                        f"(version {ver}): this machine cannot load it")
+                        f"(version {ver}): this{machine} machine cannot load it")
                 self._footer(r, sid)
             elif kind in (SECTION_PART, SECTION_END):
                 sid = r.be32()
@@ -520,29 +546,35 @@ class StreamLoader:
         result.bytes = r.consumed
         return result
 
-    def _configuration(self, r: BufferedReader) -> str:
-        n = r.be32()
-        if n > MAX_MACHINE_NAME:
-            raise StreamError(f"machine name of {n} bytes in the configuration section")
-        name = bytes(r.take(n)).decode(errors="replace")
-        if r.peek_u8() == SUBSECTION:
-            r.u8()
-            sub = r.idstr()
-            raise StreamError(f"unsupported configuration subsection {sub!r}")
+    def _configuration(self, r: BufferedReader, result: LoadResult) -> str:
+        config = read_configuration(r)
+        result.configuration = config
+        name = config["machine"]
         if self.machine is not None and name != self.machine:
-            raise StreamError(f"machine type received is {name!r} and local is {self.machine!r}")
+            raise StreamError(
+                f"configuration section: machine type received is {name!r} and local is "
+                f"{self.machine!r}; a {self.machine!r} guest cannot load that machine's sections")
         return name
 
     def _command(self, r: BufferedReader, result: LoadResult) -> None:
         cmd = r.be16()
         length = r.be16()
-        r.take(length)
+        data = bytes(r.take(length))
         if cmd == CMD_OPEN_RETURN_PATH:
-            result.return_path = True
+            result.return_path = self.return_path = True
             if self.on_return_path:
                 self.on_return_path()
-        elif cmd != CMD_PING:
-            raise StreamError(f"unsupported stream command {cmd}")
+        elif cmd == CMD_PING:
+            # QEMU pings right after opening the return path and expects a PONG with the value.
+            if length != 4:
+                raise StreamError(f"PING command with {length} bytes of data (expected 4)")
+            if not self.return_path:
+                raise StreamError("PING command received with no return path open")
+            if self.on_ping:
+                self.on_ping(_be32.unpack(data)[0])
+        else:
+            name = COMMAND_NAMES.get(cmd, "unknown")
+            raise StreamError(f"unsupported stream command {cmd} ({name})")
 
     def _footer(self, r: BufferedReader, sid: int) -> None:
         if r.peek_u8() != SECTION_FOOTER:
@@ -566,6 +598,44 @@ class StreamLoader:
             return json.loads(bytes(r.take(n)))
         except ValueError as exc:
             raise StreamError(f"vmdesc is not JSON: {exc}") from None
+
+
+# Subsections of QEMU's configuration section (vmstate "configuration").
+CONFIG_PAGE_BITS = "configuration/target-page-bits"
+CONFIG_CAPABILITIES = "configuration/capabilities"
+CONFIG_UUID = "configuration/uuid"
+# Capabilities that change how RAM travels: a stream made with them cannot be read here.
+RAM_FORMAT_CAPABILITIES = ("x-ignore-shared", "mapped-ram")
+
+
+def read_configuration(r: BufferedReader) -> dict:
+    """The body of a CONFIGURATION record: machine name, then the optional
+    subsections QEMU sends when they matter (page size, capabilities, UUID)."""
+    n = r.be32()
+    if n > MAX_MACHINE_NAME:
+        raise StreamError(f"machine name of {n} bytes in the configuration section")
+    config: dict = {"machine": bytes(r.take(n)).decode(errors="replace")}
+    while r.peek_u8() == SUBSECTION:
+        r.u8()
+        name = r.idstr()
+        r.be32()  # subsection version: every known one is 1
+        if name == CONFIG_PAGE_BITS:
+            bits = r.be32()
+            if bits != PAGE_SHIFT:
+                raise StreamError(f"stream uses target pages of {1 << bits} bytes; livemig needs {PAGE_SIZE}")
+            config["target-page-bits"] = bits
+        elif name == CONFIG_CAPABILITIES:
+            caps = [r.idstr() for _ in range(r.be32())]
+            refused = [c for c in caps if c in RAM_FORMAT_CAPABILITIES]
+            if refused:
+                raise StreamError(f"stream was made with capability {refused[0]!r}, which changes the RAM "
+                                  "format; livemig cannot read it")
+            config["capabilities"] = caps
+        elif name == CONFIG_UUID:
+            config["uuid"] = bytes(r.take(16)).hex()  # livemig guests have no UUID to check it against
+        else:
+            raise StreamError(f"unsupported configuration subsection {name!r}")
+    return config
 
 
 def read_globalstate(r: BufferedReader, version: int) -> str:
