@@ -29,7 +29,7 @@ import msgpack
 import zmq
 
 from actors.demo import verify
-from actors.launch import HostProcess
+from actors.launch import HostProcess, free_port
 
 ADDRESS_BASE = (198, 18)
 POLL = 0.05  # query-migrate period while a migration runs
@@ -180,10 +180,18 @@ class Network:
         run(["ip", "-n", self.ns(lk.a), "link", "set", lk.device(lk.a), "up" if up else "down"])
 
     def down(self) -> None:
-        """Deleting a namespace deletes its veth ends and their qdiscs."""
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
-        self.namespaces = []
+        """Deleting a namespace deletes its veth ends and their qdiscs. A busy
+        namespace (a process still leaving it) is tried again."""
+        deadline = time.monotonic() + 20
+        while self.namespaces:
+            for ns in list(self.namespaces):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+                if ns not in leftovers():
+                    self.namespaces.remove(ns)
+            if self.namespaces:
+                if time.monotonic() > deadline:
+                    raise RigError(f"could not delete network namespaces {self.namespaces}")
+                time.sleep(0.2)
 
 
 class Collector:
@@ -248,7 +256,8 @@ class Rig:
                 collector: Collector, during=None) -> dict:
         spec = self.scenario.guests[guest]
         source_host, src = self.guests[guest]
-        port = 20000 + (abs(hash((run_id, guest))) % 20000)
+        # Each namespace has its own ports; on shared loopback ask the kernel for a free one.
+        port = free_port() if self.net.loopback else 20000 + (abs(hash((run_id, guest, target))) % 20000)
         uri = f"tcp:{self.net.address(source_host, target)}:{port}"
         dst = self.start_guest(spec, target, "--incoming", uri)
         collector.watch(src)

@@ -18,84 +18,12 @@ from tests.conftest import TAG
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tc"),
                                 reason="network namespaces and tc need root and iproute2")
 
-SCENARIO = """
-name = "ci"
-timeout = 6
-parameters = { max-bandwidth = 0, x-transport-timeout = 2000 }
-[hosts.A]
-[hosts.B]
-[hosts.C]
-[[links]]
-a = "A"
-b = "B"
-rate = "1gbit"
-[[links]]
-a = "A"
-b = "C"
-rate = "100mbit"
-[guests.fast]
-host = "A"
-ram = "96M"
-[guests.slow]
-host = "A"
-ram = "40M"
-[guests.dirty1]
-host = "A"
-ram = "64M"
-workload = "memtouch:rate=20M,wss=48M"
-[guests.dirty2]
-host = "A"
-ram = "64M"
-workload = "memtouch:rate=20M,wss=48M"
-[[migrations]]
-guest = "fast"
-to = "B"
-[[migrations]]
-guest = "slow"
-to = "C"
-[[migrations]]
-guest = "dirty1"
-to = "C"
-[[migrations]]
-guest = "dirty2"
-to = "B"
-[[migrations]]
-guest = "slow"
-to = "A"
-link_down_after = 1.0
-"""
-
-EVACUATION = """
-name = "evacuation"
-verify = true
-[hosts.A]
-[hosts.B]
-[hosts.C]
-[[links]]
-a = "A"
-b = "B"
-rate = "1gbit"
-[[links]]
-a = "A"
-b = "C"
-rate = "1gbit"
-[evacuation]
-from = "A"
-to = ["B", "C"]
-concurrency = 2
-""" + "".join(f"""
-[guests.g{i}]
-host = "A"
-ram = "16M"
-workload = "memtouch:rate=1M,wss=4M"
-seed = {i}
-""" for i in range(4))
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
-def run_scenario(tmp_path, text: str) -> list[dict]:
-    path = tmp_path / "scenario.toml"
-    path.write_text(text)
-    rig = Rig(Scenario.load(str(path)), str(tmp_path / "out"))
+
+def run_scenario(tmp_path, example: str, loopback: bool = False) -> list[dict]:
+    rig = Rig(Scenario.load(os.path.join(EXAMPLES, example)), str(tmp_path / "out"), loopback=loopback)
     rig.env = {"LIVEMIG_TEST_TAG": TAG}
     try:
         return rig.execute()
@@ -108,7 +36,7 @@ def by_guest(results: list[dict], guest: str, to: str) -> dict:
 
 
 def test_links_convergence_and_a_cut(tmp_path):
-    results = run_scenario(tmp_path, SCENARIO)
+    results = run_scenario(tmp_path, "ci-three-hosts.toml")
     fast, slow = by_guest(results, "fast", "B"), by_guest(results, "slow", "C")
     assert fast["status"] == slow["status"] == "completed" and fast["verified"] and slow["verified"]
     assert 0.85 * 100e6 <= slow["rate_bps"] <= 1.15 * 100e6, slow
@@ -128,9 +56,19 @@ def test_links_convergence_and_a_cut(tmp_path):
 
 
 def test_evacuation_with_concurrency(tmp_path):
-    results = run_scenario(tmp_path, EVACUATION)
+    results = run_scenario(tmp_path, "evacuation.toml")
     assert len(results) == 4
     assert all(r["status"] == "completed" and r["verified"] for r in results), results
     assert {r["to"] for r in results} == {"B", "C"}
     out = subprocess.run(["ip", "link", "show"], capture_output=True, text=True).stdout
     assert "lm1a" not in out and "lm1b" not in out
+
+
+def test_matrix_and_repeat_on_loopback(tmp_path):
+    """A parameter matrix with repetitions: one run per combination and repeat."""
+    results = run_scenario(tmp_path, "matrix-loopback.toml", loopback=True)
+    assert sorted({(r["max-bandwidth"], r["run"]) for r in results}) == sorted(
+        {(bw, f"run{n:03d}") for n, bw in enumerate([64 << 20, 64 << 20, 0, 0])})
+    assert all(r["status"] == "completed" and r["verified"] for r in results)
+    report(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "times.png").exists()
