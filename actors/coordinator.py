@@ -229,7 +229,8 @@ class Coordinator(Commands):
         if msg.type == "started":
             self.mig.start = time.monotonic()
             self.set_status("active")
-            await asyncio.sleep(0.2)  # so that a fault strikes mid-stream
+            if not self.parameters["x-fault"].endswith(":slow"):
+                await asyncio.sleep(0.2)  # so that a fault strikes mid-stream
             await self.fault("incoming")
         elif msg.type == "failed":
             self.mig.status = "failed" if self.mig.incoming or self.mig.status == "none" else self.mig.status

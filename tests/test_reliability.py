@@ -88,3 +88,69 @@ def test_fault_matrix(hosts, tmp_path, port, side, point, action):
     assert np.array_equal(np.fromfile(dump, np.uint8), ram[0])
     cmp = qemu_img("compare", str(img), replayed)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+def start_pair(hosts, port, extra_src=(), extra_dst=()):
+    args = guest_args(ram="32M", workload="memtouch:rate=2M,wss=4M")
+    src = hosts.start("src", *args, *extra_src)
+    dst = hosts.start("dst", *args, *extra_dst, "--incoming", f"tcp:127.0.0.1:{port}")
+    return src, dst
+
+
+def test_slow_destination_back_pressure(hosts, tmp_path, port):
+    """A destination that reads slowly holds the source back; nothing is lost."""
+    from tests.conftest import replay_matches
+
+    src, dst = start_pair(hosts, port)
+    dst.cmd("migrate-set-parameters", **{"x-fault": "incoming:slow"})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = src.wait_migration(120)
+    assert info["status"] == "completed", info
+    assert info["total-time"] > 1000  # 32 MiB at ~13 MB/s: the slow reader set the pace
+    dst.wait_status("running", 30)
+    result = replay_matches(dst, tmp_path)
+    assert result["ram_equal"] and result["vcpu_equal"]
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_connection_reset(hosts, tmp_path, port, side):
+    from tests.conftest import replay_matches
+
+    src, dst = start_pair(hosts, port)
+    point = "pass" if side == "source" else "incoming"
+    (src if side == "source" else dst).cmd("migrate-set-parameters", **{"x-fault": f"{point}:reset"})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = src.wait_migration(60)
+    assert info["status"] == "failed" and info["error-desc"], info
+    assert dst.wait_migration(30)["status"] == "failed"
+    assert dst.cmd("query-status")["status"] == "inmigrate"
+    result = replay_matches(src, tmp_path)
+    assert result["ram_equal"] and result["vcpu_equal"]
+
+
+def test_fault_during_block_bulk(hosts, tmp_path, port):
+    """kill the block sender in the bulk phase: the migration fails with the
+    cause, and the source guest and its disk carry on intact."""
+    src_img, dst_img = tmp_path / "src.qcow2", tmp_path / "dst.qcow2"
+    create_image(str(src_img), 32 << 20, "qcow2")
+    args = guest_args(ram="32M", workload="diskwrite:iops=200,size=4096")
+    src = hosts.start("src", *args, "--drive", f"file={src_img},format=qcow2,id=disk0")
+    dst = hosts.start("dst", *args, "--drive", f"file={dst_img},format=qcow2,id=disk0,size=32M",
+                      "--incoming", f"tcp:127.0.0.1:{port}")
+    src.cmd("migrate-set-parameters", **{"x-fault": "block-bulk:kill-block_sender", "max-bandwidth": 8 << 20})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}", blk=True)
+    info = src.wait_migration(60)
+    assert info["status"] == "failed" and "block_sender" in info["error-desc"], info
+    assert src.cmd("query-status")["status"] == "running"
+    src.cmd("stop")
+    regs = src.cmd("x-query-vcpus")
+    guest = src.cmd("x-query-host")["guest"]
+    for h in (src, dst):
+        h.close()
+    check_clean(src_img)
+    replayed, vcpu_equal, _ = replay_disk(tmp_path, guest, regs, 32 << 20, "qcow2", 65536)
+    assert vcpu_equal
+    cmp = qemu_img("compare", str(src_img), replayed)
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
