@@ -65,6 +65,19 @@ def size_arg(_ctx, _param, value):
         raise click.BadParameter(str(exc)) from None
 
 
+def device_arg(_ctx, _param, values):
+    from actors.commands import parse_device
+
+    try:
+        devices = [parse_device(v) for v in values]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    ids = [d["id"] for d in devices]
+    if len(set(ids)) != len(ids):
+        raise click.BadParameter("device ids must be unique")
+    return devices
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """livemig: live migration of running VM-like guests between hosts.
@@ -97,9 +110,12 @@ def main() -> None:
 @click.option("--fd", "fds", type=int, multiple=True, help="An inherited descriptor that fd:N URIs may use.")
 @click.option("--drive", "drives", multiple=True, metavar="file=PATH,format=qcow2|raw,id=NAME[,size=S]",
               help="A guest disk (repeatable); size= creates the image if it does not exist.")
+@click.option("--device", "devices", multiple=True, metavar="DRIVER,id=ID", callback=device_arg,
+              help="A guest device; no-migrate,id=X cannot be migrated and blocks migration "
+                   "until device_del X.")
 @click.option("--json", "as_json", is_flag=True, help="Announce readiness as one JSON line.")
 def host(name, machine, ram, ram_block, fill, seed, vcpus, workload, incoming, paused, qmp, events, fds,
-         drives, as_json) -> None:
+         drives, devices, as_json) -> None:
     """Run a host with one guest until it is told to quit (or Ctrl-C)."""
     machine_profile = profile(machine)
     if not machine_profile.has_vcpus:
@@ -128,7 +144,7 @@ def host(name, machine, ram, ram_block, fill, seed, vcpus, workload, incoming, p
         raise click.BadParameter(str(exc), param_hint="--drive") from None
     spec = HostSpec(name=name, machine=machine, blocks=[(ram_block, ram)], fill=fill, seed=seed,
                     vcpus=vcpus, workload=workload, incoming=incoming, autostart=not paused,
-                    qmp=list(qmp), events=events, fds=list(fds), drives=drive_specs)
+                    qmp=list(qmp), events=events, fds=list(fds), drives=drive_specs, devices=devices)
 
     def announce(cfg: dict) -> None:
         info = {"name": name, "qmp": cfg["qmp"][0], "events": cfg["events"], "pid": os.getpid()}
@@ -282,6 +298,20 @@ def set_downtime(seconds, host, qmp) -> None:
         mon("migrate-set-parameters", **{"downtime-limit": int(round(seconds * 1000))})
     finally:
         mon.close()
+
+
+@main.command()
+@click.argument("line")
+@monitor_option
+def hmp(line, host, qmp) -> None:
+    """Run a human monitor command LINE, e.g. 'info migrate' or 'migrate -d tcp:HOST:PORT'
+    ('help' lists them). Without -d, migrate returns when the migration has ended."""
+    mon = connect(host, qmp)
+    try:
+        out = mon("human-monitor-command", **{"command-line": line})
+    finally:
+        mon.close()
+    click.echo(out, nl=False)
 
 
 @main.command()

@@ -5,18 +5,54 @@ itself under its QMP name; its docstring is its help (query-commands, HMP
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import os
+import types
+import typing
 from collections.abc import Callable
 
-from actors.base import ActorError
-from machine.runstate import RunState
+from actors.base import ActorError, log
+from machine.runstate import RunState, StateError
 from protocol import events as ev
 from protocol.transport import TransportError, parse_uri
 
 MAX_DOWNTIME_MS = 2_000_000
+END_STATES = ("completed", "failed", "cancelled")
+# QEMU's MigrationStatus: what migrate-continue may name.
+MIGRATION_STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
+                      "postcopy-paused", "postcopy-recover", "completed", "failed", "colo",
+                      "pre-switchover", "device", "wait-unplug")
+# MigrationStats members that QEMU always reports; the engine fills what it measures.
+RAM_STATS = ("transferred", "remaining", "total", "duplicate", "skipped", "normal", "normal-bytes",
+             "dirty-pages-rate", "mbps", "dirty-sync-count", "postcopy-requests", "page-size",
+             "multifd-bytes", "pages-per-second", "precopy-bytes", "downtime-bytes", "postcopy-bytes",
+             "dirty-sync-missed-zero-copy")
+# Guest devices a host can be given (--device DRIVER,id=ID, device_add): driver -> help.
+DEVICE_DRIVERS = {"no-migrate": "a device whose state cannot be migrated: it blocks migration"}
+MIGRATION_ACTIVE = "There's a migration process in progress"
 
 COMMANDS: dict[str, Callable] = {}
+TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array",
+              dict: "object"}
+
+
+def parse_device(text: str) -> dict:
+    """--device DRIVER,id=ID[,...] -> {"driver": DRIVER, "id": ID, ...}."""
+    driver, *props = text.split(",")
+    dev = {"driver": driver}
+    for prop in props:
+        key, eq, value = prop.partition("=")
+        if not eq:
+            raise ValueError(f"device {driver!r}: expected KEY=VALUE, not {prop!r}")
+        dev[key] = value
+    if driver not in DEVICE_DRIVERS:
+        raise ValueError(f"'{driver}' is not a valid device model name (known: {', '.join(DEVICE_DRIVERS)})")
+    if not dev.get("id"):
+        raise ValueError(f"device {driver!r} needs an id: --device {driver},id=NAME")
+    if set(dev) - {"driver", "id"}:
+        raise ValueError(f"device {driver!r} has no property {sorted(set(dev) - {'driver', 'id'})[0]!r}")
+    return dev
 
 
 def command(name: str):
@@ -27,18 +63,64 @@ def command(name: str):
     return wrap
 
 
-def _check_args(fn: Callable, args: dict) -> None:
-    sig = inspect.signature(fn)
-    params = list(sig.parameters.values())[1:]
-    known = {p.name.replace("_", "-"): p for p in params if p.kind is not p.VAR_KEYWORD}
-    open_ended = any(p.kind is p.VAR_KEYWORD for p in params)
-    for key in args if not open_ended else ():
-        if key not in known:
-            raise ActorError(f"Parameter '{key}' is unexpected")
-    for key, p in known.items():
-        if p.default is inspect.Parameter.empty and key not in args:
-            raise ActorError(f"Parameter '{key}' is missing")
+def _base_type(hint) -> type | None:
+    """The JSON type a parameter hint asks for: `int | None` -> int, `list[dict]` -> list."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = members[0] if len(members) == 1 else None
+    hint = typing.get_origin(hint) or hint
+    return hint if hint in TYPE_NAMES else None
 
+
+def type_ok(expected: type | None, value) -> bool:
+    if expected is None:
+        return True
+    if isinstance(value, bool) and expected is not bool:
+        return False  # JSON true is not a number
+    if expected is float:
+        return isinstance(value, int | float)
+    return isinstance(value, expected)
+
+
+def invalid_type(key: str, expected: type) -> ActorError:
+    return ActorError(f"Invalid parameter type for '{key}', expected: {TYPE_NAMES[expected]}")
+
+
+@functools.cache
+def _parameters(fn: Callable) -> tuple[tuple[tuple[str, str, type | None, bool], ...], bool]:
+    """(QMP key, Python name, JSON type, required) per parameter, and whether it takes **extra."""
+    hints = typing.get_type_hints(fn)
+    out, open_ended = [], False
+    for p in list(inspect.signature(fn).parameters.values())[1:]:
+        if p.kind is p.VAR_KEYWORD:
+            open_ended = True
+            continue
+        key = p.name.rstrip("_").replace("_", "-")
+        out.append((key, p.name, _base_type(hints.get(p.name)), p.default is inspect.Parameter.empty))
+    return tuple(out), open_ended
+
+
+def check_args(fn: Callable, args: dict) -> dict:
+    """QMP arguments -> keyword arguments for `fn`, checked against its signature
+    and type hints in QEMU's order and words, before anything has happened."""
+    params, open_ended = _parameters(fn)
+    kwargs: dict = {}
+    for key, name, expected, required in params:
+        if key not in args:
+            if required:
+                raise ActorError(f"Parameter '{key}' is missing")
+            continue
+        if not type_ok(expected, args[key]):
+            raise invalid_type(key, expected)
+        kwargs[name] = args[key]
+    known = {p[0] for p in params}
+    for key in args:
+        if key in known:
+            continue
+        if not open_ended or key in kwargs or key == "self":
+            raise ActorError(f"Parameter '{key}' is unexpected")
+        kwargs[key] = args[key]  # **extra gets QMP's own spelling
+    return kwargs
 
 
 class Commands:
@@ -50,10 +132,49 @@ class Commands:
         if fn is None:
             raise ActorError(f"The command {name} has not been found", "CommandNotFound")
         if not isinstance(args, dict):
-            raise ActorError("'arguments' must be an object")
-        _check_args(fn, args)
-        kwargs = {k.replace("-", "_"): v for k, v in args.items()}
-        return await fn(self, **kwargs)
+            raise ActorError("QMP input member 'arguments' must be an object")
+        kwargs = check_args(fn, args)
+        try:
+            return await fn(self, **kwargs)
+        except (ActorError, StateError):
+            raise
+        except Exception as exc:  # a bug must answer the client, not leave it waiting
+            log.exception("QMP command %s failed", name)
+            raise ActorError(f"{name} failed: {exc}") from None
+
+    # hooks the coordinator calls ------------------------------------------------------------
+    def init_devices(self, devices: list[dict]) -> None:
+        """Guest devices from the host's config; a no-migrate one registers a blocker."""
+        self.devices: dict[str, dict] = {}
+        self.blockers: dict[str, str] = {}  # owner -> reason; migrate is refused while any
+        self.switchover_gate: asyncio.Event | None = None
+        for dev in devices:
+            self.add_device(dict(dev))
+
+    def add_device(self, dev: dict) -> None:
+        driver, id_ = dev.get("driver"), dev.get("id")
+        if driver not in DEVICE_DRIVERS:
+            raise ActorError(f"'{driver}' is not a valid device model name")
+        if not isinstance(id_, str) or not id_:
+            raise ActorError("Parameter 'id' is missing")
+        if id_ in self.devices:
+            raise ActorError(f"Duplicate device ID '{id_}'")
+        self.devices[id_] = dev
+        if driver == "no-migrate":
+            self.blockers[id_] = f"State blocked by non-migratable device '{id_}'"
+
+    async def pause_before_switchover(self) -> None:
+        """With pause-before-switchover on: wait in pre-switchover, guest stopped,
+        until migrate-continue (or a cancel), then serialise devices in `device`."""
+        if not self.capabilities.get("pause-before-switchover"):
+            return
+        self.switchover_gate = asyncio.Event()
+        try:
+            self.set_status("pre-switchover")
+            await self.switchover_gate.wait()
+        finally:
+            self.switchover_gate = None
+        self.set_status("device")
 
     @command("query-status")
     async def cmd_query_status(self) -> dict:
@@ -87,15 +208,16 @@ class Commands:
 
     @command("migrate")
     async def cmd_migrate(self, uri: str, blk: bool = False, inc: bool = False, detach: bool = True) -> dict:
-        """Start migrating the guest to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N, file:PATH)."""
+        """Start migrating the guest to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N, file:PATH);
+        returns at once, progress is in query-migrate."""
         if self.task is not None and not self.task.done():
             raise ActorError("migration already in progress")
         if self.mig.incoming and self.mig.status in ("setup", "active"):
             raise ActorError("Guest is waiting for an incoming migration")
         if self.runstate is RunState.INMIGRATE:
             raise ActorError("Guest is waiting for an incoming migration")
-        if not isinstance(uri, str):
-            raise ActorError("Invalid parameter type for 'uri', expected: string")
+        if self.blockers:
+            raise ActorError(next(iter(self.blockers.values())))
         try:
             parse_uri(uri)
         except TransportError as exc:
@@ -120,15 +242,30 @@ class Commands:
     async def cmd_migrate_cancel(self) -> dict:
         """Cancel the current outgoing migration; harmless when none runs."""
         if self.task is not None and not self.task.done() and not self.mig.committed:
-            self.mig.status = "cancelling"
-            self.publish(ev.MIGRATION, {"status": "cancelling"}, qmp=self.capabilities["events"])
+            self.set_status("cancelling")
             self.task.cancel()
+        return {}
+
+    @command("migrate-continue")
+    async def cmd_migrate_continue(self, state: str) -> dict:
+        """Let a migration paused in STATE (pre-switchover) go on."""
+        if state not in MIGRATION_STATUSES:
+            raise ActorError(f"Parameter 'state' does not accept value '{state}'")
+        if self.mig.status != state or self.switchover_gate is None:
+            raise ActorError(f"Migration not in expected state: {self.mig.status}")
+        self.switchover_gate.set()
         return {}
 
     @command("query-migrate")
     async def cmd_query_migrate(self) -> dict:
-        """Status and statistics of the current or last migration ({} before any)."""
-        return self.mig.info()
+        """Status and statistics of the current or last migration ({} before any), and what
+        blocks a new one."""
+        info = self.mig.info()
+        if "ram" in info:
+            info["ram"] = {**dict.fromkeys(RAM_STATS, 0), **info["ram"]}
+        if self.blockers and not self.mig.incoming:
+            info["blocked-reasons"] = list(self.blockers.values())
+        return info
 
     @command("query-migrate-parameters")
     async def cmd_query_parameters(self) -> dict:
@@ -137,16 +274,17 @@ class Commands:
 
     @command("migrate-set-parameters")
     async def cmd_set_parameters(self, **params) -> dict:
-        """Set migration parameters: max-bandwidth (bytes/s, 0 = unlimited), downtime-limit (ms)."""
+        """Set migration parameters: max-bandwidth (bytes/s, 0 = unlimited), downtime-limit (ms),
+        avail-switchover-bandwidth (bytes/s, 0 = measured), and any other in
+        query-migrate-parameters. All are checked before any is applied."""
         new = dict(self.parameters)
         for key, value in params.items():
-            key = key.replace("_", "-")
             if key not in new:
                 raise ActorError(f"Parameter '{key}' is unexpected")
-            if isinstance(new[key], str):
-                if not isinstance(value, str):
-                    raise ActorError(f"Invalid parameter type for '{key}', expected: string")
-            elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            expected = type(new[key])
+            if not type_ok(expected, value):
+                raise invalid_type(key, expected)
+            if expected is int and value < 0:
                 raise ActorError(f"Parameter '{key}' expects a non-negative integer")
             if key == "downtime-limit" and value > MAX_DOWNTIME_MS:
                 raise ActorError(f"Parameter 'downtime_limit' expects an integer in the range of 0 to "
@@ -162,33 +300,60 @@ class Commands:
 
     @command("migrate-set-capabilities")
     async def cmd_set_capabilities(self, capabilities: list) -> dict:
-        """Turn migration capabilities on or off."""
+        """Turn migration capabilities on or off: [{capability, state}, ...]. events: MIGRATION
+        and MIGRATION_PASS on QMP; return-path: wait for the destination's verdict;
+        pause-before-switchover: stop in pre-switchover until migrate-continue."""
         if self.task is not None and not self.task.done():
-            raise ActorError("migration already in progress")
+            raise ActorError(MIGRATION_ACTIVE)
         new = dict(self.capabilities)
-        for item in capabilities:
-            if not isinstance(item, dict) or set(item) != {"capability", "state"}:
-                raise ActorError("capabilities must be a list of {capability, state}")
+        for i, item in enumerate(capabilities):
+            where = f"capabilities[{i}]"
+            if not isinstance(item, dict):
+                raise ActorError(f"Invalid parameter type for '{where}', expected: object")
+            for key, expected in (("capability", str), ("state", bool)):
+                if key not in item:
+                    raise ActorError(f"Parameter '{where}.{key}' is missing")
+                if not type_ok(expected, item[key]):
+                    raise invalid_type(f"{where}.{key}", expected)
+            if extra := set(item) - {"capability", "state"}:
+                raise ActorError(f"Parameter '{where}.{sorted(extra)[0]}' is unexpected")
             if item["capability"] not in new:
-                raise ActorError(f"Capability '{item['capability']}' is not supported")
-            new[item["capability"]] = bool(item["state"])
+                raise ActorError(f"Parameter '{where}.capability' does not accept value "
+                                 f"'{item['capability']}'")
+            new[item["capability"]] = item["state"]
         self.capabilities = new
         return {}
 
     @command("migrate_set_speed")
     async def cmd_set_speed(self, value: int) -> dict:
         """Seed-era: maximum migration speed in bytes per second (negative means 0)."""
-        if not isinstance(value, int | float):
-            raise ActorError("Invalid parameter type for 'value', expected: integer")
-        self.parameters["max-bandwidth"] = max(0, int(value))
+        self.parameters["max-bandwidth"] = max(0, value)
         return {}
 
     @command("migrate_set_downtime")
     async def cmd_set_downtime(self, value: float) -> dict:
-        """Seed-era: maximum tolerated downtime in seconds."""
-        if not isinstance(value, int | float) or value < 0 or value * 1000 > MAX_DOWNTIME_MS:
-            raise ActorError("Parameter 'value' expects a number of seconds from 0 to 2000")
-        self.parameters["downtime-limit"] = int(value * 1000)
+        """Seed-era: maximum tolerated downtime in seconds (clamped to 0 .. 2000)."""
+        self.parameters["downtime-limit"] = round(min(max(0.0, value), MAX_DOWNTIME_MS / 1000) * 1000)
+        return {}
+
+    @command("device_add")
+    async def cmd_device_add(self, driver: str, id_: str, **props) -> dict:
+        """Add a guest device: driver no-migrate (a device that blocks migration), id ID."""
+        if props:
+            raise ActorError(f"Property '{driver}.{sorted(props)[0]}' not found")
+        if self.task is not None and not self.task.done():
+            raise ActorError(MIGRATION_ACTIVE)
+        self.add_device({"driver": driver, "id": id_})
+        return {}
+
+    @command("device_del")
+    async def cmd_device_del(self, id_: str) -> dict:
+        """Remove guest device ID; the migration blocker it held goes with it."""
+        if id_ not in self.devices:
+            raise ActorError(f"Device '{id_}' not found", "DeviceNotFound")
+        del self.devices[id_]
+        self.blockers.pop(id_, None)
+        self.publish(ev.DEVICE_DELETED, {"device": id_, "path": f"/machine/peripheral/{id_}"})
         return {}
 
     @command("query-block")
@@ -200,12 +365,17 @@ class Commands:
 
     @command("pmemsave")
     async def cmd_pmemsave(self, val: int, size: int, filename: str) -> dict:
-        """Save SIZE bytes of guest RAM from guest-physical address VAL to FILENAME."""
+        """Save SIZE bytes of guest RAM from guest-physical address VAL to FILENAME (RAM blocks
+        are laid out from address 0 in order)."""
         if val < 0 or size < 0 or val + size > self.ram.size:
-            raise ActorError(f"Invalid parameter: range {val:#x}+{size:#x} is outside guest RAM")
-        try:
+            raise ActorError(f"Invalid parameter: range {val:#x}+{size:#x} is outside guest RAM "
+                             f"(0x0+{self.ram.size:#x})")
+
+        def save() -> None:
             with open(filename, "wb") as f:
-                f.write(memoryview(self.ram.bytes[val:val + size]))
+                f.write(self.ram.bytes[val:val + size].data)
+        try:
+            await asyncio.to_thread(save)  # large dumps must not stall the coordinator
         except OSError as exc:
             raise ActorError(f"Could not open '{filename}': {exc.strerror}") from None
         return {}
@@ -220,5 +390,3 @@ class Commands:
         """livemig: this host's name, guest description, endpoints and incoming URI."""
         return {"name": self.name, "guest": self.guest, "events": self.cfg["events"],
                 "incoming": self.incoming_uri, "pid": os.getppid()}
-
-

@@ -52,7 +52,8 @@ DEFAULT_CAPABILITIES = {"events": False, "return-path": True,
                         # testing aid: the destination keeps stale image metadata (the seed's bug)
                         "x-skip-invalidate": False,
                         # integrity: send digests of the final RAM, checked before the guest runs
-                        "x-digest": False}
+                        "x-digest": False,
+                        "pause-before-switchover": False}
 WINDOW = 0.1  # rate-limit window, as QEMU's BUFFER_DELAY
 UNLIMITED_CHUNK = 64 << 20  # bytes per iterate request when bandwidth is unlimited
 MAX_DOWNTIME_MS = 2_000_000
@@ -137,6 +138,7 @@ class Coordinator(Commands):
         self.pub.bind(cfg["events"])
         self.incoming_uri: str | None = None
         self.exit_on_error = False  # quit when an incoming migration fails (QEMU's default)
+        self.init_devices(cfg.raw.get("devices", []))
 
     async def connect_workers(self) -> None:
         ep = self.cfg.endpoint
@@ -419,6 +421,7 @@ class Coordinator(Commands):
             await self.set_running(False, RunState.FINISH_MIGRATE)
             stopped = True
             await self.fault("after-stop")
+            await self.pause_before_switchover()
             if blk:
                 await self.block_step(0, end=True)
             sync = (await ram.call("sync")).data["result"]

@@ -55,6 +55,7 @@ class HostSpec:
     events: str | None = None
     fds: list[int] = field(default_factory=list)
     drives: list[dict] = field(default_factory=list)  # machine.disk.DriveSpec fields
+    devices: list[dict] = field(default_factory=list)  # --device: {"driver", "id"}
 
 
 class Host:
@@ -103,7 +104,7 @@ class Host:
                       "seed": self.spec.seed, "vcpus": self.spec.vcpus, "workload": self.spec.workload},
             "incoming": self.spec.incoming, "autostart": self.spec.autostart, "qmp": qmp,
             "events": self.spec.events or f"ipc://{self.rundir}/events.sock",
-            "fds": self.spec.fds, "drives": self.spec.drives,
+            "fds": self.spec.fds, "drives": self.spec.drives, "devices": self.spec.devices,
         }
         self.config_path = os.path.join(self.rundir, "config.json")
         with open(self.config_path, "w") as f:
@@ -237,7 +238,7 @@ def qmp_address(addr: str) -> str | tuple[str, int]:
     """'unix:PATH', 'tcp:HOST:PORT', or a bare path -> a qemu.qmp address."""
     if addr.startswith("tcp:"):
         host, _, port = addr[4:].rpartition(":")
-        return (host.strip("[]"), int(port))
+        return (host.strip("[]") or "127.0.0.1", int(port))
     return addr.removeprefix("unix:")
 
 

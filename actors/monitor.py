@@ -1,7 +1,13 @@
-"""Monitor: the host's QMP server (UNIX and/or TCP socket). It negotiates
-capabilities, turns commands into requests to the coordinator, and forwards
-the coordinator's events to every negotiated client. A slow or vanished
-client only loses its own events; it never holds up the host."""
+"""Monitor: the host's QMP server (UNIX and/or TCP sockets). It negotiates
+capabilities, turns commands into requests to the coordinator, serves human
+monitor commands, and forwards the coordinator's events to every negotiated
+client.
+
+Each client is a Session with three tasks: a reader that decodes the byte
+stream, an executor that runs its commands one at a time (so replies keep
+their order and a long HMP `migrate` holds only that client), and a pump
+that writes. Replies and events go through a bounded queue: a client that
+stops reading is dropped when it fills, and nothing else ever waits for it."""
 
 from __future__ import annotations
 
@@ -12,14 +18,17 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from actors import hmp
 from actors.base import ActorError, AsyncPeer, HostConfig, log, start_actor
-from actors.commands import COMMANDS
+from actors.commands import COMMANDS, check_args
+from protocol import events as ev
 from protocol import qmp
 
 VERSION = (7, 2, 0)
 PACKAGE = "livemig 0.1.0"
-MAX_QUEUED_EVENTS = 1000
-LOCAL_COMMANDS = ("qmp_capabilities", "query-version", "query-commands")
+MAX_QUEUED = 1000  # replies and events waiting for one client
+MAX_REQUESTS = 64  # commands read ahead of the one running, per client
+COMMAND_TIMEOUT = 120  # s; no coordinator command lasts longer (HMP migrate polls instead)
 
 
 class Session:
@@ -28,90 +37,98 @@ class Session:
         self.reader = reader
         self.writer = writer
         self.negotiated = False
-        self.out: asyncio.Queue[bytes | None] = asyncio.Queue(MAX_QUEUED_EVENTS)
+        self.closed = False
+        self.out: asyncio.Queue[bytes] = asyncio.Queue(MAX_QUEUED)
+        self.requests: asyncio.Queue[object] = asyncio.Queue(MAX_REQUESTS)
 
     def send(self, obj: dict) -> None:
+        if self.closed:
+            return
         try:
             self.out.put_nowait(qmp.encode(obj))
         except asyncio.QueueFull:
-            log.warning("QMP client too slow; dropping it")
-            self.writer.close()
+            log.warning("QMP client does not read: %d messages queued; dropping it", MAX_QUEUED)
+            self.drop()
+
+    def drop(self) -> None:
+        self.closed = True
+        self.writer.transport.abort()  # close() would wait to flush to a client that never reads
 
     async def pump(self) -> None:
-        while (data := await self.out.get()) is not None:
-            self.writer.write(data)
+        while True:
+            self.writer.write(await self.out.get())
             await self.writer.drain()
 
-    async def run(self) -> None:
-        pump = asyncio.get_running_loop().create_task(self.pump())
+    async def execute_loop(self) -> None:
+        while True:
+            item = await self.requests.get()
+            if isinstance(item, qmp.FramingError):
+                self.send(qmp.error("GenericError", str(item)))
+            else:
+                await self.handle(item)
+
+    async def read_loop(self) -> None:
         stream = qmp.JsonStream()
+        while not self.closed and (data := await self.reader.read(65536)):
+            for item in stream.feed(data):
+                await self.requests.put(item)  # a full queue stops reading this client only
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self.pump()), loop.create_task(self.execute_loop())]
         self.send(qmp.greeting(VERSION, PACKAGE))
         try:
-            while data := await self.reader.read(65536):
-                for item in stream.feed(data):
-                    if isinstance(item, qmp.FramingError):
-                        self.send(qmp.error("GenericError", str(item)))
-                    else:
-                        await self.handle(item)
+            await self.read_loop()
         except (ConnectionError, OSError):
             pass
         finally:
+            self.closed = True
             self.monitor.sessions.discard(self)
-            pump.cancel()
-            self.writer.close()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # also reaps a pump that failed
+            self.writer.transport.abort()
 
     async def handle(self, req) -> None:
         if not isinstance(req, dict):
             self.send(qmp.error("GenericError", "QMP input must be a JSON object"))
             return
         id_ = req.get("id")
+        unknown = sorted(set(req) - {"execute", "exec-oob", "arguments", "id"})
+        if unknown:
+            self.send(qmp.error("GenericError", f"QMP input member '{unknown[0]}' is unexpected", id_))
+            return
         name = req.get("execute", req.get("exec-oob"))
         if not isinstance(name, str):
-            self.send(qmp.error("GenericError", "QMP input lacks member 'execute'", id_))
-            return
-        unknown = set(req) - {"execute", "exec-oob", "arguments", "id"}
-        if unknown:
-            self.send(qmp.error("GenericError", f"QMP input member '{sorted(unknown)[0]}' is unexpected", id_))
+            self.send(qmp.error("GenericError", "QMP input member 'execute' must be a string"
+                                if name is not None else "QMP input lacks member 'execute'", id_))
             return
         args = req.get("arguments", {})
         if not isinstance(args, dict):
             self.send(qmp.error("GenericError", "QMP input member 'arguments' must be an object", id_))
             return
         if "exec-oob" in req:
-            self.send(qmp.error("GenericError", "Out-Of-Band is not enabled for this monitor", id_))
-            return
-        if not self.negotiated:
-            if name != "qmp_capabilities":
-                self.send(qmp.error("CommandNotFound",
-                                    "Expecting capabilities negotiation with 'qmp_capabilities'", id_))
-                return
-            enable = args.get("enable", [])
-            if set(args) - {"enable"} or not isinstance(enable, list):
-                self.send(qmp.error("GenericError", "Parameter 'enable' expects a list of capabilities", id_))
-                return
-            if enable:
-                self.send(qmp.error("GenericError", f"Capability '{enable[0]}' not available", id_))
-                return
-            self.negotiated = True
-            self.reply({}, id_)
-            return
-        if name == "qmp_capabilities":
-            self.send(qmp.error("CommandNotFound",
-                                "Capabilities negotiation is already complete, command ignored", id_))
-            return
-        if name == "query-version":
-            major, minor, micro = VERSION
-            self.reply({"qemu": {"major": major, "minor": minor, "micro": micro}, "package": PACKAGE}, id_)
-            return
-        if name == "query-commands":
-            self.reply([{"name": n} for n in sorted({*LOCAL_COMMANDS, *COMMANDS})], id_)
+            self.send(qmp.error("GenericError", "QMP input member 'exec-oob' is unexpected", id_))
             return
         try:
-            result = await self.monitor.execute(name, args)
+            self.reply(await self.dispatch(name, args), id_)
         except ActorError as exc:
             self.send(qmp.error(exc.cls, exc.desc, id_))
-            return
-        self.reply(result, id_)
+
+    async def dispatch(self, name: str, args: dict):
+        if not self.negotiated:
+            if name != "qmp_capabilities":
+                raise ActorError("Expecting capabilities negotiation with 'qmp_capabilities'",
+                                 "CommandNotFound")
+            enable = check_args(Session.qmp_capabilities, args).get("enable", [])
+            if enable:
+                raise ActorError(f"Capability '{enable[0]}' not available")
+            self.negotiated = True
+            return {}
+        local = LOCAL_COMMANDS.get(name)
+        if local is not None:
+            return await local(self, **check_args(local, args))
+        return await self.monitor.execute(name, args)
 
     def reply(self, result, id_) -> None:
         msg: dict = {"return": result}
@@ -119,17 +136,44 @@ class Session:
             msg["id"] = id_
         self.send(msg)
 
+    # commands served here rather than by the coordinator ------------------------------------
+    async def qmp_capabilities(self, enable: list | None = None) -> dict:
+        """Leave capabilities negotiation (no QMP capabilities are offered)."""
+        raise ActorError("Capabilities negotiation is already complete, command ignored",
+                         "CommandNotFound")
+
+    async def query_version(self) -> dict:
+        """The QEMU version this monitor speaks as, and livemig's own in `package`."""
+        major, minor, micro = VERSION
+        return {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": PACKAGE}
+
+    async def query_commands(self) -> list:
+        """Every command this monitor accepts."""
+        return [{"name": n} for n in sorted({*LOCAL_COMMANDS, *COMMANDS})]
+
+    async def human_monitor_command(self, command_line: str, cpu_index: int | None = None) -> str:
+        """Run a human monitor (HMP) command line; returns its text output."""
+        return await hmp.run(command_line, self.monitor.execute)
+
+
+LOCAL_COMMANDS = {"qmp_capabilities": Session.qmp_capabilities, "query-version": Session.query_version,
+                  "query-commands": Session.query_commands,
+                  "human-monitor-command": Session.human_monitor_command}
+
 
 class Monitor:
     def __init__(self, cfg: HostConfig) -> None:
         self.cfg = cfg
         self.sessions: set[Session] = set()
-        self.lock = asyncio.Lock()
 
     async def execute(self, name: str, args: dict):
-        # Long commands (migrate without detach via HMP) must not block others: one
-        # request in flight per command, replies matched by id in AsyncPeer.
-        reply = await self.coordinator.call("qmp", {"execute": name, "arguments": args}, timeout=120)
+        """Forward one command to the coordinator: one request each, replies matched by id,
+        so clients' commands run side by side there."""
+        try:
+            reply = await self.coordinator.call("qmp", {"execute": name, "arguments": args},
+                                                timeout=COMMAND_TIMEOUT)
+        except (TypeError, ValueError, OverflowError) as exc:  # not representable in msgpack
+            raise ActorError(f"Invalid arguments: {exc}") from None
         return reply.data["result"]
 
     async def events(self, ctx: zmq.asyncio.Context) -> None:
@@ -138,12 +182,13 @@ class Monitor:
         sub.connect(self.cfg["events"])
         while True:
             frames = await sub.recv_multipart()
-            body = msgpack.unpackb(frames[-1], raw=False)
+            try:
+                body = msgpack.unpackb(frames[-1], raw=False)
+            except (ValueError, msgpack.UnpackException):
+                continue
             if not body.get("qmp"):
                 continue
-            event = {"event": body["event"], "data": body["data"], "timestamp": body["timestamp"]}
-            if not body["data"]:
-                del event["data"]
+            event = ev.qmp_event(body)
             for s in list(self.sessions):
                 if s.negotiated:
                     s.send(event)
@@ -153,23 +198,25 @@ class Monitor:
         self.sessions.add(session)
         await session.run()
 
+    async def listen(self, addr: str) -> asyncio.Server:
+        kind, _, where = addr.partition(":")
+        if kind == "unix":
+            if os.path.exists(where):
+                os.unlink(where)
+            old = os.umask(0o177)  # the socket is private: mode 0600
+            try:
+                return await asyncio.start_unix_server(self.client, where)
+            finally:
+                os.umask(old)
+        if kind != "tcp":
+            raise ValueError(f"QMP address must be unix:PATH or tcp:HOST:PORT, not {addr!r}")
+        host, _, port = where.rpartition(":")
+        return await asyncio.start_server(self.client, host.strip("[]") or "127.0.0.1", int(port))
+
     async def serve(self) -> None:
         ctx = zmq.asyncio.Context()
         self.coordinator = AsyncPeer(ctx, self.cfg.endpoint("coordinator"), "monitor")
-        servers = []
-        for addr in self.cfg["qmp"]:
-            kind, _, where = addr.partition(":")
-            if kind == "unix":
-                if os.path.exists(where):
-                    os.unlink(where)
-                old = os.umask(0o177)  # the socket is private: mode 0600
-                try:
-                    servers.append(await asyncio.start_unix_server(self.client, where))
-                finally:
-                    os.umask(old)
-            else:
-                host, _, port = where.rpartition(":")
-                servers.append(await asyncio.start_server(self.client, host.strip("[]"), int(port)))
+        self.servers = [await self.listen(addr) for addr in self.cfg["qmp"]]
         await self.events(ctx)
 
 

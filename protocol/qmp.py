@@ -7,101 +7,136 @@ import json
 import re
 import time
 
-MAX_PENDING = 1 << 20  # an unfinished object larger than this is garbage
+MAX_PENDING = 1 << 20  # an unfinished value larger than this is garbage
+MAX_DEPTH = 1024  # nesting limit, as QEMU's parser has
+INT_RANGE = (-(1 << 63), 1 << 64)  # wider integers become numbers, as in QEMU
 
 
 class FramingError(ValueError):
     pass
 
 
-_OUTSIDE = re.compile(r'[{}\[\]"\x00-\x08\x0b\x0c\x0e-\x1f\xff]')
-_INSIDE = re.compile(r'["\\]')
+# Bytes that matter to the scanner. UTF-8 continuation bytes are never ASCII,
+# so scanning bytes is safe; only whole values are decoded.
+_BETWEEN = re.compile(rb"[^ \t\r\n]")
+_OUTSIDE = re.compile(rb'[{}\[\]"\x00-\x08\x0b\x0c\x0e-\x1f\xff]')
+_INSIDE = re.compile(rb'["\\\x00-\x08\x0b\x0c\x0e-\x1f\xff]')
+_RESYNC = re.compile(rb"[{\[]")
+_CLOSER = {ord("{"): ord("}"), ord("["): ord("]")}
+_CONTROL = frozenset([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0xFF])
+
+
+def _number(text: str) -> int | float:
+    value = int(text)
+    return value if INT_RANGE[0] <= value < INT_RANGE[1] else float(text)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"invalid literal {name}")
 
 
 class JsonStream:
     """Incremental decoder: feed bytes, get complete JSON values.
 
-    It tracks nesting depth outside strings, so an object is decoded only
-    once its closing brace arrived. Bad input yields a FramingError in the
-    output and the parser skips ahead, as QEMU's JSON streamer does; a control
-    character resets it.
+    It tracks nesting outside strings, so a value is decoded only once its
+    closing bracket arrived. Bad input yields one FramingError, then the
+    parser skips to the next '{' and stays quiet until a value decodes again
+    (a flood of garbage costs one reply, not one per byte). A control
+    character or 0xFF resets it, as in QEMU.
     """
 
-    def __init__(self) -> None:
-        self.buf = ""
-        self.scan = 0
-        self.depth = 0
+    def __init__(self, max_pending: int = MAX_PENDING, max_depth: int = MAX_DEPTH) -> None:
+        self.max_pending = max_pending
+        self.max_depth = max_depth
+        self.buf = bytearray()
+        self.pos = 0  # next byte to scan
+        self.start = -1  # where the value being scanned began; -1 between values
+        self.stack = bytearray()  # closers expected, innermost last
         self.in_string = False
-        self.stack: list[str] = []
-        self.pending = b""
+        self.quiet = False
 
     def feed(self, data: bytes) -> list:
-        data = self.pending + data
-        self.pending = b""
-        try:
-            text = data.decode()
-        except UnicodeDecodeError as exc:
-            if exc.reason == "unexpected end of data":
-                text, self.pending = data[:exc.start].decode(errors="replace"), data[exc.start:]
-            else:
-                text = data.decode(errors="replace")
-        self.buf += text
+        self.buf += data
         out: list = []
-        while True:
-            if self.depth == 0 and not self.in_string:
-                # Between values: only whitespace may stand before the next one.
-                stripped = self.buf.lstrip(" \t\r\n")
-                if stripped and stripped[0] not in "{[":
-                    nxt = stripped.find("{")
-                    out.append(FramingError("JSON parse error, expecting value"))
-                    stripped = "" if nxt < 0 else stripped[nxt:]
-                self.buf, self.scan = stripped, 0
-                if not self.buf:
-                    return out
-            pattern = _INSIDE if self.in_string else _OUTSIDE
-            m = pattern.search(self.buf, self.scan)
+        buf, n = self.buf, len(self.buf)
+        while self.pos < n:
+            if self.start < 0:
+                m = _BETWEEN.search(buf, self.pos)
+                if m is None:
+                    self.pos = n
+                    break
+                i, ch = m.start(), buf[m.start()]
+                if ch in _CLOSER:
+                    self.start, self.pos = i, i + 1
+                    self.stack = bytearray([_CLOSER[ch]])
+                elif ch in _CONTROL:
+                    self.pos = i + 1  # a reset between values: nothing to drop
+                else:
+                    self._fail(out, "JSON parse error, expecting value")
+                    self._resync(i)
+                continue
+            m = (_INSIDE if self.in_string else _OUTSIDE).search(buf, self.pos)
             if m is None:
-                self.scan = len(self.buf)
-                if len(self.buf) > MAX_PENDING:
-                    out.append(FramingError("JSON parse error, object too large"))
-                    self.reset()
-                return out
-            ch = m.group()
-            i = m.start()
-            self.scan = i + 1
-            if self.in_string:
-                if ch == "\\":
-                    if i + 1 >= len(self.buf):
-                        self.scan = i
-                        return out
-                    self.scan = i + 2
+                self.pos = n
+                break
+            i, ch = m.start(), buf[m.start()]
+            self.pos = i + 1
+            if ch in _CONTROL:
+                self._fail(out, "JSON parse error, stray control character")
+                self._reset()
+            elif self.in_string:
+                if ch == 0x5C:  # backslash: skip the escaped byte (wait for it if missing)
+                    if i + 1 >= n:
+                        self.pos = i
+                        break
+                    self.pos = i + 2
                 else:
                     self.in_string = False
-            elif ch == '"':
+            elif ch == 0x22:
                 self.in_string = True
-            elif ch in "{[":
-                self.stack.append("}" if ch == "{" else "]")
-                self.depth += 1
-            elif ch in "}]":
-                if self.stack.pop() != ch:
-                    out.append(FramingError("JSON parse error, mismatched brackets"))
-                    self.buf = self.buf[i + 1:]
-                    self.scan, self.depth, self.in_string, self.stack = 0, 0, False, []
-                    continue
-                self.depth -= 1
-                if self.depth == 0:
-                    chunk, self.buf, self.scan = self.buf[:i + 1], self.buf[i + 1:], 0
-                    try:
-                        out.append(json.loads(chunk))
-                    except ValueError as exc:
-                        out.append(FramingError(f"JSON parse error, {exc}"))
-            else:  # control character: drop what was pending, as QEMU does
-                out.append(FramingError("JSON parse error, stray control character"))
-                self.buf = self.buf[i + 1:]
-                self.scan, self.depth, self.in_string, self.stack = 0, 0, False, []
+            elif ch in _CLOSER:
+                self.stack.append(_CLOSER[ch])
+                if len(self.stack) > self.max_depth:
+                    self._fail(out, "JSON parse error, nesting too deep")
+                    self._resync(i + 1)
+            elif self.stack.pop() != ch:
+                self._fail(out, "JSON parse error, mismatched brackets")
+                self._resync(i + 1)
+            elif not self.stack:
+                self._decode(bytes(buf[self.start:i + 1]), out)
+                self.start = -1
+        if self.start >= 0 and self.pos - self.start > self.max_pending:
+            self._fail(out, "JSON parse error, object too large")
+            self._resync(self.pos)
+        keep = self.start if self.start >= 0 else self.pos
+        del buf[:keep]  # once per feed: no quadratic copying on long garbage
+        self.pos -= keep
+        if self.start >= 0:
+            self.start -= keep
+        return out
 
-    def reset(self) -> None:
-        self.buf, self.scan, self.depth, self.in_string, self.stack = "", 0, 0, False, []
+    def _decode(self, chunk: bytes, out: list) -> None:
+        try:
+            value = json.loads(chunk, parse_int=_number, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            self._fail(out, f"JSON parse error, {exc}")
+            return
+        self.quiet = False
+        out.append(value)
+
+    def _fail(self, out: list, desc: str) -> None:
+        if not self.quiet:
+            out.append(FramingError(desc))
+        self.quiet = True
+
+    def _reset(self) -> None:
+        self.start, self.stack, self.in_string = -1, bytearray(), False
+
+    def _resync(self, at: int) -> None:
+        """Drop the value in progress and skip to the next '{' or '['."""
+        self._reset()
+        m = _RESYNC.search(self.buf, at)
+        self.pos = len(self.buf) if m is None else m.start()
 
 
 def encode(obj: dict) -> bytes:

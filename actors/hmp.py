@@ -1,0 +1,350 @@
+"""Human monitor (HMP) commands, reached through QMP's human-monitor-command
+and `livemig hmp 'LINE'`. Each command registers itself with its usage; its
+docstring is its `help` line. Commands turn into QMP commands and print what
+QEMU's human monitor prints, so scripts written against QEMU's text work."""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from actors.base import ActorError
+from actors.commands import END_STATES
+
+Execute = Callable[[str, dict], Awaitable]  # runs one QMP command; raises ActorError
+POLL = 0.1  # s between query-migrate polls while `migrate` waits
+
+# The units QEMU's `info migrate_parameters` prints, and its order of lines.
+PARAMETER_UNITS = {"announce-initial": " ms", "announce-max": " ms", "announce-step": " ms",
+                   "max-bandwidth": " bytes/second", "avail-switchover-bandwidth": " bytes/second",
+                   "downtime-limit": " ms", "x-checkpoint-delay": " ms", "xbzrle-cache-size": " bytes",
+                   "x-vcpu-dirty-limit-period": " ms", "vcpu-dirty-limit": " MB/s"}
+PARAMETER_ORDER = ("announce-initial", "announce-max", "announce-rounds", "announce-step",
+                   "throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment",
+                   "cpu-throttle-tailslow", "max-cpu-throttle", "tls-creds", "tls-hostname",
+                   "max-bandwidth", "avail-switchover-bandwidth", "downtime-limit")
+SIZE_PARAMETERS = ("max-bandwidth", "avail-switchover-bandwidth", "xbzrle-cache-size",
+                   "max-postcopy-bandwidth")
+_SUFFIXES = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+
+class UsageError(Exception):
+    """Bad arguments: printed with a pointer to `help`, as QEMU's monitor does."""
+
+
+@dataclass(frozen=True)
+class HmpCommand:
+    name: str
+    usage: str  # e.g. "[-d] [-b] [-i] uri": flags, then positional arguments ([x] optional)
+    run: Callable[[Execute, dict], Awaitable[str]]
+    help: str
+
+    def parse(self, words: list[str]) -> dict:
+        spec = self.usage.split()
+        flags = {s.strip("[]") for s in spec if s.startswith("[-")}
+        names = [s for s in spec if not s.startswith("[-")]
+        args: dict = {f.lstrip("-"): False for f in flags}
+        positional = []
+        for w in words:
+            if w in flags and not positional:
+                args[w.lstrip("-")] = True
+            else:
+                positional.append(w)
+        for name in names:
+            optional = name.startswith("[")
+            key = name.strip("[]")
+            if positional:
+                args[key] = positional.pop(0)
+            elif optional:
+                args[key] = None
+            else:
+                raise UsageError(f"{key} expected")
+        if positional:
+            raise UsageError("extraneous characters at the end of line")
+        return args
+
+
+HMP: dict[str, HmpCommand] = {}
+ALIASES = {"c": "cont", "?": "help"}
+
+
+def hmp(name: str, usage: str = ""):
+    """Register an HMP command; its docstring is its help line."""
+    def wrap(fn: Callable[[Execute, dict], Awaitable[str]]):
+        HMP[name] = HmpCommand(name, usage, fn, " ".join((fn.__doc__ or "").split()))
+        return fn
+    return wrap
+
+
+async def run(line: str, execute: Execute) -> str:
+    """Run one HMP command line; returns its output (errors included, as text)."""
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:
+        return f"Error: {exc}\n"
+    if not words:
+        return ""
+    name = ALIASES.get(words[0], words[0])
+    rest = words[1:]
+    if name == "info" and rest:
+        name, rest = f"info {rest[0]}", rest[1:]
+    cmd = HMP.get(name)
+    if cmd is None:
+        return f"unknown command: '{name}'\n"
+    try:
+        return await cmd.run(execute, cmd.parse(rest))
+    except UsageError as exc:
+        return f"{name}: {exc}\nTry \"help {name}\" for more information\n"
+    except ActorError as exc:
+        return f"Error: {exc.desc}\n"
+
+
+def parse_size(text: str, default_shift: int = 0) -> int:
+    """'32m', '1.5G', '4096' -> bytes; a bare number is scaled by default_shift."""
+    t = text.strip().lower()
+    shift = default_shift
+    if t and t[-1] in _SUFFIXES:
+        t, shift = t[:-1], _SUFFIXES[t[-1]]
+    try:
+        value = float(t)
+    except ValueError:
+        raise UsageError(f"invalid size '{text}'") from None
+    return int(value * (1 << shift))
+
+
+def parse_seconds(text: str) -> float:
+    """'0.03', '30ms', '30000us', '30000000ns' -> seconds."""
+    t = text.strip().lower()
+    units = {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}
+    suffix = next((u for u in units if t.endswith(u)), "")
+    try:
+        return float(t.removesuffix(suffix) if suffix else t) * units.get(suffix, 1.0)
+    except ValueError:
+        raise UsageError(f"invalid time '{text}'") from None
+
+
+def on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise UsageError(f"'on' or 'off' expected, not '{text}'")
+    return text == "on"
+
+
+# formatting ---------------------------------------------------------------------------------------
+def format_status(status: dict) -> str:
+    if status["running"]:
+        return "VM status: running\n"
+    if status["status"] == "paused":
+        return "VM status: paused\n"
+    return f"VM status: paused ({status['status']})\n"
+
+
+def format_migrate(info: dict) -> str:
+    """QEMU's classic `info migrate` text (the layout of QEMU 2.x to 10.0, without the
+    QEMU-internal `globals:` block); nothing before the first migration."""
+    out = []
+    if info.get("blocked-reasons"):
+        out.append("Outgoing migration blocked:")
+        out += [f"  {r}" for r in info["blocked-reasons"]]
+    if "status" in info:
+        line = f"Migration status: {info['status']}"
+        if info["status"] == "failed" and info.get("error-desc"):
+            line += f" ({info['error-desc']})"
+        out.append(line)
+        out.append(f"total time: {info.get('total-time', 0)} ms")
+        for key, label in (("expected-downtime", "expected downtime"), ("downtime", "downtime"),
+                           ("setup-time", "setup")):
+            if key in info:
+                out.append(f"{label}: {info[key]} ms")
+    ram = info.get("ram")
+    if ram is not None:
+        r = {k: ram.get(k, 0) for k in ("transferred", "remaining", "total", "duplicate", "skipped",
+                                        "normal", "normal-bytes", "dirty-sync-count", "page-size",
+                                        "multifd-bytes", "pages-per-second", "dirty-pages-rate",
+                                        "postcopy-requests", "precopy-bytes", "downtime-bytes",
+                                        "postcopy-bytes", "mbps")}
+        out += [f"transferred ram: {r['transferred'] >> 10} kbytes",
+                f"throughput: {r['mbps']:0.2f} mbps",
+                f"remaining ram: {r['remaining'] >> 10} kbytes",
+                f"total ram: {r['total'] >> 10} kbytes",
+                f"duplicate: {r['duplicate']} pages",
+                f"skipped: {r['skipped']} pages",
+                f"normal: {r['normal']} pages",
+                f"normal bytes: {r['normal-bytes'] >> 10} kbytes",
+                f"dirty sync count: {r['dirty-sync-count']}",
+                f"page size: {r['page-size'] >> 10} kbytes",
+                f"multifd bytes: {r['multifd-bytes'] >> 10} kbytes",
+                f"pages-per-second: {r['pages-per-second']}"]
+        # Lines QEMU prints only when non-zero.
+        for key, text in (("dirty-pages-rate", "dirty pages rate: {} pages"),
+                          ("postcopy-requests", "postcopy request count: {}")):
+            if r[key]:
+                out.append(text.format(r[key]))
+        for key, label in (("precopy-bytes", "precopy ram"), ("downtime-bytes", "downtime ram"),
+                           ("postcopy-bytes", "postcopy ram")):
+            if r[key]:
+                out.append(f"{label}: {r[key] >> 10} kbytes")
+    disk = info.get("disk")
+    if disk is not None:
+        out += [f"transferred disk: {disk.get('transferred', 0) >> 10} kbytes",
+                f"remaining disk: {disk.get('remaining', 0) >> 10} kbytes",
+                f"total disk: {disk.get('total', 0) >> 10} kbytes"]
+    if "cpu-throttle-percentage" in info:
+        out.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
+    return "".join(f"{line}\n" for line in out)
+
+
+def format_parameter(name: str, value) -> str:
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, str):
+        text = f"'{value}'"
+    else:
+        text = f"{value}{PARAMETER_UNITS.get(name, '')}"
+    return f"{name}: {text}\n"
+
+
+def format_parameters(params: dict) -> str:
+    names = [n for n in PARAMETER_ORDER if n in params] + [n for n in params if n not in PARAMETER_ORDER]
+    return "".join(format_parameter(n, params[n]) for n in names)
+
+
+# commands -----------------------------------------------------------------------------------------
+@hmp("help", "[command]")
+async def hmp_help(q: Execute, a: dict) -> str:
+    """show the help of every command, or of one"""
+    names = sorted(HMP) if a["command"] is None else [ALIASES.get(a["command"], a["command"])]
+    out = []
+    for name in names:
+        cmd = HMP.get(name) or HMP.get(f"info {name}")
+        if cmd is None:
+            raise UsageError(f"unknown command '{name}'")
+        out.append(f"{cmd.name} {cmd.usage}".rstrip() + f" -- {cmd.help}\n")
+    return "".join(out)
+
+
+@hmp("info status")
+async def hmp_info_status(q: Execute, a: dict) -> str:
+    """show the current VM status (running|paused)"""
+    return format_status(await q("query-status", {}))
+
+
+@hmp("info migrate")
+async def hmp_info_migrate(q: Execute, a: dict) -> str:
+    """show migration status"""
+    return format_migrate(await q("query-migrate", {}))
+
+
+@hmp("info migrate_parameters")
+async def hmp_info_parameters(q: Execute, a: dict) -> str:
+    """show current migration parameters"""
+    return format_parameters(await q("query-migrate-parameters", {}))
+
+
+@hmp("info migrate_capabilities")
+async def hmp_info_capabilities(q: Execute, a: dict) -> str:
+    """show current migration capabilities"""
+    caps = await q("query-migrate-capabilities", {})
+    return "".join(f"{c['capability']}: {'on' if c['state'] else 'off'}\n" for c in caps)
+
+
+@hmp("migrate", "[-d] [-b] [-i] uri")
+async def hmp_migrate(q: Execute, a: dict) -> str:
+    """migrate to URI; without -d, return only once the migration has ended; -b copies whole
+    disks, -i only what the top image allocates over a shared base"""
+    args = {"uri": a["uri"]}
+    if a["b"]:
+        args["blk"] = True
+    if a["i"]:
+        args["inc"] = True
+    await q("migrate", args)
+    if a["d"]:
+        return ""
+    # Suspend only this client (its session runs one command at a time): poll from here,
+    # so that the coordinator is never held by a request that lasts as long as the migration.
+    while (info := await q("query-migrate", {})).get("status") not in END_STATES:
+        await asyncio.sleep(POLL)
+    return f"{info['error-desc']}\n" if info["status"] != "completed" and info.get("error-desc") else ""
+
+
+@hmp("migrate_cancel")
+async def hmp_migrate_cancel(q: Execute, a: dict) -> str:
+    """cancel the current VM migration"""
+    await q("migrate_cancel", {})
+    return ""
+
+
+@hmp("migrate_incoming", "uri")
+async def hmp_migrate_incoming(q: Execute, a: dict) -> str:
+    """wait for an incoming migration on URI (host started with --incoming defer)"""
+    await q("migrate-incoming", {"uri": a["uri"]})
+    return ""
+
+
+@hmp("migrate_continue", "state")
+async def hmp_migrate_continue(q: Execute, a: dict) -> str:
+    """let a migration paused in STATE (pre-switchover) continue"""
+    await q("migrate-continue", {"state": a["state"]})
+    return ""
+
+
+@hmp("migrate_set_speed", "value")
+async def hmp_migrate_set_speed(q: Execute, a: dict) -> str:
+    """set maximum speed (in bytes) for migrations; a bare number is in MB, or use a B/K/M/G/T
+    suffix"""
+    await q("migrate_set_speed", {"value": parse_size(a["value"], default_shift=20)})
+    return ""
+
+
+@hmp("migrate_set_downtime", "value")
+async def hmp_migrate_set_downtime(q: Execute, a: dict) -> str:
+    """set maximum tolerated downtime (in seconds, or with an ms/us/ns suffix) for migrations"""
+    await q("migrate_set_downtime", {"value": parse_seconds(a["value"])})
+    return ""
+
+
+@hmp("migrate_set_parameter", "parameter value")
+async def hmp_migrate_set_parameter(q: Execute, a: dict) -> str:
+    """set a migration parameter (sizes take B/K/M/G/T suffixes, switches on|off)"""
+    name, text = a["parameter"], a["value"]
+    current = await q("query-migrate-parameters", {})
+    if name not in current:
+        raise ActorError(f"invalid parameter value: {name}")
+    kind = type(current[name])
+    if kind is bool:
+        value: object = on_off(text)
+    elif kind is int:
+        try:
+            value = parse_size(text) if name in SIZE_PARAMETERS else int(text, 0)
+        except ValueError:
+            raise UsageError(f"invalid integer '{text}'") from None
+    else:
+        value = text
+    await q("migrate-set-parameters", {name: value})
+    return ""
+
+
+@hmp("migrate_set_capability", "capability state")
+async def hmp_migrate_set_capability(q: Execute, a: dict) -> str:
+    """turn a migration capability on or off"""
+    caps = {c["capability"] for c in await q("query-migrate-capabilities", {})}
+    if a["capability"] not in caps:
+        raise ActorError(f"invalid parameter value: {a['capability']}")
+    await q("migrate-set-capabilities",
+            {"capabilities": [{"capability": a["capability"], "state": on_off(a["state"])}]})
+    return ""
+
+
+@hmp("stop")
+async def hmp_stop(q: Execute, a: dict) -> str:
+    """stop emulation"""
+    await q("stop", {})
+    return ""
+
+
+@hmp("cont")
+async def hmp_cont(q: Execute, a: dict) -> str:
+    """resume emulation"""
+    await q("cont", {})
+    return ""
