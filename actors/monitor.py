@@ -29,6 +29,7 @@ PACKAGE = "livemig 0.1.0"
 MAX_QUEUED = 1000  # replies and events waiting for one client
 MAX_REQUESTS = 64  # commands read ahead of the one running, per client
 COMMAND_TIMEOUT = 120  # s; no coordinator command lasts longer (HMP migrate polls instead)
+SUBSCRIBE_TIMEOUT = 30  # s to reach the coordinator's event socket at start-up
 
 
 class Session:
@@ -176,10 +177,26 @@ class Monitor:
             raise ActorError(f"Invalid arguments: {exc}") from None
         return reply.data["result"]
 
-    async def events(self, ctx: zmq.asyncio.Context) -> None:
+    async def subscribe(self, ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
+        """Connect to the coordinator's PUB socket and wait until the connection is up:
+        the QMP sockets open only then, so no client can miss an event that its own
+        command caused (the PUB side drops whatever it sends before a subscriber joined)."""
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.setsockopt(zmq.RECONNECT_IVL, 20)  # the coordinator may bind after we start
+        watch = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sub.connect(self.cfg["events"])
+        try:
+            await asyncio.wait_for(watch.recv_multipart(), SUBSCRIBE_TIMEOUT)
+        except TimeoutError:
+            log.warning("no event connection to the coordinator after %d s; serving QMP anyway",
+                        SUBSCRIBE_TIMEOUT)
+        finally:
+            sub.disable_monitor()
+            watch.close(linger=0)
+        return sub
+
+    async def events(self, sub: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sub.recv_multipart()
             try:
@@ -216,8 +233,9 @@ class Monitor:
     async def serve(self) -> None:
         ctx = zmq.asyncio.Context()
         self.coordinator = AsyncPeer(ctx, self.cfg.endpoint("coordinator"), "monitor")
+        sub = await self.subscribe(ctx)
         self.servers = [await self.listen(addr) for addr in self.cfg["qmp"]]
-        await self.events(ctx)
+        await self.events(sub)
 
 
 def main() -> None:
