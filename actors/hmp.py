@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from actors.base import ActorError
-from actors.commands import END_STATES
+from actors.commands import END_STATES, MIGRATION_STATUSES
 
 Execute = Callable[[str, dict], Awaitable]  # runs one QMP command; raises ActorError
 POLL = 0.1  # s between query-migrate polls while `migrate` waits
@@ -25,13 +25,19 @@ PARAMETER_ORDER = ("announce-initial", "announce-max", "announce-rounds", "annou
                    "throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment",
                    "cpu-throttle-tailslow", "max-cpu-throttle", "tls-creds", "tls-hostname",
                    "max-bandwidth", "avail-switchover-bandwidth", "downtime-limit")
-SIZE_PARAMETERS = ("max-bandwidth", "avail-switchover-bandwidth", "xbzrle-cache-size",
-                   "max-postcopy-bandwidth")
+# Size parameters, and the unit of a bare number: QEMU reads max-bandwidth in MiB.
+SIZE_PARAMETERS = {"max-bandwidth": 20, "avail-switchover-bandwidth": 0, "xbzrle-cache-size": 0,
+                   "max-postcopy-bandwidth": 0}
 _SUFFIXES = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
 
 class UsageError(Exception):
-    """Bad arguments: printed with a pointer to `help`, as QEMU's monitor does."""
+    """Bad arguments: printed with a pointer to `help`, as QEMU's monitor does
+    (prefixed with the command's name unless `bare`)."""
+
+    def __init__(self, text: str, bare: bool = False) -> None:
+        super().__init__(text)
+        self.bare = bare
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,9 @@ class HmpCommand:
     usage: str  # e.g. "[-d] [-b] [-i] uri": flags, then positional arguments ([x] optional)
     run: Callable[[Execute, dict], Awaitable[str]]
     help: str
+
+    def describe(self) -> str:
+        return f"{self.name} {self.usage} -- {self.help}\n"
 
     def parse(self, words: list[str]) -> dict:
         spec = self.usage.split()
@@ -60,7 +69,7 @@ class HmpCommand:
             elif optional:
                 args[key] = None
             else:
-                raise UsageError(f"{key} expected")
+                raise UsageError("string expected")
         if positional:
             raise UsageError("extraneous characters at the end of line")
         return args
@@ -79,7 +88,12 @@ def hmp(name: str, usage: str = ""):
 
 
 async def run(line: str, execute: Execute) -> str:
-    """Run one HMP command line; returns its output (errors included, as text)."""
+    """Run one HMP command line; returns its output (errors included, as text) with
+    CRLF line ends, as QEMU's human-monitor-command does."""
+    return (await _run(line, execute)).replace("\n", "\r\n")
+
+
+async def _run(line: str, execute: Execute) -> str:
     try:
         words = shlex.split(line)
     except ValueError as exc:
@@ -88,7 +102,9 @@ async def run(line: str, execute: Execute) -> str:
         return ""
     name = ALIASES.get(words[0], words[0])
     rest = words[1:]
-    if name == "info" and rest:
+    if name == "info":
+        if not rest:
+            return "".join(HMP[n].describe() for n in sorted(HMP) if n.startswith("info "))
         name, rest = f"info {rest[0]}", rest[1:]
     cmd = HMP.get(name)
     if cmd is None:
@@ -96,7 +112,8 @@ async def run(line: str, execute: Execute) -> str:
     try:
         return await cmd.run(execute, cmd.parse(rest))
     except UsageError as exc:
-        return f"{name}: {exc}\nTry \"help {name}\" for more information\n"
+        text = str(exc) if exc.bare else f"{name}: {exc}"
+        return f"{text}\nTry \"help {name}\" for more information\n"
     except ActorError as exc:
         return f"Error: {exc.desc}\n"
 
@@ -127,7 +144,7 @@ def parse_seconds(text: str) -> float:
 
 def on_off(text: str) -> bool:
     if text not in ("on", "off"):
-        raise UsageError(f"'on' or 'off' expected, not '{text}'")
+        raise UsageError("Expected 'on' or 'off'", bare=True)
     return text == "on"
 
 
@@ -220,7 +237,7 @@ async def hmp_help(q: Execute, a: dict) -> str:
         cmd = HMP.get(name) or HMP.get(f"info {name}")
         if cmd is None:
             raise UsageError(f"unknown command '{name}'")
-        out.append(f"{cmd.name} {cmd.usage}".rstrip() + f" -- {cmd.help}\n")
+        out.append(cmd.describe())
     return "".join(out)
 
 
@@ -285,6 +302,8 @@ async def hmp_migrate_incoming(q: Execute, a: dict) -> str:
 @hmp("migrate_continue", "state")
 async def hmp_migrate_continue(q: Execute, a: dict) -> str:
     """let a migration paused in STATE (pre-switchover) continue"""
+    if a["state"] not in MIGRATION_STATUSES:
+        raise ActorError(f"invalid parameter value: {a['state']}")
     await q("migrate-continue", {"state": a["state"]})
     return ""
 
@@ -306,7 +325,8 @@ async def hmp_migrate_set_downtime(q: Execute, a: dict) -> str:
 
 @hmp("migrate_set_parameter", "parameter value")
 async def hmp_migrate_set_parameter(q: Execute, a: dict) -> str:
-    """set a migration parameter (sizes take B/K/M/G/T suffixes, switches on|off)"""
+    """set a migration parameter (sizes take B/K/M/G/T suffixes, max-bandwidth is in MB
+    without one; switches are on|off)"""
     name, text = a["parameter"], a["value"]
     current = await q("query-migrate-parameters", {})
     if name not in current:
@@ -316,7 +336,7 @@ async def hmp_migrate_set_parameter(q: Execute, a: dict) -> str:
         value: object = on_off(text)
     elif kind is int:
         try:
-            value = parse_size(text) if name in SIZE_PARAMETERS else int(text, 0)
+            value = parse_size(text, SIZE_PARAMETERS[name]) if name in SIZE_PARAMETERS else int(text, 0)
         except ValueError:
             raise UsageError(f"invalid integer '{text}'") from None
     else:

@@ -18,6 +18,23 @@ from actors.host import qmp_address
 from machine.ram import fill_ram
 from machine.workload import WorkloadSpec, replay
 
+END = ("completed", "failed", "cancelled")
+
+
+def migration_events(mon, timeout: float = 30) -> list[dict]:
+    """Events pulled until a MIGRATION event with an end status."""
+    out: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not (out and out[-1]["event"] == "MIGRATION" and out[-1]["data"]["status"] in END):
+        out.append(mon.pull_event(wait=max(0.1, deadline - time.monotonic())))
+    return out
+
+
+def tokens(events: list[dict]) -> str:
+    """MIGRATION:status / MIGRATION_PASS / STOP / RESUME, space separated."""
+    return " ".join(f"MIGRATION:{e['data']['status']}" if e["event"] == "MIGRATION" else e["event"]
+                    for e in events)
+
 
 class RawQmp:
     """A QMP connection over a bare socket: bytes in, CRLF lines out."""

@@ -25,11 +25,18 @@ from actors.host import qmp_address
 from actors.launch import free_port
 from protocol import events as ev
 from tests.conftest import guest_args
-from tests.qmp_util import EventPrinter, RawQmp, replayed_ram, wait_for
+from tests.qmp_util import (
+    END,
+    EventPrinter,
+    RawQmp,
+    migration_events,
+    replayed_ram,
+    tokens,
+    wait_for,
+)
 
 EVENTS_ON = {"capabilities": [{"capability": "events", "state": True}]}
 TOUCH = guest_args(ram="32M", workload="memtouch:rate=4M,wss=8M")
-END = ("completed", "failed", "cancelled")
 
 
 def listening_addresses(port: int) -> list[str]:
@@ -42,21 +49,6 @@ def listening_addresses(port: int) -> list[str]:
             if int(p, 16) == port and state == "0A":
                 out.append(socket.inet_ntoa(struct.pack("<I", int(addr, 16))))
     return out
-
-
-def migration_events(mon: QEMUMonitorProtocol, timeout: float = 30) -> list[dict]:
-    """Events pulled until a MIGRATION event with an end status."""
-    out: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while not (out and out[-1]["event"] == "MIGRATION" and out[-1]["data"]["status"] in END):
-        out.append(mon.pull_event(wait=max(0.1, deadline - time.monotonic())))
-    return out
-
-
-def tokens(events: list[dict]) -> str:
-    """MIGRATION:status / MIGRATION_PASS / STOP / RESUME, space separated."""
-    return " ".join(f"MIGRATION:{e['data']['status']}" if e["event"] == "MIGRATION" else e["event"]
-                    for e in events)
 
 
 async def events_until_end(listener, timeout: float) -> list[dict]:
