@@ -163,6 +163,11 @@ class Commands:
         if driver == "no-migrate":
             self.blockers[id_] = f"State blocked by non-migratable device '{id_}'"
 
+    def migrating(self) -> bool:
+        """An outgoing migration runs and has not reached its end status yet (after it,
+        its task may still be tidying up: a cancel must not interrupt that)."""
+        return self.task is not None and not self.task.done() and self.mig.status not in END_STATES
+
     async def pause_before_switchover(self) -> None:
         """With pause-before-switchover on: wait in pre-switchover, guest stopped,
         until migrate-continue (or a cancel), then serialise devices in `device`."""
@@ -210,8 +215,11 @@ class Commands:
     async def cmd_migrate(self, uri: str, blk: bool = False, inc: bool = False, detach: bool = True) -> dict:
         """Start migrating the guest to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N, file:PATH);
         returns at once, progress is in query-migrate."""
-        if self.task is not None and not self.task.done():
+        if self.migrating():
             raise ActorError("migration already in progress")
+        if self.task is not None and not self.task.done():
+            # It has ended and is tidying up (resuming the guest): a new one waits for that.
+            await asyncio.wait([self.task], timeout=60)
         if self.mig.incoming and self.mig.status in ("setup", "active"):
             raise ActorError("Guest is waiting for an incoming migration")
         if self.runstate is RunState.INMIGRATE:
@@ -241,7 +249,7 @@ class Commands:
     @command("migrate_cancel")
     async def cmd_migrate_cancel(self) -> dict:
         """Cancel the current outgoing migration; harmless when none runs."""
-        if self.task is not None and not self.task.done() and not self.mig.committed:
+        if self.migrating() and self.mig.status != "cancelling" and not self.mig.committed:
             self.set_status("cancelling")
             self.task.cancel()
         return {}
@@ -303,7 +311,7 @@ class Commands:
         """Turn migration capabilities on or off: [{capability, state}, ...]. events: MIGRATION
         and MIGRATION_PASS on QMP; return-path: wait for the destination's verdict;
         pause-before-switchover: stop in pre-switchover until migrate-continue."""
-        if self.task is not None and not self.task.done():
+        if self.migrating():
             raise ActorError(MIGRATION_ACTIVE)
         new = dict(self.capabilities)
         for i, item in enumerate(capabilities):
@@ -341,7 +349,7 @@ class Commands:
         """Add a guest device: driver no-migrate (a device that blocks migration), id ID."""
         if props:
             raise ActorError(f"Property '{driver}.{sorted(props)[0]}' not found")
-        if self.task is not None and not self.task.done():
+        if self.migrating():
             raise ActorError(MIGRATION_ACTIVE)
         self.add_device({"driver": driver, "id": id_})
         return {}
