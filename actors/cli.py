@@ -304,8 +304,10 @@ def set_downtime(seconds, host, qmp) -> None:
 @click.argument("line")
 @monitor_option
 def hmp(line, host, qmp) -> None:
-    """Run a human monitor command LINE, e.g. 'info migrate' or 'migrate -d tcp:HOST:PORT'
-    ('help' lists them). Without -d, migrate returns when the migration has ended."""
+    """Run one human monitor (HMP) command LINE, such as 'info migrate'.
+
+    'help' lists the commands. Without -d, 'migrate URI' returns only when the
+    migration has ended, as QEMU's monitor does."""
     mon = connect(host, qmp)
     try:
         out = mon("human-monitor-command", **{"command-line": line})

@@ -360,7 +360,7 @@ def test_cancel_refused_second_migrate_and_pause_before_switchover(hosts, tmp_pa
         mon.cmd("migrate_cancel")
         assert tokens(migration_events(mon)).endswith("MIGRATION:cancelling MIGRATION:cancelled")
         assert mon.cmd("query-migrate")["status"] == "cancelled"
-        assert mon.cmd("query-status")["status"] == "running"
+        wait_for(lambda: mon.cmd("query-status")["status"] == "running", 30, "the guest to run on")
 
         # pause-before-switchover: the guest stops, the migration waits for migrate-continue.
         mon.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
@@ -384,7 +384,8 @@ def test_cancel_refused_second_migrate_and_pause_before_switchover(hosts, tmp_pa
             expected += ["cancelling", "cancelled"] if outcome == "cancelled" else ["device", "completed"]
             assert statuses == expected
             assert mon.cmd("query-migrate")["status"] == outcome
-            assert mon.cmd("query-status")["status"] == ("running" if outcome == "cancelled" else "postmigrate")
+            runstate = "running" if outcome == "cancelled" else "postmigrate"
+            wait_for(lambda s=runstate: mon.cmd("query-status")["status"] == s, 30, runstate)
         assert (tmp_path / "guest.mig").read_bytes()[:8] == b"QEVM\0\0\0\3"
     finally:
         mon.close()
