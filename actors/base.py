@@ -197,7 +197,10 @@ class AsyncPeer:
         self.pending[rid] = fut
         try:
             await self.sock.send_multipart(Message(mtype, data, self.node_id, frames or []).serialize())
-            msg = await asyncio.wait_for(fut, timeout)
+            # Not wait_for: on Python 3.11 it swallows a cancel (migrate_cancel) that
+            # arrives together with the reply, and the migration would just go on.
+            async with asyncio.timeout(timeout):
+                msg = await fut
         except TimeoutError:
             raise ActorError(f"{mtype} to {self.endpoint} timed out after {timeout:.0f} s") from None
         finally:
