@@ -442,6 +442,37 @@ class RamLoader:
         return n > 0
 
 
+class RamSkipper:
+    """Reads "ram" section records and drops them: for a stream that is being
+    refused anyway, so that the refusal can name the first unknown section."""
+
+    sized = True
+
+    def load(self, r: BufferedReader, version: int) -> None:
+        if version != RAM_VERSION:
+            raise StreamError(f"ram section version {version} unsupported (need {RAM_VERSION})")
+        while True:
+            word = r.be64()
+            flags = word & PAGE_MASK
+            if flags & ~RAM_KNOWN_FLAGS:
+                raise StreamError(f"unsupported RAM record flags {flags:#x}")
+            if flags & RAM_MEM_SIZE:
+                total, seen = word & ~PAGE_MASK, 0
+                for _ in range(1024):
+                    if seen >= total:
+                        break
+                    r.idstr()
+                    seen += r.be64()
+                else:
+                    raise StreamError("RAM block list too long")
+            elif flags & RAM_EOS:
+                return
+            elif flags & (RAM_PAGE | RAM_ZERO):
+                if not flags & RAM_CONTINUE:
+                    r.idstr()
+                r.take(PAGE_SIZE if flags & RAM_PAGE else 1)
+
+
 class LiveLoader(Protocol):
     """The loader of an iterative section (START, PARTs, END): ram, block."""
 
@@ -484,6 +515,7 @@ class StreamLoader:
         self.on_ping = on_ping
         self.return_path = False  # the source asked for answers on the return path
         self.open_sections: dict[int, tuple[str, int]] = {}  # section id -> (idstr, version)
+        self.refusal: str | None = None  # the stream is refused; reading on only to say more
 
     def load(self, r: BufferedReader, read_trailer: bool = True) -> LoadResult:
         result = LoadResult()
@@ -524,9 +556,11 @@ class StreamLoader:
                                           "which this machine cannot load")
                 else:
                     machine = f" {self.machine!r}" if self.machine else ""
-                    raise StreamError(
-                        f"unknown savevm section or instance {idstr!r} {instance} "
-                        f"(version {ver}): this{machine} machine cannot load it")
+                    unknown = (f"unknown savevm section or instance {idstr!r} {instance} "
+                               f"(version {ver}): this{machine} machine cannot load it")
+                    if self.refusal:
+                        raise StreamError(f"{self.refusal}; the first section it lacks: {unknown}")
+                    raise StreamError(unknown)
                 self._footer(r, sid)
             elif kind in (SECTION_PART, SECTION_END):
                 sid = r.be32()
@@ -539,6 +573,8 @@ class StreamLoader:
                 self._footer(r, sid)
             else:
                 raise StreamError(f"unknown section type {kind:#04x} at offset {r.consumed - 1}")
+        if self.refusal:
+            raise StreamError(self.refusal)
         if self.ram is not None and not self.ram.sized:
             raise StreamError("stream ended without a RAM block list")
         if read_trailer:
@@ -551,9 +587,12 @@ class StreamLoader:
         result.configuration = config
         name = config["machine"]
         if self.machine is not None and name != self.machine:
-            raise StreamError(
-                f"configuration section: machine type received is {name!r} and local is "
-                f"{self.machine!r}; a {self.machine!r} guest cannot load that machine's sections")
+            # Refused; but read on (RAM discarded, nothing started) to name the
+            # first section this machine does not have, which says more.
+            self.refusal = (f"configuration section: machine type received is {name!r} and local is "
+                            f"{self.machine!r}; a {self.machine!r} guest cannot load that machine's sections")
+            if "ram" in self.live:
+                self.live["ram"] = RamSkipper()
         return name
 
     def _command(self, r: BufferedReader, result: LoadResult) -> None:
