@@ -498,17 +498,22 @@ class Coordinator(Commands):
 
     async def iterate(self, remaining: int, blk: bool = False) -> None:
         """Send dirty pages (and disk chunks) until what is left fits in the
-        downtime limit."""
+        downtime limit. Bandwidth is measured on what the writer has put on
+        the wire, and bytes still queued for it count as pending: a queue that
+        fills fast must not make a slow link look fast."""
         mig = self.mig
         threshold = 0.0
         window_start, window_bytes = time.monotonic(), 0
+        written_start = window_written = await self.wire_written()
+        queued_total = 0
         bandwidth = 0.0  # bytes/s
         dirty_at_sync = remaining
+        in_flight = 0
         while True:
             if self.writer_failure:
                 raise MigrationFailed(self.writer_failure)
             disk_left = mig.disk.get("remaining", 0) if blk else 0
-            if remaining + disk_left <= threshold and (not blk or mig.block_bulk_done):
+            if remaining + disk_left + in_flight <= threshold and (not blk or mig.block_bulk_done):
                 sync = (await self.ram_sender.call("sync")).data["result"]
                 self.count_pass(sync)
                 await self.fault("pass")
@@ -516,13 +521,14 @@ class Coordinator(Commands):
                 if blk:
                     await self.block_step(1)  # harvests: the disk's exact pending bytes
                     disk_left = mig.disk["remaining"]
-                if remaining + disk_left <= threshold:
+                if remaining + disk_left + in_flight <= threshold:
                     return
             limit = self.parameters["max-bandwidth"]
             budget = int(limit * WINDOW) - window_bytes if limit else UNLIMITED_CHUNK
             if budget > 0 and blk and disk_left:
                 sent = await self.block_step(budget)
                 window_bytes += sent
+                queued_total += sent
                 budget -= sent
             if budget > 0:
                 result = (await self.ram_sender.call(
@@ -530,6 +536,7 @@ class Coordinator(Commands):
                 self.account(result)
                 remaining = result["remaining"]
                 window_bytes += result["queued"]
+                queued_total += result["queued"]
                 if blk:
                     await self.wait_mark(result["mark"], 600)
             now = time.monotonic()
@@ -539,16 +546,23 @@ class Coordinator(Commands):
                 now = time.monotonic()
                 elapsed = now - window_start
             if elapsed >= WINDOW:
-                bandwidth = window_bytes / elapsed
+                written = await self.wire_written()
+                bandwidth = (written - window_written) / elapsed
+                in_flight = max(0, queued_total - (written - written_start))
+                window_written = written
                 # What a window overshot (a chunk does not split) is owed by the next one.
                 window_start = now
                 window_bytes = max(0, window_bytes - int(limit * WINDOW)) if limit else 0
                 switchover_bw = self.parameters["avail-switchover-bandwidth"] or bandwidth
                 threshold = switchover_bw * self.parameters["downtime-limit"] / 1000
                 if switchover_bw:
-                    mig.expected_downtime = int((dirty_at_sync + disk_left) / switchover_bw * 1000)
+                    mig.expected_downtime = int((dirty_at_sync + disk_left + in_flight) / switchover_bw * 1000)
                 mig.ram["mbps"] = round(bandwidth * 8 / 1e6, 3)
                 mig.ram["pages-per-second"] = int(bandwidth / savevm.NORMAL_RECORD)
+
+    async def wire_written(self) -> int:
+        """Bytes the writer has put on the wire so far in this migration."""
+        return (await self.writer.call("stats", timeout=10)).data["result"]["bytes"]
 
     def count_pass(self, sync: dict) -> None:
         ram = self.mig.ram

@@ -175,7 +175,8 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     threading.Thread(target=writer.data_loop, daemon=True).start()
     handlers = {"connect": writer.on_connect, "close": writer.on_close, "abort": writer.on_abort,
                 "await_return": writer.on_await_return,
-                "confirm": writer.on_confirm, "ping": lambda _m: {}}
+                "confirm": writer.on_confirm,
+                "stats": lambda _m: {"bytes": writer.written}, "ping": lambda _m: {}}
     poller = zmq.Poller()
     poller.register(server.sock, zmq.POLLIN)
     poller.register(wake, zmq.POLLIN)
