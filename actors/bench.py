@@ -424,6 +424,7 @@ class Bench:
                 "transferred": rs[0].info["ram"].get("transferred", 0),
                 "cpu_src": median([sum(v for k, v in r.cpu.items() if k.startswith("src/")) for r in rs]),
                 "cpu_dst": median([sum(v for k, v in r.cpu.items() if k.startswith("dst/")) for r in rs]),
+                "cpu_per_actor": {k: median([r.cpu.get(k, 0) for r in rs]) for k in rs[0].cpu},
             })
 
     # 4 ---------------------------------------------------------------------------------
