@@ -20,7 +20,6 @@ from protocol import savevm
 from protocol.messages import Message
 
 BATCH_PAGES = 512
-QUEUED_BATCHES = 64  # page descriptors ahead of the writer: slack against scheduling delays
 # What one zero-page record costs on the wire; a normal page costs NORMAL_RECORD.
 ZERO_COST = savevm.ZERO_RECORD
 NORMAL_COST = savevm.NORMAL_RECORD
@@ -35,7 +34,7 @@ class RamSender:
         self.dirty = np.zeros(self.npages, np.bool_)
         self.vcpus = [Client(ctx, cfg.endpoint(f"vcpu{i}"), "ram_sender") for i in range(guest["vcpus"])]
         self.data = ctx.socket(zmq.PUSH)
-        self.data.setsockopt(zmq.SNDHWM, QUEUED_BATCHES)
+        self.data.setsockopt(zmq.SNDHWM, 8)
         self.data.setsockopt(zmq.LINGER, 0)
         self.data.connect(cfg.endpoint("writer-data"))
         self.block_of_page = np.zeros(self.npages, np.int32)

@@ -23,7 +23,6 @@ from protocol.messages import Message
 from protocol.transport import Channel, TransportError, connect, parse_uri
 
 BATCH_PAGES = 512
-QUEUED_BATCHES = 64  # descriptors only (pages are read when encoded): slack, not memory
 
 
 class Writer:
@@ -43,7 +42,7 @@ class Writer:
     # data thread -----------------------------------------------------------
     def data_loop(self) -> None:
         pull = self.ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.RCVHWM, QUEUED_BATCHES)
+        pull.setsockopt(zmq.RCVHWM, 8)
         pull.setsockopt(zmq.LINGER, 0)
         pull.bind(self.cfg.endpoint("writer-data"))
         wake = self.ctx.socket(zmq.PUSH)
