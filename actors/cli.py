@@ -416,5 +416,26 @@ def rig(scenario, results_dir, out_dir, loopback) -> None:
 
 main.add_command(stream)
 
+
+@main.command()
+@click.option("--quick", is_flag=True,
+              help="Only the raw tcp baseline and the stopped 1 GiB guest over tcp (under a minute); "
+                   "the last line is the throughput ratio.")
+@click.option("--out", default="bench", show_default=True, help="Directory for results.json, summary.md, PNGs.")
+@click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Runs per figure; medians are reported.")
+@click.option("--only", "sections", multiple=True,
+              type=click.Choice(["stopped", "zero", "running", "scaling", "qcow2"]),
+              help="Run only these sections of the full benchmark (repeatable).")
+def bench(quick, out, repeat, sections) -> None:
+    """Measure migration throughput and downtime against raw sockets, side by side."""
+    from actors.bench import run_bench
+
+    try:
+        run_bench(out=out, quick=quick, repeat=repeat, sections=tuple(sections))
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 if __name__ == "__main__":
     main()

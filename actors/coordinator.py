@@ -100,7 +100,7 @@ class MigrationState:
             out["disk"] = dict(self.disk)
         if not self.incoming:
             out["setup-time"] = self.setup_time
-        if self.status == "active" and not self.incoming:
+        if self.status in ("active", "completed") and not self.incoming:
             out["expected-downtime"] = self.expected_downtime
         if self.status == "completed":
             if self.downtime is not None:
@@ -522,6 +522,10 @@ class Coordinator(Commands):
                     await self.block_step(1)  # harvests: the disk's exact pending bytes
                     disk_left = mig.disk["remaining"]
                 if remaining + disk_left + in_flight <= threshold:
+                    # The estimate the switchover was decided on (pending / bandwidth).
+                    mig.expected_downtime = (int((remaining + disk_left + in_flight)
+                                                 * self.parameters["downtime-limit"] / threshold)
+                                             if threshold else 0)
                     return
             limit = self.parameters["max-bandwidth"]
             budget = int(limit * WINDOW) - window_bytes if limit else UNLIMITED_CHUNK

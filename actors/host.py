@@ -90,8 +90,8 @@ class Host:
         shm_path = f"/dev/shm/livemig-{os.getuid()}-{self.spec.name}-{os.getpid()}.ram"
         self.ram = GuestRam(shm_path, self.spec.blocks, create=True)
         fill_ram(self.ram.bytes, self.spec.fill, self.spec.seed)
-        if self.spec.incoming:
-            self.ram.prefault()  # page faults while receiving would cap the rate
+        # The receiver prefaults the RAM of an incoming host itself (it is the
+        # process that writes it); the source's actors map what they read.
         # Actors (also ones restarted later) open the RAM through our descriptor,
         # so the file can go now: it disappears with the host, even a killed one.
         self.ram_fd = os.open(shm_path, os.O_RDWR)

@@ -29,6 +29,7 @@ class RamSender:
     def __init__(self, cfg: HostConfig, ctx: zmq.Context) -> None:
         guest = cfg["guest"]
         self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
+        self.ram.populate(write=False)  # map what holds data now: no fault per page later
         self.npages = self.ram.pages.shape[0]
         self.dirty = np.zeros(self.npages, np.bool_)
         self.vcpus = [Client(ctx, cfg.endpoint(f"vcpu{i}"), "ram_sender") for i in range(guest["vcpus"])]
@@ -121,11 +122,17 @@ class RamSender:
                 batch = batch[blocks == blocks[0]]
             pos += len(batch)
             self.dirty[batch] = False  # cleared before reading: a later write re-dirties it
-            # Most non-zero pages show it in their first word; check the rest in full.
-            is_zero = pages[batch, :8].view(np.uint64)[:, 0] == 0
-            if is_zero.any():
-                idx = np.flatnonzero(is_zero)
-                is_zero[idx] = ~pages[batch[idx]].any(axis=1)
+            # Holes of the RAM file are zero without a look (a look would back them).
+            is_zero = self.ram.holes(batch)
+            data = np.flatnonzero(~is_zero)
+            if len(data):
+                held = batch[data]
+                # Most non-zero pages show it in their first word; check the rest in full.
+                zero = pages[held, :8].view(np.uint64)[:, 0] == 0
+                if zero.any():
+                    idx = np.flatnonzero(zero)
+                    zero[idx] = ~pages[held[idx]].any(axis=1)
+                is_zero[data] = zero
             block = self.ram.blocks[int(blocks[0])]
             self.data.send_multipart(
                 [b"pages", block.name.encode(), str(block.first_page).encode(),

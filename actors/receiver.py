@@ -36,6 +36,12 @@ class Receiver:
         self.cfg = cfg
         self.ctx = ctx
         self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
+        # A RAM file without data is all zero; then zero pages need no write.
+        self.fresh = self.ram.all_holes()
+        if cfg["incoming"]:
+            # Back and map the RAM here, in the process that writes it, before
+            # any stream arrives: a fault per page would cap the receive rate.
+            self.ram.populate(write=True)
         self.vcpus = guest["vcpus"]
         self.profile = profile(guest["machine"])
         self.listener: Listener | None = None
@@ -172,9 +178,10 @@ class Receiver:
             channel.write(savevm.rp_message(savevm.RP_PONG, struct.pack(">I", value)))
 
         loader = savevm.StreamLoader(
-            savevm.RamLoader(blocks), loaders, machine=self.cfg["guest"]["machine"],
+            savevm.RamLoader(blocks, zeroed=self.fresh), loaders, machine=self.cfg["guest"]["machine"],
             live={"block": block_loader}, on_return_path=listens,
             on_ping=pong if channel.has_return_path else None)
+        self.fresh = False  # whatever happens to this stream, the RAM is no longer known zero
         reader = savevm.BufferedReader(self.read_into(channel))
         try:
             result = loader.load(reader, read_trailer=not channel.has_return_path)

@@ -29,6 +29,7 @@ class Writer:
     def __init__(self, cfg: HostConfig, ctx: zmq.Context) -> None:
         guest = cfg["guest"]
         self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
+        self.ram.populate(write=False)  # map what holds data now: no fault per page later
         self.ctx = ctx
         self.cfg = cfg
         self.channel: Channel | None = None

@@ -3,6 +3,7 @@ the guest's vCPUs and the migration actors all map."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -13,6 +14,9 @@ import numpy as np
 PAGE_SIZE = 4096
 FILLS = ("zero", "random", "half")
 _FILL_CHUNK = 16 << 20
+# Python 3.11's mmap module lacks these (Linux 5.14+); the values are the kernel's.
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,12 @@ class GuestRam:
             elif os.fstat(fd).st_size != self.size:
                 raise ValueError(f"{path}: RAM file has {os.fstat(fd).st_size} bytes, expected {self.size}")
             self.map = mmap.mmap(fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        # Kept open: SEEK_DATA/SEEK_HOLE on it tell which pages were never written.
+        self.fd = fd
+        self._backed: np.ndarray | None = None  # pages known to hold data (see holes)
         self.bytes = np.frombuffer(self.map, np.uint8)
         self.pages = self.bytes.reshape(-1, PAGE_SIZE)
 
@@ -70,22 +78,83 @@ class GuestRam:
         return {b.name: hashlib.blake2b(memoryview(self.block_pages(b)).cast("B"), digest_size=32).digest()
                 for b in self.blocks}
 
-    def prefault(self) -> None:
-        """Back every page now, so that receiving does not pay for page faults."""
-        if hasattr(mmap, "MADV_POPULATE_WRITE"):
+    def data_ranges(self, first: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+        """Page ranges [a, b) within [first, end) that are backed by memory. The
+        rest are holes of the RAM file: never written, so zero, and reading
+        them through the mapping would allocate them."""
+        end = self.pages.shape[0] if end is None else end
+        out = []
+        pos = first * PAGE_SIZE
+        stop = end * PAGE_SIZE
+        while pos < stop:
             try:
-                self.map.madvise(mmap.MADV_POPULATE_WRITE)
-                return
-            except OSError:
-                pass
-        fd = os.open(self.path, os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, self.size)
-        finally:
-            os.close(fd)
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break  # nothing but a hole up to the end of the file
+                raise
+            if data >= stop:
+                break
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), stop)
+            out.append((data // PAGE_SIZE, -(-hole // PAGE_SIZE)))
+            pos = hole
+        return out
+
+    def holes(self, pages: np.ndarray) -> np.ndarray:
+        """Bool mask: which of these sorted page indexes lie in holes now.
+        Pages only ever go from hole to data (nothing punches holes), so what
+        was once seen backed is remembered and asked about no more: asking the
+        kernel walks the whole data run, which per batch would be quadratic."""
+        if self._backed is None:
+            self._backed = np.zeros(self.pages.shape[0], np.bool_)
+        backed = self._backed
+        hole = ~backed[pages]
+        if not hole.any():
+            return hole
+        idx = np.flatnonzero(hole)
+        pos, stop = int(pages[idx[0]]) * PAGE_SIZE, (int(pages[idx[-1]]) + 1) * PAGE_SIZE
+        while pos < stop:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break
+                raise
+            if data >= stop:
+                break
+            end = os.lseek(self.fd, data, os.SEEK_HOLE)
+            backed[data // PAGE_SIZE:-(-end // PAGE_SIZE)] = True
+            pos = end
+        hole[idx] = ~backed[pages[idx]]
+        return hole
+
+    def all_holes(self) -> bool:
+        """True when no page was ever written: the RAM is known to be zero."""
+        return not self.data_ranges()
+
+    def populate(self, write: bool) -> None:
+        """Map every page into this process now, so that the migration does not
+        pay a page fault per page (on a VM a fault costs microseconds: a cold
+        mapping caps copying at a fraction of memory speed). write=True also
+        backs holes (the destination, about to receive); write=False maps only
+        the pages that hold data (the source, about to read)."""
+        ranges = [(0, self.pages.shape[0])] if write else self.data_ranges()
+        advice = MADV_POPULATE_WRITE if write else MADV_POPULATE_READ
+        for a, b in ranges:
+            try:
+                self.map.madvise(advice, a * PAGE_SIZE, (b - a) * PAGE_SIZE)
+            except OSError:  # before Linux 5.14: touch one byte a page
+                view = self.pages[a:b, 0]
+                if write:
+                    np.add(view, 0, out=view)
+                else:
+                    int(view.max())
 
     def close(self) -> None:
         del self.pages, self.bytes
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         try:
             self.map.close()
         except BufferError:
