@@ -438,7 +438,7 @@ class Bench:
                 params = {"max-bandwidth": RUNNING_BANDWIDTH, "downtime-limit": limit}
                 run = migrate(guest, "tcp", self.workdir, params, self.tag(), settle=0.5, poll=0.02)
                 info = run.info
-                expected = info.get("expected-downtime", 0)  # the estimate at switchover
+                expected = info.get("x-expected-downtime", 0)  # the estimate at switchover
                 row = {"dirty_share": share, "workload": workload, "downtime_limit_ms": limit,
                        "bandwidth": RUNNING_BANDWIDTH, "ram": RUNNING_RAM,
                        "total_ms": info["total-time"], "passes": info["ram"].get("dirty-sync-count"),

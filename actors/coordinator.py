@@ -100,8 +100,10 @@ class MigrationState:
             out["disk"] = dict(self.disk)
         if not self.incoming:
             out["setup-time"] = self.setup_time
-        if self.status in ("active", "completed") and not self.incoming:
+        if self.status == "active" and not self.incoming:
             out["expected-downtime"] = self.expected_downtime
+        if self.status == "completed" and not self.incoming:
+            out["x-expected-downtime"] = self.expected_downtime  # the estimate the switchover went on
         if self.status == "completed":
             if self.downtime is not None:
                 out["downtime"] = self.downtime
