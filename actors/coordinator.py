@@ -223,7 +223,9 @@ class Coordinator(Commands):
             return
         fut = self.marks.setdefault(mark, asyncio.get_running_loop().create_future())
         try:
-            await asyncio.wait_for(fut, timeout)
+            # Not wait_for: on Python 3.11 it can swallow a cancel that lands with the mark.
+            async with asyncio.timeout(timeout):
+                await fut
         except TimeoutError:
             raise MigrationFailed(f"migration channel stalled for {timeout:.0f} s") from None
         finally:
