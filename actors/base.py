@@ -269,3 +269,49 @@ class Server:
                 result, frames = result
             self.reply(ident, msg, result, frames)
         return True
+
+    def serve_forever(self, handlers: dict[str, Callable[[Message], object]], notices: Notices) -> None:
+        """Serve requests, and pass on to the coordinator what the actor's data
+        thread posted."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(notices.wake, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if notices.wake in events:
+                for mtype, data in notices.take():
+                    self.notify("coordinator", mtype, data)
+            if self.sock in events:
+                self.serve(handlers, 0)
+
+
+class Notices:
+    """Notifications that an actor's data thread hands to its control loop:
+    ZeroMQ sockets stay in the thread that made them, so the data thread only
+    queues the message and wakes the loop (through a socket of its own)."""
+
+    def __init__(self, ctx: zmq.Context, name: str) -> None:
+        self.ctx = ctx
+        self.endpoint = f"inproc://{name}-notices"
+        self.wake = ctx.socket(zmq.PULL)
+        self.wake.bind(self.endpoint)
+        self.lock = threading.Lock()
+        self.items: list[tuple[str, dict]] = []
+        self.local = threading.local()
+
+    def post(self, mtype: str, data: dict) -> None:
+        with self.lock:
+            self.items.append((mtype, data))
+        push = getattr(self.local, "push", None)
+        if push is None:
+            push = self.local.push = self.ctx.socket(zmq.PUSH)
+            push.connect(self.endpoint)
+        push.send(b"")
+
+    def take(self) -> list[tuple[str, dict]]:
+        while self.wake.poll(0):
+            self.wake.recv()
+        with self.lock:
+            items, self.items = self.items, []
+        return items
+

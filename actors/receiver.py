@@ -12,7 +12,7 @@ import time
 
 import zmq
 
-from actors.base import ActorError, HostConfig, Server, actor_main
+from actors.base import ActorError, HostConfig, Notices, Server, actor_main
 from block import BlockError, open_image
 from block.image import Image
 from machine.profile import profile
@@ -50,17 +50,12 @@ class Receiver:
         self.finish = threading.Event()
         self.handshake = False
         self.source_listens = False  # the source opened the return path
-        self.lock = threading.Lock()
-        self.notices: list[tuple[str, dict]] = []
-        self.wake: zmq.Socket | None = None
+        self.notices = Notices(ctx, "receiver")
         self.injected: str | None = None
         self.timeout = 30.0
 
     def notify(self, mtype: str, data: dict) -> None:
-        with self.lock:
-            self.notices.append((mtype, data))
-        assert self.wake is not None
-        self.wake.send(b"")
+        self.notices.post(mtype, data)
 
     # control ---------------------------------------------------------------
     def on_listen(self, msg: Message) -> dict:
@@ -264,26 +259,8 @@ class Receiver:
 def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     receiver = Receiver(cfg, ctx)
     server = Server(ctx, cfg.endpoint("receiver"), "receiver")
-    wake_in = ctx.socket(zmq.PULL)
-    wake_in.bind("inproc://receiver-wake")
-    # Only the incoming thread (one at a time) sends on this socket.
-    receiver.wake = ctx.socket(zmq.PUSH)
-    receiver.wake.connect("inproc://receiver-wake")
-    handlers = {"listen": receiver.on_listen, "finish": receiver.on_finish, "inject": receiver.on_inject,
-                "ping": lambda _m: {}}
-    poller = zmq.Poller()
-    poller.register(server.sock, zmq.POLLIN)
-    poller.register(wake_in, zmq.POLLIN)
-    while True:
-        events = dict(poller.poll())
-        if wake_in in events:
-            wake_in.recv()
-            with receiver.lock:
-                notices, receiver.notices = receiver.notices, []
-            for mtype, data in notices:
-                server.notify("coordinator", mtype, data)
-        if server.sock in events:
-            server.serve(handlers, 0)
+    server.serve_forever({"listen": receiver.on_listen, "finish": receiver.on_finish,
+                          "inject": receiver.on_inject, "ping": lambda _m: {}}, receiver.notices)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import zmq
 
-from actors.base import ActorError, HostConfig, Server, actor_main
+from actors.base import ActorError, HostConfig, Notices, Server, actor_main
 from machine.ram import GuestRam
 from protocol import savevm
 from protocol.devices import SWITCHOVER_GO
@@ -37,7 +37,7 @@ class Writer:
         self.written = 0
         self.error: str | None = None
         self.lock = threading.Lock()
-        self.notices: list[tuple[str, dict]] = []
+        self.notices = Notices(ctx, "writer")
 
     # data thread -----------------------------------------------------------
     def data_loop(self) -> None:
@@ -45,8 +45,6 @@ class Writer:
         pull.setsockopt(zmq.RCVHWM, 8)
         pull.setsockopt(zmq.LINGER, 0)
         pull.bind(self.cfg.endpoint("writer-data"))
-        wake = self.ctx.socket(zmq.PUSH)
-        wake.connect("inproc://writer-wake")
         while True:
             try:
                 parts = pull.recv_multipart(copy=False)
@@ -61,16 +59,15 @@ class Writer:
                 elif kind == b"pages":
                     self.write_pages(parts)
                 elif kind == b"mark":
-                    with self.lock:
-                        self.notices.append(("mark", {"mark": parts[1].bytes.decode(), "bytes": self.written,
-                                                       "error": self.error}))
-                    wake.send(b"")
+                    self.notices.post("mark", {"mark": parts[1].bytes.decode(), "bytes": self.written,
+                                               "error": self.error})
             except (OSError, TransportError) as exc:
                 with self.lock:
-                    if self.error is None:
+                    first = self.error is None
+                    if first:
                         self.error = f"write to migration channel failed: {exc.strerror or exc}"
-                        self.notices.append(("failed", {"desc": self.error, "bytes": self.written}))
-                wake.send(b"")
+                if first:
+                    self.notices.post("failed", {"desc": self.error, "bytes": self.written})
 
     def write(self, data) -> None:
         if self.error is not None or self.channel is None:
@@ -171,26 +168,11 @@ class Writer:
 def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     writer = Writer(cfg, ctx)
     server = Server(ctx, cfg.endpoint("writer"), "writer")
-    wake = ctx.socket(zmq.PULL)
-    wake.bind("inproc://writer-wake")
     threading.Thread(target=writer.data_loop, daemon=True).start()
-    handlers = {"connect": writer.on_connect, "close": writer.on_close, "abort": writer.on_abort,
-                "await_return": writer.on_await_return,
-                "confirm": writer.on_confirm,
-                "stats": lambda _m: {"bytes": writer.written}, "ping": lambda _m: {}}
-    poller = zmq.Poller()
-    poller.register(server.sock, zmq.POLLIN)
-    poller.register(wake, zmq.POLLIN)
-    while True:
-        events = dict(poller.poll())
-        if wake in events:
-            wake.recv()
-            with writer.lock:
-                notices, writer.notices = writer.notices, []
-            for mtype, data in notices:
-                server.notify("coordinator", mtype, data)
-        if server.sock in events:
-            server.serve(handlers, 0)
+    server.serve_forever({"connect": writer.on_connect, "close": writer.on_close, "abort": writer.on_abort,
+                          "await_return": writer.on_await_return, "confirm": writer.on_confirm,
+                          "stats": lambda _m: {"bytes": writer.written}, "ping": lambda _m: {}},
+                         writer.notices)
 
 
 if __name__ == "__main__":
