@@ -294,9 +294,10 @@ class Rig:
                   "passes": info.get("ram", {}).get("dirty-sync-count"),
                   "transferred": info.get("ram", {}).get("transferred"), "error": info.get("error-desc")}
         ram = info.get("ram", {})
-        if info.get("total-time") and ram.get("transferred"):
-            # Everything on the wire over the whole migration: what the link carried.
-            result["rate_bps"] = ram["transferred"] * 8 / (info["total-time"] / 1000)
+        moving_ms = (info.get("total-time") or 0) - (info.get("setup-time") or 0)
+        if moving_ms > 0 and ram.get("transferred"):
+            # Everything on the wire from the end of setup to the end: what the link carried.
+            result["rate_bps"] = ram["transferred"] * 8 / (moving_ms / 1000)
         if result["status"] == "completed":
             dst.wait_status("running", 30)
             if self.scenario.verify:
