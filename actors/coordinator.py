@@ -77,8 +77,6 @@ class MigrationState:
     expected_downtime: int = 0
     error: str | None = None
     ram: dict = field(default_factory=dict)
-    active_start: float = 0.0
-    active_bytes: int = 0
     incoming: bool = False
     committed: bool = False  # EOF sent: too late to cancel
     go_sent: bool = False  # the destination was told it may run the guest
@@ -414,7 +412,6 @@ class Coordinator(Commands):
                             "dirty-sync-count": 1, "page-size": PAGE_SIZE})
             self.publish(ev.MIGRATION_PASS, {"pass": 1}, qmp=self.capabilities["events"])
             mig.setup_time = int((time.monotonic() - mig.start) * 1000)
-            mig.active_start = time.monotonic()
             self.set_status("active")
             await self.iterate(status["remaining"], blk)
 
@@ -588,8 +585,6 @@ class Coordinator(Commands):
         ram["precopy-bytes"] = ram.get("precopy-bytes", 0) + (0 if self.runstate is RunState.FINISH_MIGRATE
                                                                else result["queued"])
         ram["remaining"] = result["remaining"]
-        if self.mig.status == "active":
-            self.mig.active_bytes += result["queued"]
 
     def device_sections(self, vcpus: list[dict], runstate: str) -> list[bytes]:
         """Every FULL section the machine profile has, then EOF and the vmdesc."""
