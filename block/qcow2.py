@@ -527,19 +527,24 @@ class Qcow2Image(Image):
     def _do_read(self, offset: int, length: int) -> bytes:
         out = bytearray(length)
         mv = memoryview(out)
+        for pos, cend, t in self._l2_spans(offset, length):
+            if t is None:
+                self._read_unallocated(mv[pos - offset:cend - offset], pos)
+            else:
+                self._read_chunk(t.entries, pos, cend, mv[pos - offset:cend - offset])
+        return bytes(out)
+
+    def _l2_spans(self, offset: int, length: int):
+        """(start, end, L2 table or None) for each piece of the range that one
+        L2 table maps."""
         end = offset + length
         pos = offset
         span = self._l2_bits + self._cb
         while pos < end:
             l1i = pos >> span
             cend = min(end, (l1i + 1) << span)
-            t = self._l2_get(l1i)
-            if t is None:
-                self._read_unallocated(mv[pos - offset:cend - offset], pos)
-            else:
-                self._read_chunk(t.entries, pos, cend, mv[pos - offset:cend - offset])
+            yield pos, cend, self._l2_get(l1i)
             pos = cend
-        return bytes(out)
 
     def _read_unallocated(self, buf: memoryview, pos: int) -> None:
         b = self.backing
@@ -603,19 +608,12 @@ class Qcow2Image(Image):
         return data
 
     def _do_is_allocated(self, offset: int, length: int) -> bool:
-        end = offset + length
-        pos = offset
-        span = self._l2_bits + self._cb
-        while pos < end:
-            l1i = pos >> span
-            cend = min(end, (l1i + 1) << span)
-            t = self._l2_get(l1i)
+        for pos, cend, t in self._l2_spans(offset, length):
             if t is not None:
                 i0 = (pos >> self._cb) & self._l2_mask
                 i1 = ((cend - 1) >> self._cb & self._l2_mask) + 1
                 if (t.entries[i0:i1] & ~_COPIED).any():
                     return True
-            pos = cend
         return False
 
     # ======================================================================== writes
