@@ -19,7 +19,7 @@ from machine.ram import PAGE_SIZE, GuestRam
 from protocol import savevm
 from protocol.messages import Message
 
-BATCH_PAGES = 512
+BATCH_PAGES = 2048
 # What one zero-page record costs on the wire; a normal page costs NORMAL_RECORD.
 ZERO_COST = savevm.ZERO_RECORD
 NORMAL_COST = savevm.NORMAL_RECORD
@@ -34,7 +34,7 @@ class RamSender:
         self.dirty = np.zeros(self.npages, np.bool_)
         self.vcpus = [Client(ctx, cfg.endpoint(f"vcpu{i}"), "ram_sender") for i in range(guest["vcpus"])]
         self.data = ctx.socket(zmq.PUSH)
-        self.data.setsockopt(zmq.SNDHWM, 8)
+        self.data.setsockopt(zmq.SNDHWM, 2)
         self.data.setsockopt(zmq.LINGER, 0)
         self.data.connect(cfg.endpoint("writer-data"))
         self.block_of_page = np.zeros(self.npages, np.int32)

@@ -42,7 +42,7 @@ class Writer:
     # data thread -----------------------------------------------------------
     def data_loop(self) -> None:
         pull = self.ctx.socket(zmq.PULL)
-        pull.setsockopt(zmq.RCVHWM, 8)
+        pull.setsockopt(zmq.RCVHWM, 2)
         pull.setsockopt(zmq.LINGER, 0)
         pull.bind(self.cfg.endpoint("writer-data"))
         while True:
@@ -72,15 +72,18 @@ class Writer:
     def write(self, data) -> None:
         if self.error is not None or self.channel is None:
             return  # drop everything after a failure; the coordinator is told once
-        self.channel.write(data)
-        self.written += len(data)
+        if isinstance(data, savevm.PageVectors):
+            self.written += self.channel.write_vectors(data.table)  # pages straight from guest RAM
+        else:
+            self.channel.write(data)
+            self.written += len(data)
 
     def write_pages(self, parts: list) -> None:
         block = self.ram.block(parts[1].bytes.decode())
         pages = np.frombuffer(parts[3].buffer, np.uint32)
         zero = np.frombuffer(parts[4].buffer, np.bool_)
-        for buf in self.encoder.encode(block.name, pages, self.ram.block_pages(block), zero):
-            self.write(buf)
+        for item in self.encoder.encode(block.name, pages, self.ram.block_pages(block), zero):
+            self.write(item)
 
     # control ---------------------------------------------------------------
     def on_connect(self, msg: Message) -> dict:

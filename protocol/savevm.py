@@ -7,13 +7,16 @@ handlers that the receiving actor registers with `StreamLoader`.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+from protocol.transport import iovec_table
 
 MAGIC = 0x5145564D  # "QEVM"
 VERSION = 3
@@ -189,17 +192,37 @@ NORMAL_RECORD = _NORMAL.itemsize
 ZERO_RECORD = _ZERO.itemsize
 
 
+class PageVectors:
+    """A run of full-page records as an iovec table: each record's header from
+    the encoder's header array, its page straight from guest RAM, so the
+    kernel copies pages to the socket without a copy of ours in between."""
+
+    def __init__(self, table: np.ndarray, ram: np.ndarray) -> None:
+        self.table = table
+        self.ram = ram  # the addresses point into it: keep it alive
+
+    def __len__(self) -> int:
+        return int(self.table[:, 1].sum())
+
+    def __bytes__(self) -> bytes:
+        return b"".join(ctypes.string_at(addr, n) for addr, n in self.table.tolist())
+
+
 class PageEncoder:
-    """Builds RAM page records straight from guest RAM into reusable buffers.
+    """Turns page indexes into RAM page records.
 
     Records of one batch are grouped: full pages first, then zero pages, so that
-    the receiver sees long runs of same-sized records it can scatter in bulk.
+    the receiver sees long runs of same-sized records it can load in bulk.
     The first record of a section for a block carries the block's idstr; later
     ones set CONTINUE, as QEMU does.
     """
 
     def __init__(self, batch_pages: int) -> None:
-        self.normal = np.zeros(batch_pages, _NORMAL)
+        self.headers = np.zeros(batch_pages, ">u8")
+        self.table = iovec_table(2 * batch_pages)
+        self.table[0::2, 0] = self.headers.ctypes.data + 8 * np.arange(batch_pages, dtype=np.uint64)
+        self.table[0::2, 1] = 8
+        self.table[1::2, 1] = PAGE_SIZE
         self.zero = np.zeros(batch_pages, _ZERO)
         self.last_block: str | None = None
 
@@ -207,37 +230,35 @@ class PageEncoder:
         self.last_block = None
 
     def encode(self, block: str, pages: np.ndarray, block_pages: np.ndarray,
-               zero: np.ndarray) -> list[memoryview | bytes]:
+               zero: np.ndarray) -> Iterator[PageVectors | memoryview | bytes]:
         """`pages`: page indexes within `block_pages` (a (n, 4096) uint8 view of
-        the block); `zero`: bool mask of pages found all-zero. Returns buffers
-        to write in order; they stay valid until the next call."""
-        out: list[memoryview | bytes] = []
-        normal_idx = pages[~zero]
-        zero_idx = pages[zero]
-        for idx, kind in ((normal_idx, RAM_PAGE), (zero_idx, RAM_ZERO)):
+        guest RAM); `zero`: bool mask of pages found all-zero. Yields what to
+        write in order; each item stays valid only until the next is taken, as
+        the encoder's arrays are reused."""
+        if block_pages.strides != (PAGE_SIZE, 1):
+            raise ValueError("block_pages must be a contiguous (n, PAGE_SIZE) array")
+        step = len(self.headers)
+        for idx, kind in ((pages[~zero], RAM_PAGE), (pages[zero], RAM_ZERO)):
             if not len(idx):
                 continue
-            first = 0
             if self.last_block != block:
                 # A record with the idstr, written on its own; the rest CONTINUE.
-                offset = int(idx[0]) << PAGE_SHIFT
-                out.append(_be64.pack(offset | kind) + _idstr(block))
-                out.append(bytes(block_pages[idx[0]]) if kind == RAM_PAGE else b"\0")
+                yield _be64.pack((int(idx[0]) << PAGE_SHIFT) | kind) + _idstr(block)
+                yield bytes(block_pages[idx[0]]) if kind == RAM_PAGE else b"\0"
                 self.last_block = block
-                first = 1
-            rest = idx[first:]
-            n = len(rest)
-            if not n:
-                continue
-            if kind == RAM_PAGE:
-                recs = self.normal[:n]
-                recs["hdr"] = (rest.astype(np.uint64) << PAGE_SHIFT) | (RAM_PAGE | RAM_CONTINUE)
-                copy_pages(recs["page"], None, block_pages, rest)
-            else:
-                recs = self.zero[:n]
-                recs["hdr"] = (rest.astype(np.uint64) << PAGE_SHIFT) | (RAM_ZERO | RAM_CONTINUE)
-            out.append(memoryview(recs).cast("B"))
-        return out
+                idx = idx[1:]
+            flags = np.uint64(kind | RAM_CONTINUE)
+            for lo in range(0, len(idx), step):
+                chunk = idx[lo:lo + step].astype(np.uint64)
+                n = len(chunk)
+                if kind == RAM_PAGE:
+                    self.headers[:n] = (chunk << np.uint64(PAGE_SHIFT)) | flags
+                    self.table[1:2 * n:2, 0] = block_pages.ctypes.data + (chunk << np.uint64(PAGE_SHIFT))
+                    yield PageVectors(self.table[:2 * n], block_pages)
+                else:
+                    recs = self.zero[:n]
+                    recs["hdr"] = (chunk << np.uint64(PAGE_SHIFT)) | flags
+                    yield memoryview(recs).cast("B")
 
 
 # --------------------------------------------------------------------------- reading

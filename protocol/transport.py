@@ -7,13 +7,18 @@ return path from the destination back to the source.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import select
 import shlex
 import signal
 import socket
 import stat
 import subprocess
 from dataclasses import dataclass
+
+import numpy as np
 
 SCHEMES = ("tcp", "unix", "exec", "fd", "file")
 
@@ -53,6 +58,52 @@ def parse_uri(text: str) -> Uri:
     return Uri(scheme, rest)
 
 
+# writev over (address, length) tables that numpy builds in bulk: a page
+# record is an 8-byte header plus a page of guest RAM, so a batch is hundreds
+# of small vectors that os.writev would want as so many Python objects.
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.writev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+_libc.writev.restype = ctypes.c_ssize_t
+IOV_MAX = 1024  # the kernel's limit on vectors per call
+
+
+def iovec_table(n: int) -> np.ndarray:
+    """An empty table of n struct iovec: column 0 the address, column 1 the length."""
+    return np.zeros((n, 2), np.uint64)
+
+
+def _writev(fd: int, table: np.ndarray, timeout: float | None) -> int:
+    """One writev of up to IOV_MAX vectors of `table`, waiting at most
+    `timeout` for room (sockets with a timeout are non-blocking)."""
+    count = min(len(table), IOV_MAX)
+    while True:
+        n = _libc.writev(fd, table.ctypes.data, count)
+        if n >= 0:
+            return n
+        err = ctypes.get_errno()
+        if err == errno.EINTR:
+            continue
+        if err != errno.EAGAIN:
+            raise OSError(err, os.strerror(err))
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        if not poller.poll(None if timeout is None else int(timeout * 1000)):
+            raise TimeoutError(errno.ETIMEDOUT, "timed out")
+
+
+def iovec_skip(table: np.ndarray, done: int) -> np.ndarray:
+    """The vectors of `table` after its first `done` bytes (a copy when a vector is cut)."""
+    ends = np.cumsum(table[:, 1])
+    i = int(np.searchsorted(ends, done, side="right"))
+    rest = table[i:]
+    cut = done - (int(ends[i - 1]) if i else 0)
+    if cut and len(rest):
+        rest = rest.copy()
+        rest[0, 0] += np.uint64(cut)
+        rest[0, 1] -= np.uint64(cut)
+    return rest
+
+
 class Channel:
     """One direction of a migration (plus, for sockets, the return path)."""
 
@@ -81,6 +132,19 @@ class Channel:
         if self.sock is not None:
             return self.sock.recv_into(buf)
         return os.readv(self.fd, [buf])
+
+    def write_vectors(self, table: np.ndarray) -> int:
+        """Write every vector of an iovec table (see iovec_table) in order;
+        returns the bytes written."""
+        fd, timeout = (self.sock.fileno(), self.sock.gettimeout()) if self.sock is not None else (self.fd, None)
+        total = int(table[:, 1].sum())
+        left = total
+        while left:
+            n = _writev(fd, table, timeout)
+            left -= n
+            if left:
+                table = iovec_skip(table, n)
+        return total
 
     def settimeout(self, seconds: float | None) -> None:
         if self.sock is not None:

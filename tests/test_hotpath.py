@@ -5,6 +5,9 @@ process accounting. Speed is shown by `scripts/bench`, never asserted here."""
 from __future__ import annotations
 
 import os
+import socket
+import struct
+import threading
 import uuid
 
 import numpy as np
@@ -13,6 +16,7 @@ import pytest
 from actors import bench
 from machine.ram import PAGE_SIZE, GuestRam
 from protocol import savevm
+from protocol.transport import Channel, iovec_skip, iovec_table
 
 
 def ram_file(pages: int) -> GuestRam:
@@ -117,3 +121,67 @@ def test_private_memory_leaves_out_guest_ram():
         assert bench.is_guest_ram(ram.path + " (deleted)")
     finally:
         ram.close()
+
+
+def test_page_vectors_are_the_page_records():
+    """The encoder's vectors point at the pages in guest RAM; gathered, they are
+    byte for byte the records QEMU's format wants."""
+    rng = np.random.default_rng(3)
+    block = rng.integers(0, 256, (64, PAGE_SIZE), np.uint8)
+    enc = savevm.PageEncoder(8)  # smaller than the batch: records come in several tables
+    pages = np.array([3, 4, 5, 20, 21, 40, 41, 42, 43, 44, 60, 1], np.uint32)
+    zero = np.zeros(len(pages), np.bool_)
+    zero[-1] = True
+    block[1] = 0
+    items = [bytes(i) for i in enc.encode("pc.ram", pages, block, zero)]
+    expected = [struct.pack(">Q", (3 << 12) | savevm.RAM_PAGE) + bytes([6]) + b"pc.ram", bytes(block[3])]
+    expected += [struct.pack(">Q", (p << 12) | savevm.RAM_PAGE | savevm.RAM_CONTINUE) + bytes(block[p])
+                 for p in pages[1:-1]]
+    expected += [struct.pack(">Q", (1 << 12) | savevm.RAM_ZERO | savevm.RAM_CONTINUE) + b"\0"]
+    assert b"".join(items) == b"".join(expected)
+    with pytest.raises(ValueError):
+        list(enc.encode("pc.ram", pages, block[:, ::2], zero))
+
+
+@pytest.mark.parametrize("kind", ["socket", "pipe"])
+def test_write_vectors_survives_partial_writes(kind):
+    """A full socket or pipe takes part of a table; the rest follows in order,
+    including vectors cut in the middle."""
+    rng = np.random.default_rng(4)
+    block = rng.integers(0, 256, (600, PAGE_SIZE), np.uint8)
+    enc = savevm.PageEncoder(600)  # 1200 vectors: more than one writev may take
+    enc.new_section()
+    pages = np.arange(600, dtype=np.uint32)
+    items = list(enc.encode("pc.ram", pages, block, np.zeros(600, np.bool_)))
+    vectors = items[-1]
+    assert isinstance(vectors, savevm.PageVectors)
+    expected = bytes(vectors)
+    if kind == "socket":
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        a.settimeout(10)  # non-blocking underneath: writev meets EAGAIN and waits
+        channel, reader = Channel(a.fileno(), a), b.makefile("rb")
+    else:
+        r, w = os.pipe()
+        channel, reader = Channel(w), os.fdopen(r, "rb")
+    got = []
+    thread = threading.Thread(target=lambda: got.append(reader.read(len(expected))))
+    thread.start()
+    try:
+        assert channel.write_vectors(vectors.table) == len(expected)
+    finally:
+        thread.join(10)
+        channel.close()
+        reader.close()
+    assert got == [expected]
+
+
+def test_iovec_skip_cuts_inside_a_vector():
+    table = iovec_table(3)
+    table[:, 0] = [1000, 2000, 3000]
+    table[:, 1] = [8, 4096, 8]
+    assert iovec_skip(table, 0).tolist() == table.tolist()
+    assert iovec_skip(table, 8).tolist() == [[2000, 4096], [3000, 8]]
+    assert iovec_skip(table, 10).tolist() == [[2002, 4094], [3000, 8]]
+    assert iovec_skip(table, 4104 + 3).tolist() == [[3003, 5]]
+    assert iovec_skip(table, 4112).tolist() == []
