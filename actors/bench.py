@@ -444,6 +444,7 @@ class Bench:
                        "total_ms": info["total-time"], "passes": info["ram"].get("dirty-sync-count"),
                        "downtime_ms": info.get("downtime"), "guest_downtime_ms": info.get("x-guest-downtime"),
                        "expected_downtime_ms": expected, "transferred": info["ram"].get("transferred"),
+                       "switchover_ms": info.get("x-switchover", {}),
                        "samples": run.samples}
                 row["within_limit"] = row["downtime_ms"] <= limit + DOWNTIME_SLACK_MS
                 out.append(row)

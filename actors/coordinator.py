@@ -83,6 +83,11 @@ class MigrationState:
     disk: dict = field(default_factory=dict)
     block_bulk_done: bool = False
     incremental: bool = False
+    # Milliseconds from the stop to each step of the switchover: where a downtime went.
+    switchover: dict[str, int] = field(default_factory=dict)
+
+    def step(self, name: str, stop_at: float) -> None:
+        self.switchover[name] = int((time.monotonic() - stop_at) * 1000)
 
     def info(self) -> dict:
         if self.status == "none":
@@ -107,6 +112,8 @@ class MigrationState:
                 out["downtime"] = self.downtime
             if self.guest_downtime is not None:
                 out["x-guest-downtime"] = self.guest_downtime
+            if self.switchover:
+                out["x-switchover"] = dict(self.switchover)
         if self.error and self.status in ("failed", "cancelled"):
             out["error-desc"] = self.error
         return out
@@ -421,19 +428,23 @@ class Coordinator(Commands):
             sent_runstate = self.runstate.value  # as QEMU: the state the guest had before the switch
             await self.set_running(False, RunState.FINISH_MIGRATE)
             stopped = True
+            mig.step("stopped", stop_at)
             await self.fault("after-stop")
             await self.pause_before_switchover()
             if blk:
                 await self.block_step(0, end=True)
             sync = (await ram.call("sync")).data["result"]
             self.count_pass(sync)
+            mig.step("synced", stop_at)
             last = (await ram.call("iterate", {"budget": 0, "end": True, "section_id": SID_RAM},
                                    timeout=600)).data["result"]
             self.account(last)
             mig.ram["downtime-bytes"] = last["queued"]
+            mig.step("pages", stop_at)
             *devices, eof, trailer = self.device_sections(
                 await self.vcpu_states(), sent_runstate)
             await ram.call("emit", {}, frames=devices)
+            mig.step("devices", stop_at)
             if self.guest_drives:
                 # Images are flushed and let go before EOF: the destination may
                 # take them as soon as it has the whole stream.
@@ -444,12 +455,14 @@ class Coordinator(Commands):
             await self.wait_mark(mark, 600)
             if self.writer_failure:
                 raise MigrationFailed(self.writer_failure)
+            mig.step("written", stop_at)
             await self.fault("after-eof")
             mig.ram["transferred"] = self.wire_bytes
             if return_path:
                 answer = (await self.writer.call("await_return", {"timeout": 60}, timeout=70)).data["result"]
                 if answer["shut"] != 0:
                     raise MigrationFailed(answer["desc"] or "destination failed to load the stream")
+                mig.step("answered", stop_at)
                 if self.profile.has_vcpus:
                     # From here on the destination may run the guest: never resume it here.
                     mig.go_sent = True

@@ -38,6 +38,10 @@ def test_tcp(hosts, tmp_path, port):
     ram = info["ram"]
     assert ram["total"] == 64 << 20 and ram["normal"] >= 16384 and ram["dirty-sync-count"] >= 2
     assert info["downtime"] >= 0 and info["x-guest-downtime"] >= 0 and info["setup-time"] >= 0
+    # Where the downtime went, step by step, in order and within it.
+    steps = info["x-switchover"]
+    assert list(steps) == ["stopped", "synced", "pages", "devices", "written", "answered"]
+    assert list(steps.values()) == sorted(steps.values()) and steps["answered"] <= info["downtime"]
     assert dst.cmd("query-migrate")["status"] == "completed"
 
 
