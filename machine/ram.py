@@ -60,9 +60,9 @@ class GuestRam:
             raise
         # Kept open: SEEK_DATA/SEEK_HOLE on it tell which pages were never written.
         self.fd = fd
-        self._backed: np.ndarray | None = None  # pages known to hold data (see holes)
         self.bytes = np.frombuffer(self.map, np.uint8)
         self.pages = self.bytes.reshape(-1, PAGE_SIZE)
+        self._backed = np.zeros(self.pages.shape[0], np.bool_)  # pages known to hold data (see holes)
 
     def block(self, name: str) -> BlockLayout:
         for b in self.blocks:
@@ -105,8 +105,6 @@ class GuestRam:
         Pages only ever go from hole to data (nothing punches holes), so what
         was once seen backed is remembered and asked about no more: asking the
         kernel walks the whole data run, which per batch would be quadratic."""
-        if self._backed is None:
-            self._backed = np.zeros(self.pages.shape[0], np.bool_)
         backed = self._backed
         hole = ~backed[pages]
         if not hole.any():
@@ -141,6 +139,7 @@ class GuestRam:
         ranges = [(0, self.pages.shape[0])] if write else self.data_ranges()
         advice = MADV_POPULATE_WRITE if write else MADV_POPULATE_READ
         for a, b in ranges:
+            self._backed[a:b] = True  # what holes() need not ask the kernel about again
             try:
                 self.map.madvise(advice, a * PAGE_SIZE, (b - a) * PAGE_SIZE)
             except OSError:  # before Linux 5.14: touch one byte a page

@@ -380,6 +380,7 @@ class RamLoader:
         # Per block: True where the page is known zero. Writing zero pages over
         # zero memory would cost a full pass over RAM for nothing.
         self.known_zero = {b.name: np.ones(b.pages.shape[0], np.bool_) for b in blocks} if zeroed else None
+        self._steps = np.zeros(0, np.uint64)  # k << PAGE_SHIFT: the headers of a run of pages, less the first
 
     def _block(self, r: BufferedReader, flags: int) -> RamBlock:
         if flags & RAM_CONTINUE:
@@ -463,6 +464,15 @@ class RamLoader:
             raise StreamError(f"RAM block sizes add up to {seen}, MEM_SIZE says {total}")
         self.sized = True
 
+    def _contiguous(self, hdrs: np.ndarray, first: int) -> bool:
+        """The headers are `first`, then the same flags on each following page."""
+        n = len(hdrs)
+        if int(hdrs[n - 1]) != first + ((n - 1) << PAGE_SHIFT):
+            return False
+        if len(self._steps) < n:
+            self._steps = np.arange(n, dtype=np.uint64) << np.uint64(PAGE_SHIFT)
+        return bool(np.array_equal(hdrs, self._steps[:n] + np.uint64(first)))
+
     def _bulk(self, r: BufferedReader) -> bool:
         """Scatter a run of CONTINUE records of one size in one numpy step.
         Returns False when the next record is not part of such a run."""
@@ -484,6 +494,19 @@ class RamLoader:
         n = r.available() // size
         recs = np.frombuffer(r.buf, dtype, count=n, offset=r.start)
         hdrs = recs["hdr"]
+        if size == NORMAL_RECORD and self._contiguous(hdrs, word):
+            # The usual case: consecutive pages, one copy and no index arrays.
+            first = word >> PAGE_SHIFT
+            block = self.last
+            if first + n > block.pages.shape[0]:
+                raise StreamError(f"RAM page offset {(first + n - 1) << PAGE_SHIFT:#x} beyond block "
+                                  f"{block.name!r} of {block.size} bytes")
+            block.pages[first:first + n] = recs["page"]
+            if self.known_zero is not None:
+                self.known_zero[block.name][first:first + n] = False
+            self.stats.normal += n
+            r.skip(n * size)
+            return True
         bad = np.flatnonzero((hdrs & PAGE_MASK) != flags)
         if len(bad):
             n = int(bad[0])

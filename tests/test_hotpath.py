@@ -71,18 +71,21 @@ def encode_stream(block: np.ndarray, batches: list[tuple[np.ndarray, np.ndarray]
     return b"".join(out)
 
 
-def load(data: bytes, dest: np.ndarray, zeroed: bool) -> savevm.RamLoader:
-    chunks = [data[i:i + 5000] for i in range(0, len(data), 5000)]
+def load(data: bytes, dest: np.ndarray, zeroed: bool, chunk: int = 5000) -> savevm.RamLoader:
+    chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
 
     def read_into(view: memoryview) -> int:
         if not chunks:
             return 0
         chunk = chunks.pop(0)
-        view[:len(chunk)] = chunk
-        return len(chunk)
+        n = min(len(chunk), len(view))
+        view[:n] = chunk[:n]
+        if n < len(chunk):
+            chunks.insert(0, chunk[n:])
+        return n
 
     loader = savevm.RamLoader([savevm.RamBlock("pc.ram", dest)], zeroed=zeroed)
-    loader.load(savevm.BufferedReader(read_into, 1 << 16), savevm.RAM_VERSION)
+    loader.load(savevm.BufferedReader(read_into, 1 << 18), savevm.RAM_VERSION)
     return loader
 
 
@@ -106,6 +109,26 @@ def test_zero_pages_over_known_zero_ram(zeroed):
     src_later[later] = 0
     load(encode_stream(src_later, [(pages[later], np.ones(int(later.sum()), np.bool_))]), dest, False)
     assert np.array_equal(dest, src_later)
+
+
+@pytest.mark.parametrize("chunk", [4104 * 3 + 5, 100_000, 1 << 20])
+def test_runs_of_consecutive_pages_and_the_rest(chunk):
+    """Consecutive pages load as one run; a break in the run, a page out of
+    order and a page beyond the block are each caught wherever reads end."""
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, 256, (128, PAGE_SIZE), np.uint8)
+    pages = np.concatenate([np.arange(10, 40), np.arange(50, 90), [45, 3], np.arange(100, 128)])
+    stream = encode_stream(src, [(pages, np.zeros(len(pages), np.bool_))])
+    dest = np.zeros_like(src)
+    loader = load(stream, dest, True, chunk)
+    expected = np.zeros_like(src)
+    expected[pages] = src[pages]
+    assert np.array_equal(dest, expected) and loader.stats.normal == len(pages)
+    assert list(np.flatnonzero(~loader.known_zero["pc.ram"])) == sorted(pages.tolist())
+    declared = savevm.ram_mem_size([("pc.ram", src.nbytes)])
+    smaller = savevm.ram_mem_size([("pc.ram", 120 * PAGE_SIZE)]) + stream[len(declared):]
+    with pytest.raises(savevm.StreamError, match="beyond block"):
+        load(smaller, np.zeros((120, PAGE_SIZE), np.uint8), True, chunk)
 
 
 def test_private_memory_leaves_out_guest_ram():
