@@ -55,7 +55,12 @@ DEFAULT_CAPABILITIES = {"events": False, "return-path": True,
                         "x-digest": False,
                         "pause-before-switchover": False}
 WINDOW = 0.1  # rate-limit window, as QEMU's BUFFER_DELAY
-UNLIMITED_CHUNK = 64 << 20  # bytes per iterate request when bandwidth is unlimited
+# Bandwidth unlimited: each iterate request asks for what the link moved in
+# this many windows, so that a fast link is not held up by a request per few
+# milliseconds and a slow one still lets the switchover be decided often.
+UNLIMITED_WINDOWS = 2
+UNLIMITED_FIRST = 64 << 20  # bytes in the first request, before anything was measured
+UNLIMITED_MIN = 4 << 20
 MAX_DOWNTIME_MS = 2_000_000
 
 # section ids: RAM first, then the device sections in stream order
@@ -542,7 +547,10 @@ class Coordinator(Commands):
                                              if threshold else 0)
                     return
             limit = self.parameters["max-bandwidth"]
-            budget = int(limit * WINDOW) - window_bytes if limit else UNLIMITED_CHUNK
+            if limit:
+                budget = int(limit * WINDOW) - window_bytes
+            else:
+                budget = max(UNLIMITED_MIN, int(bandwidth * WINDOW * UNLIMITED_WINDOWS)) if bandwidth else UNLIMITED_FIRST
             if budget > 0 and blk and disk_left:
                 sent = await self.block_step(budget)
                 window_bytes += sent
