@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -208,3 +209,18 @@ def test_iovec_skip_cuts_inside_a_vector():
     assert iovec_skip(table, 10).tolist() == [[2002, 4094], [3000, 8]]
     assert iovec_skip(table, 4104 + 3).tolist() == [[3003, 5]]
     assert iovec_skip(table, 4112).tolist() == []
+
+
+def test_cpu_seconds_counts_threads_that_ended():
+    """The benchmark's CPU figure for a process includes the run time of its
+    threads, those that ended too (the receiver's ends with the migration)."""
+    def spin() -> None:
+        end = time.thread_time() + 0.2
+        while time.thread_time() < end:
+            pass
+
+    before = bench.cpu_seconds(os.getpid())
+    worker = threading.Thread(target=spin)
+    worker.start()
+    worker.join(30)
+    assert bench.cpu_seconds(os.getpid()) - before >= 0.19
