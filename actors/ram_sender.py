@@ -127,8 +127,11 @@ class RamSender:
             data = np.flatnonzero(~is_zero)
             if len(data):
                 held = batch[data]
-                # Most non-zero pages show it in their first word; check the rest in full.
-                zero = pages[held, :8].view(np.uint64)[:, 0] == 0
+                # Most non-zero pages show it in their first word; check the rest in
+                # full. A run of consecutive pages is read through a strided view.
+                first, last = int(held[0]), int(held[-1])
+                words = pages[first:last + 1, :8] if last - first + 1 == len(held) else pages[held, :8]
+                zero = words.view(np.uint64)[:, 0] == 0
                 if zero.any():
                     idx = np.flatnonzero(zero)
                     zero[idx] = ~pages[held[idx]].any(axis=1)
