@@ -206,6 +206,9 @@ class Receiver:
             self.notify("failed", {"desc": desc, "bytes": reader.consumed})
             return
         stats = loader.ram.stats if loader.ram else None
+        # Before "loaded": the coordinator's finish may come back at once, and
+        # must know whether the source will send its go-ahead.
+        self.handshake = SWITCHOVER_SECTION in states
         self.notify("loaded", {
             "vcpus": [vcpu_states[i] for i in sorted(vcpu_states)],
             "runstate": runstate,
@@ -215,7 +218,6 @@ class Receiver:
             "return_path": channel.has_return_path, "disk": disk,
             "normal": stats.normal if stats else 0, "zero": stats.zero if stats else 0,
             "seconds": time.monotonic() - t0})
-        self.handshake = SWITCHOVER_SECTION in states
         self.finish.wait(300)
         self.close_channel()
 
