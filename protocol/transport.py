@@ -65,6 +65,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.writev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 _libc.writev.restype = ctypes.c_ssize_t
 IOV_MAX = 1024  # the kernel's limit on vectors per call
+UNIX_SEND_BUFFER = 4 << 20
 
 
 def iovec_table(n: int) -> np.ndarray:
@@ -204,6 +205,9 @@ def connect(uri: Uri, timeout: float = 10.0) -> Channel:
             return Channel(sock.fileno(), sock)
         if uri.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # Room for a whole batch of page records: a unix socket's default
+            # (about 200 KiB, never grown) cut each writev into a dozen.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SEND_BUFFER)
             sock.settimeout(timeout)
             sock.connect(uri.target)
             sock.settimeout(None)
