@@ -201,9 +201,6 @@ class PageVectors:
         self.table = table
         self.ram = ram  # the addresses point into it: keep it alive
 
-    def __len__(self) -> int:
-        return int(self.table[:, 1].sum())
-
     def __bytes__(self) -> bytes:
         return b"".join(ctypes.string_at(addr, n) for addr, n in self.table.tolist())
 
@@ -362,6 +359,10 @@ class RamLoadStats:
     sections: int = 0
 
 
+def _beyond(block: RamBlock, page: int) -> StreamError:
+    return StreamError(f"RAM page offset {page << PAGE_SHIFT:#x} beyond block {block.name!r} of {block.size} bytes")
+
+
 class RamLoader:
     """Loads the payload of "ram" sections (version 4) into local RAM blocks."""
 
@@ -418,8 +419,7 @@ class RamLoader:
                 block = self._block(r, flags)
                 index = addr >> PAGE_SHIFT
                 if index >= block.pages.shape[0]:
-                    raise StreamError(
-                        f"RAM page offset {addr:#x} beyond block {block.name!r} of {block.size} bytes")
+                    raise _beyond(block, index)
                 if flags & RAM_PAGE:
                     block.pages[index] = np.frombuffer(r.take(PAGE_SIZE), np.uint8)
                     self._landed(block, index)
@@ -499,8 +499,7 @@ class RamLoader:
             first = word >> PAGE_SHIFT
             block = self.last
             if first + n > block.pages.shape[0]:
-                raise StreamError(f"RAM page offset {(first + n - 1) << PAGE_SHIFT:#x} beyond block "
-                                  f"{block.name!r} of {block.size} bytes")
+                raise _beyond(block, first + n - 1)
             block.pages[first:first + n] = recs["page"]
             if self.known_zero is not None:
                 self.known_zero[block.name][first:first + n] = False
@@ -515,9 +514,7 @@ class RamLoader:
         index = hdrs >> PAGE_SHIFT
         pages = self.last.pages
         if n and int(index.max()) >= pages.shape[0]:
-            raise StreamError(
-                f"RAM page offset {int(index.max()) << PAGE_SHIFT:#x} beyond block "
-                f"{self.last.name!r} of {self.last.size} bytes")
+            raise _beyond(self.last, int(index.max()))
         if size == NORMAL_RECORD:
             copy_pages(pages, index, recs["page"], None)
             self._landed(self.last, index)
