@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
-from protocol.messages import ERROR, REPLY, Message
+from livemig.protocol.messages import ERROR, REPLY, Message
 
 log = logging.getLogger("livemig")
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-from actors.base import Client, HostConfig, Server, actor_main
-from machine.disk import CHUNK
-from protocol import blockmig, savevm
-from protocol.messages import Message
+from livemig.actors.base import Client, HostConfig, Server, actor_main
+from livemig.machine.disk import CHUNK
+from livemig.protocol import blockmig, savevm
+from livemig.protocol.messages import Message
 
 READ_BATCH = 4  # chunks per read request to the vCPU
 

@@ -12,10 +12,10 @@ import types
 import typing
 from collections.abc import Callable
 
-from actors.base import ActorError, log
-from machine.runstate import RunState, StateError
-from protocol import events as ev
-from protocol.transport import TransportError, parse_uri
+from livemig.actors.base import ActorError, log
+from livemig.machine.runstate import RunState, StateError
+from livemig.protocol import events as ev
+from livemig.protocol.transport import TransportError, parse_uri
 
 MAX_DOWNTIME_MS = 2_000_000
 END_STATES = ("completed", "failed", "cancelled")

@@ -17,14 +17,14 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from actors.base import ActorError, AsyncPeer, HostConfig, log, start_actor
-from actors.commands import Commands
-from machine.profile import profile
-from machine.ram import PAGE_SIZE, GuestRam
-from machine.runstate import RunState, StateError, check_transition
-from protocol import events as ev
-from protocol import savevm
-from protocol.devices import (
+from livemig.actors.base import ActorError, AsyncPeer, HostConfig, log, start_actor
+from livemig.actors.commands import Commands
+from livemig.machine.profile import profile
+from livemig.machine.ram import PAGE_SIZE, GuestRam
+from livemig.machine.runstate import RunState, StateError, check_transition
+from livemig.protocol import events as ev
+from livemig.protocol import savevm
+from livemig.protocol.devices import (
     DEVICES,
     DIGEST_SECTION,
     SWITCHOVER_SECTION,
@@ -32,8 +32,8 @@ from protocol.devices import (
     describe,
     full_section,
 )
-from protocol.messages import Message
-from protocol.transport import TransportError, parse_uri
+from livemig.protocol.messages import Message
+from livemig.protocol.transport import TransportError, parse_uri
 
 DEFAULT_PARAMETERS = {
     "max-bandwidth": 128 << 20,  # bytes/s, QEMU's default since 5.2; 0 = unlimited

@@ -14,8 +14,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from machine.ram import GuestRam, fill_ram
-from machine.workload import WorkloadSpec
+from livemig.machine.ram import GuestRam, fill_ram
+from livemig.machine.workload import WorkloadSpec
 
 ACTORS = ("receiver", "writer", "ram_sender", "block_sender", "coordinator", "monitor")
 # Actors that hold no guest state: they can be started afresh after a failure.
@@ -112,7 +112,7 @@ class Host:
         return cfg
 
     def spawn(self, module: str, *extra: str, fds: tuple[int, ...] = ()) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", f"actors.{module}", self.config_path, *extra],
+        return subprocess.Popen([sys.executable, "-P", "-m", f"livemig.actors.{module}", self.config_path, *extra],
                                 pass_fds=fds, stdin=subprocess.DEVNULL)
 
     def start(self) -> dict:
@@ -167,7 +167,7 @@ class Host:
         or its coordinator the guest is lost, and the host stops."""
         import zmq
 
-        from protocol.messages import Message
+        from livemig.protocol.messages import Message
 
         ctx = zmq.Context()
         coordinator = ctx.socket(zmq.DEALER)

@@ -18,11 +18,10 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from actors import hmp
-from actors.base import ActorError, AsyncPeer, HostConfig, log, start_actor
-from actors.commands import COMMANDS, check_args
-from protocol import events as ev
-from protocol import qmp
+from livemig.actors.base import ActorError, AsyncPeer, HostConfig, log, start_actor
+from livemig.actors.commands import COMMANDS, check_args
+from livemig.protocol import events as ev
+from livemig.protocol import hmp, qmp
 
 VERSION = (7, 2, 0)
 PACKAGE = "livemig 0.1.0"

@@ -14,10 +14,10 @@ import time
 import numpy as np
 import zmq
 
-from actors.base import Client, HostConfig, Server, actor_main
-from machine.ram import PAGE_SIZE, GuestRam
-from protocol import savevm
-from protocol.messages import Message
+from livemig.actors.base import Client, HostConfig, Server, actor_main
+from livemig.machine.ram import PAGE_SIZE, GuestRam
+from livemig.protocol import savevm
+from livemig.protocol.messages import Message
 
 BATCH_PAGES = 2048
 # What one zero-page record costs on the wire; a normal page costs NORMAL_RECORD.

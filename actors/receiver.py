@@ -12,13 +12,13 @@ import time
 
 import zmq
 
-from actors.base import ActorError, HostConfig, Notices, Server, actor_main
-from block import BlockError, open_image
-from block.image import Image
-from machine.profile import profile
-from machine.ram import GuestRam
-from protocol import blockmig, savevm
-from protocol.devices import (
+from livemig.actors.base import ActorError, HostConfig, Notices, Server, actor_main
+from livemig.block import BlockError, open_image
+from livemig.block.image import Image
+from livemig.machine.profile import profile
+from livemig.machine.ram import GuestRam
+from livemig.protocol import blockmig, savevm
+from livemig.protocol.devices import (
     DEVICES,
     DIGEST_SECTION,
     SWITCHOVER_GO,
@@ -26,8 +26,8 @@ from protocol.devices import (
     VCPU_SECTION,
     Device,
 )
-from protocol.messages import Message
-from protocol.transport import Channel, Listener, TransportError, parse_uri
+from livemig.protocol.messages import Message
+from livemig.protocol.transport import Channel, Listener, TransportError, parse_uri
 
 
 class Receiver:

@@ -9,12 +9,12 @@ import time
 import numpy as np
 import zmq
 
-from actors.base import ActorError, HostConfig, Server, actor_main
-from block import BlockError
-from machine.disk import Disk, DriveSpec
-from machine.ram import GuestRam
-from machine.workload import Workload, WorkloadSpec
-from protocol.messages import Message
+from livemig.actors.base import ActorError, HostConfig, Server, actor_main
+from livemig.block import BlockError
+from livemig.machine.disk import Disk, DriveSpec
+from livemig.machine.ram import GuestRam
+from livemig.machine.workload import Workload, WorkloadSpec
+from livemig.protocol.messages import Message
 
 # At most this long between two chances to serve a request.
 SLICE_SECONDS = 0.01

@@ -15,12 +15,12 @@ import time
 import numpy as np
 import zmq
 
-from actors.base import ActorError, HostConfig, Notices, Server, actor_main
-from machine.ram import GuestRam
-from protocol import savevm
-from protocol.devices import SWITCHOVER_GO
-from protocol.messages import Message
-from protocol.transport import Channel, TransportError, connect, parse_uri
+from livemig.actors.base import ActorError, HostConfig, Notices, Server, actor_main
+from livemig.machine.ram import GuestRam
+from livemig.protocol import savevm
+from livemig.protocol.devices import SWITCHOVER_GO
+from livemig.protocol.messages import Message
+from livemig.protocol.transport import Channel, TransportError, connect, parse_uri
 
 BATCH_PAGES = 512
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from block import create_image, open_image
-from block.image import Image
-from machine.workload import parse_size
+from livemig.block import create_image, open_image
+from livemig.block.image import Image
+from livemig.machine.workload import parse_size
 
 CHUNK = 1 << 20  # block migration's unit, as QEMU's BLOCK_SIZE
 SECTOR = 512

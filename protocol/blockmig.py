@@ -12,7 +12,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from protocol import savevm
+from livemig.protocol import savevm
 
 VERSION = 1
 CHUNK = 1 << 20

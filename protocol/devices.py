@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from protocol import savevm
+from livemig.protocol import savevm
 
 VCPU_SECTION = "livemig/vcpu"
 MAX_VCPU_STATE = 1 << 16

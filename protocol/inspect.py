@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protocol import blockmig, savevm
-from protocol.devices import DEVICES
+from livemig.protocol import blockmig, savevm
+from livemig.protocol.devices import DEVICES
 
 _TRAILER_HEAD = 5  # type byte + be32 length
 

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from protocol.transport import iovec_table
+from livemig.protocol.transport import iovec_table
 
 MAGIC = 0x5145564D  # "QEVM"
 VERSION = 3

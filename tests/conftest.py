@@ -10,9 +10,9 @@ import uuid
 import numpy as np
 import pytest
 
-from actors.launch import HostProcess, free_port
-from machine.ram import fill_ram
-from machine.workload import WorkloadSpec, replay
+from livemig.machine.ram import fill_ram
+from livemig.machine.workload import WorkloadSpec, replay
+from livemig.tools.launch import HostProcess, free_port
 
 TAG = f"livemig-test-{uuid.uuid4().hex[:8]}"
 

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from protocol import devices, savevm
+from livemig.protocol import devices, savevm
 
 PAGES = 16
 
@@ -235,7 +235,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print("stream fuzzing:", fuzz_streams(args.stream_cases, args.seconds, args.seed), flush=True)
-    from actors.launch import HostProcess
+    from livemig.tools.launch import HostProcess
 
     with HostProcess(f"fuzz{time.time_ns() % 100000}", "--ram", "16M", "--workload", "idle") as host:
         result = fuzz_qmp(host.qmp_addr.removeprefix("unix:"), args.qmp_cases, args.seconds, args.seed)

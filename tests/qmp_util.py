@@ -14,9 +14,9 @@ import time
 
 import numpy as np
 
-from actors.host import qmp_address
-from machine.ram import fill_ram
-from machine.workload import WorkloadSpec, replay
+from livemig.actors.host import qmp_address
+from livemig.machine.ram import fill_ram
+from livemig.machine.workload import WorkloadSpec, replay
 
 END = ("completed", "failed", "cancelled")
 
@@ -81,7 +81,7 @@ class EventPrinter:
     slow-joiner problem) by toggling the guest until it prints something."""
 
     def __init__(self, host) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "events", host.events,
+        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "livemig.cli.main", "events", host.events,
                                       "--timeout", "120"], stdout=subprocess.PIPE)
         assert self.proc.stdout is not None
         self.lines: list[dict] = []

@@ -8,7 +8,7 @@ from tests.conftest import TAG
 
 
 def run_demo(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "actors.cli", "demo", "--json", *args], capture_output=True,
+    out = subprocess.run([sys.executable, "-P", "-m", "livemig.cli.main", "demo", "--json", *args], capture_output=True,
                          text=True, timeout=240, env={"LIVEMIG_TEST_TAG": TAG, **__import__("os").environ})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])

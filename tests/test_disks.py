@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from block import create_image, open_image
-from machine.disk import Disk, DriveSpec
-from machine.ram import fill_ram
-from machine.workload import WorkloadSpec, replay
+from livemig.block import create_image, open_image
+from livemig.machine.disk import Disk, DriveSpec
+from livemig.machine.ram import fill_ram
+from livemig.machine.workload import WorkloadSpec, replay
 from tests.conftest import guest_args
 
 DISKWRITE = "diskwrite:iops=400,size=4096"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from protocol import savevm
+from livemig.protocol import savevm
 from tests.conftest import guest_args, replay_matches
 
 FAST_DIRTY = guest_args(ram="128M", workload="memtouch:rate=32M,wss=64M")

@@ -189,10 +189,10 @@ def test_seed_era_commands_blockers_and_the_command_lines(hosts, tmp_path):
         # `livemig hmp` and `livemig events` on the command line.
         printer = EventPrinter(host)
         try:
-            out = subprocess.run([sys.executable, "-m", "actors.cli", "hmp", "--qmp", host.qmp_addr, "stop"],
+            out = subprocess.run([sys.executable, "-P", "-m", "livemig.cli.main", "hmp", "--qmp", host.qmp_addr, "stop"],
                                  capture_output=True, timeout=60)
             assert out.returncode == 0 and out.stdout == b"", out
-            out = subprocess.run([sys.executable, "-m", "actors.cli", "hmp", "--qmp", host.qmp_addr,
+            out = subprocess.run([sys.executable, "-P", "-m", "livemig.cli.main", "hmp", "--qmp", host.qmp_addr,
                                   "info status"], capture_output=True, timeout=60)
             assert out.stdout.decode().splitlines() == ["VM status: paused"]
             wait_for(lambda: any(e["event"] == "STOP" for e in printer.read(0.2)), 10, "STOP line")

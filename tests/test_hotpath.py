@@ -14,10 +14,10 @@ import uuid
 import numpy as np
 import pytest
 
-from actors import bench
-from machine.ram import PAGE_SIZE, GuestRam
-from protocol import savevm
-from protocol.transport import Channel, iovec_skip, iovec_table
+from livemig.machine.ram import PAGE_SIZE, GuestRam
+from livemig.protocol import savevm
+from livemig.protocol.transport import Channel, iovec_skip, iovec_table
+from livemig.tools import bench
 
 
 def ram_file(pages: int) -> GuestRam:

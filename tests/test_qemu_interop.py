@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.launch import free_port
-from machine.ram import fill_ram
+from livemig.machine.ram import fill_ram
+from livemig.tools.launch import free_port
 from tests.conftest import replay_matches
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -117,7 +117,7 @@ def scratch():
 
 
 def livemig(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "actors.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-P", "-m", "livemig.cli.main", *args], capture_output=True, text=True,
                           timeout=120)
 
 

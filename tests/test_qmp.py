@@ -21,9 +21,9 @@ import pytest
 from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from actors.host import qmp_address
-from actors.launch import free_port
-from protocol import events as ev
+from livemig.actors.host import qmp_address
+from livemig.protocol import events as ev
+from livemig.tools.launch import free_port
 from tests.conftest import guest_args
 from tests.qmp_util import (
     END,

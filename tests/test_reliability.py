@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from block import create_image
+from livemig.block import create_image
 from tests.conftest import guest_args
 from tests.test_disks import check_clean, qemu_img, replay_disk
 

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from actors.rig import Rig, Scenario, leftovers, report
+from livemig.tools.rig import Rig, Scenario, leftovers, report
 from tests.conftest import TAG
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tc"),

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import savevm
+from livemig.protocol import savevm
 
 PAGES = 64
 

@@ -10,9 +10,9 @@ import struct
 import numpy as np
 import pytest
 
-from protocol import savevm
-from protocol.devices import DEVICES, full_section
-from protocol.inspect import find_vmdesc, scan
+from livemig.protocol import savevm
+from livemig.protocol.devices import DEVICES, full_section
+from livemig.protocol.inspect import find_vmdesc, scan
 
 BLOCK = 8 * 4096
 

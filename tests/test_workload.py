@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from machine.ram import fill_ram
-from machine.workload import Workload, WorkloadSpec, parse_size, replay
+from livemig.machine.ram import fill_ram
+from livemig.machine.workload import Workload, WorkloadSpec, parse_size, replay
 
 
 def test_parse_size():

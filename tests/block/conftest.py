@@ -12,9 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import block
-
-REPO = str(Path(block.__file__).resolve().parent.parent)  # PYTHONPATH for child processes
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from block import (
+from livemig.block import (
     BlockError,
     ImageClosed,
     ImageInactive,

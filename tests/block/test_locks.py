@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from block import ImageInUse, create_image, open_image
+from livemig.block import ImageInUse, create_image, open_image
 
-from .conftest import REPO, needs_qemu, qemu_img, run
+from .conftest import needs_qemu, qemu_img, run
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
@@ -22,9 +21,8 @@ def test_second_active_writer_refused(tmp_path, fmt):
         open_image(img)
     assert str(img) in str(ei.value)
     # In another process too (OFD locks are per open file description).
-    code = "from block import open_image\nopen_image(__import__('sys').argv[1])"
-    r = subprocess.run([sys.executable, "-c", code, str(img)], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=REPO))
+    code = "from livemig.block import open_image\nopen_image(__import__('sys').argv[1])"
+    r = subprocess.run([sys.executable, "-c", code, str(img)], capture_output=True, text=True)
     assert r.returncode != 0 and "image is in use" in r.stderr
     # Inactive and read-only opens take no lock and are allowed alongside.
     with open_image(img, inactive=True) as dest, open_image(img, read_only=True) as ro:

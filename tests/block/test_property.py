@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from block import create_image, open_image
+from livemig.block import create_image, open_image
 
 from .conftest import check_image, compare_raw, needs_qemu
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from block import Qcow2Image, create_image, open_image
+from livemig.block import Qcow2Image, create_image, open_image
 
 from .conftest import (
     assert_no_shared_host_clusters,

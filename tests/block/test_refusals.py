@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from block import BlockError, CorruptImage, UnsupportedFeature, open_image
-from block import qcow2_format as F
+from livemig.block import BlockError, CorruptImage, UnsupportedFeature, open_image
+from livemig.block import qcow2_format as F
 
 from .conftest import (
     check_image,

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from block import open_image
-from block import qcow2_format as F
+from livemig.block import open_image
+from livemig.block import qcow2_format as F
 
 from .conftest import (
-    REPO,
     check_image,
     digest,
     needs_qemu,
@@ -48,7 +46,7 @@ def test_qemu_lazy_refcount_crash_is_repaired(tmp_path):
 
 _CRASH = """
 import os, sys
-from block import open_image
+from livemig.block import open_image
 d = open_image(sys.argv[1], l2_cache_size=1024, refcount_cache_size=1024)
 d.write(0, b"\\x11" * 300000)
 d.flush()  # this much is durable
@@ -62,7 +60,7 @@ def test_our_own_crash_is_repaired(tmp_path):
     img = tmp_path / "crash.qcow2"
     qemu_create(img, "2M", "cluster_size=512")
     r = subprocess.run([sys.executable, "-c", _CRASH, str(img)], capture_output=True,
-                       text=True, env=dict(os.environ, PYTHONPATH=REPO))
+                       text=True)
     assert r.returncode == 3, r.stderr
     with open(img, "rb") as f:
         assert F.parse_header(f.read(512), str(img)).incompatible & F.INCOMPAT_DIRTY

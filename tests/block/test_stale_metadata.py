@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from block import BlockError, ImageInactive, ImageInUse, open_image
+from livemig.block import BlockError, ImageInactive, ImageInUse, open_image
 
-from .conftest import REPO, QemuIO, compare_raw, needs_qemu, qemu_create, qemu_img, qemu_io
+from .conftest import QemuIO, compare_raw, needs_qemu, qemu_create, qemu_img, qemu_io
 
 pytestmark = needs_qemu
 
@@ -41,7 +40,7 @@ DEST_WRITES = [(0xD1, 24 * KiB, 4 * KiB), (0xD2, 44 * MiB, 4 * KiB), (0xD3, 62 *
 
 _OUR_WRITER = """
 import json, sys
-from block import open_image
+from livemig.block import open_image
 ops = json.loads(sys.argv[2])
 with open_image(sys.argv[1]) as img:
     for op in ops:
@@ -54,9 +53,8 @@ with open_image(sys.argv[1]) as img:
 
 def run_source_ops(img: Path, ops: list, writer: str) -> None:
     if writer == "ours":  # a second instance of our driver, in its own process
-        env = dict(os.environ, PYTHONPATH=REPO)
         r = subprocess.run([sys.executable, "-c", _OUR_WRITER, str(img), json.dumps(ops)],
-                           capture_output=True, text=True, env=env)
+                           capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         return
     for op in ops:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from actors.host import qmp_address
+from livemig.actors.host import qmp_address
 
 
 def free_port() -> int:
@@ -28,7 +28,7 @@ class HostProcess:
                  env: dict | None = None, prefix: tuple[str, ...] = ()) -> None:
         """`prefix` runs the host under another command, e.g. `ip netns exec NS`."""
         self.name = name
-        cmd = [*prefix, sys.executable, "-m", "actors.cli", "host", "--name", name, "--json", *args]
+        cmd = [*prefix, sys.executable, "-P", "-m", "livemig.cli.main", "host", "--name", name, "--json", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      pass_fds=pass_fds, start_new_session=True,
                                      env={**os.environ, **(env or {})})

@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 
-from actors.launch import HostProcess, free_port
-from block import open_image
-from machine.disk import Disk, DriveSpec
-from machine.ram import fill_ram
-from machine.workload import WorkloadSpec, replay
+from livemig.block import open_image
+from livemig.machine.disk import Disk, DriveSpec
+from livemig.machine.ram import fill_ram
+from livemig.machine.workload import WorkloadSpec, replay
+from livemig.tools.launch import HostProcess, free_port
 
 DEFAULT_WORKLOAD = "memtouch:rate=16M,wss=32M"
 DISK_WORKLOAD = "diskwrite:iops=300,size=4096"
@@ -71,7 +71,7 @@ def run_demo(ram: int = 256 << 20, workload: str | None = None, uri: str | None 
              vcpus: int = 1, quiet: bool = False, disk: bool = False, keep: str | None = None) -> dict:
     """With `disk`, the guest writes to a qcow2 image that both hosts share
     (in `keep`, or a temporary directory), and the image is verified too."""
-    from actors.cli import Qmp, follow, print_summary
+    from livemig.cli.main import Qmp, follow, print_summary
 
     with tempfile.TemporaryDirectory(prefix="livemig-demo-") as tmp:
         workdir = keep or tmp

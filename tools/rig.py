@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import msgpack
 import zmq
 
-from actors.demo import verify
-from actors.launch import HostProcess, free_port
+from livemig.tools.demo import verify
+from livemig.tools.launch import HostProcess, free_port
 
 ADDRESS_BASE = (198, 18)
 POLL = 0.05  # query-migrate period while a migration runs
@@ -376,7 +376,7 @@ class Rig:
 
 
 def _size(text: str) -> int:
-    from machine.workload import parse_size
+    from livemig.machine.workload import parse_size
 
     return parse_size(text)
 

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from actors.launch import HostProcess, free_port
+from livemig.tools.launch import HostProcess, free_port
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -161,7 +161,7 @@ def actor_pids(host_pid: int) -> dict[str, int]:
         except (OSError, IndexError, ValueError):
             continue
         try:
-            module = argv[argv.index(b"-m") + 1].decode().removeprefix("actors.")
+            module = argv[argv.index(b"-m") + 1].decode().removeprefix("livemig.actors.")
         except (ValueError, IndexError):
             continue
         name = module + (argv[argv.index(b"-m") + 3].decode() if module == "vcpu" else "")
@@ -499,7 +499,7 @@ class Bench:
     def qcow2(self) -> None:
         import shutil
 
-        from block import bench as block_bench
+        from livemig.tools import qcow2_bench as block_bench
         if shutil.which("qemu-img") is None:
             self.results["qcow2"] = {"skipped": "qemu-img not found (Debian package qemu-utils)"}
             self.log("  qcow2: skipped, qemu-img not found")

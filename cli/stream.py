@@ -8,8 +8,8 @@ import sys
 
 import click
 
-from protocol import savevm
-from protocol.inspect import StreamInfo, scan
+from livemig.protocol import savevm
+from livemig.protocol.inspect import StreamInfo, scan
 
 
 def _scan(path: str, ram_dir: str | None) -> StreamInfo:

@@ -10,8 +10,8 @@ import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from actors.base import ActorError
-from actors.commands import END_STATES, MIGRATION_STATUSES
+from livemig.actors.base import ActorError
+from livemig.actors.commands import END_STATES, MIGRATION_STATUSES
 
 Execute = Callable[[str, dict], Awaitable]  # runs one QMP command; raises ActorError
 POLL = 0.1  # s between query-migrate polls while `migrate` waits

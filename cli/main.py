@@ -10,12 +10,12 @@ import time
 
 import click
 
-from actors.host import HostSpec, default_qmp, qmp_address, run_host
-from actors.stream_cli import stream
-from machine.disk import DriveSpec
-from machine.profile import PROFILES, profile
-from machine.ram import FILLS
-from machine.workload import WorkloadSpec, parse_size
+from livemig.actors.host import HostSpec, default_qmp, qmp_address, run_host
+from livemig.cli.stream import stream
+from livemig.machine.disk import DriveSpec
+from livemig.machine.profile import PROFILES, profile
+from livemig.machine.ram import FILLS
+from livemig.machine.workload import WorkloadSpec, parse_size
 
 END_STATES = ("completed", "failed", "cancelled")
 
@@ -66,7 +66,7 @@ def size_arg(_ctx, _param, value):
 
 
 def device_arg(_ctx, _param, values):
-    from actors.commands import parse_device
+    from livemig.actors.commands import parse_device
 
     try:
         devices = [parse_device(v) for v in values]
@@ -325,7 +325,7 @@ def events(endpoint, count, timeout, host, qmp) -> None:
     """Print a host's events as JSON lines (ENDPOINT: its ZeroMQ PUB socket)."""
     import zmq
 
-    from protocol.events import decode
+    from livemig.protocol.events import decode
 
     if endpoint is None:
         mon = connect(host, qmp)
@@ -368,7 +368,7 @@ def events(endpoint, count, timeout, host, qmp) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def demo(ram, workload, uri, seed, vcpus, disk, keep, as_json) -> None:
     """Migrate a running guest between two local hosts and verify it by replay."""
-    from actors.demo import run_demo
+    from livemig.tools.demo import run_demo
 
     result = run_demo(ram=ram, workload=workload, uri=uri, seed=seed, vcpus=vcpus, quiet=as_json,
                       disk=disk or keep is not None, keep=keep)
@@ -388,7 +388,7 @@ def rig(scenario, results_dir, out_dir, loopback) -> None:
     """Run SCENARIO.toml: hosts in network namespaces joined by shaped links,
     guests, migrations (sequential, evacuations, a parameter matrix), events
     collected, a report with plots. `livemig rig report DIR` rebuilds a report."""
-    from actors.rig import Rig, RigError, Scenario, report
+    from livemig.tools.rig import Rig, RigError, Scenario, report
 
     if scenario == "report":
         if not results_dir:
@@ -429,7 +429,7 @@ main.add_command(stream)
               help="Run only these sections of the full benchmark (repeatable).")
 def bench(quick, out, repeat, sections) -> None:
     """Measure migration throughput and downtime against raw sockets, side by side."""
-    from actors.bench import run_bench
+    from livemig.tools.bench import run_bench
 
     try:
         run_bench(out=out, quick=quick, repeat=repeat, sections=tuple(sections))
