@@ -10,37 +10,15 @@ import time
 
 import click
 
-from livemig.actors.host import HostSpec, default_qmp, qmp_address, run_host
+from livemig.actors.host import HostSpec, run_host
+from livemig.cli.progress import follow, print_summary
+from livemig.cli.qmp_client import connect
 from livemig.cli.stream import stream
 from livemig.machine.disk import DriveSpec
 from livemig.machine.profile import PROFILES, profile
 from livemig.machine.ram import FILLS
-from livemig.machine.workload import WorkloadSpec, parse_size
-
-END_STATES = ("completed", "failed", "cancelled")
-
-
-class Qmp:
-    """A synchronous QMP session (qemu.qmp's legacy client) to one host."""
-
-    def __init__(self, address: str) -> None:
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        self.address = address
-        self.mon = QEMUMonitorProtocol(qmp_address(address))
-        try:
-            self.mon.connect()
-        except Exception as exc:
-            raise click.ClickException(f"cannot reach the host's monitor at {address}: {exc}") from None
-
-    def __call__(self, name: str, **args):
-        reply = self.mon.cmd_raw(name, args)
-        if "error" in reply:
-            raise click.ClickException(reply["error"]["desc"])
-        return reply["return"]
-
-    def close(self) -> None:
-        self.mon.close()
+from livemig.machine.workload import WorkloadSpec
+from livemig.protocol.units import parse_size
 
 
 def monitor_option(fn):
@@ -50,10 +28,6 @@ def monitor_option(fn):
     fn = click.option("-H", "--host", "host", default=lambda: os.environ.get("LIVEMIG_HOST", "default"),
                       show_default="$LIVEMIG_HOST or 'default'", help="Name of a local host.")(fn)
     return fn
-
-
-def connect(host: str, qmp: str | None) -> Qmp:
-    return Qmp(qmp or default_qmp(host))
 
 
 def size_arg(_ctx, _param, value):
@@ -181,60 +155,6 @@ def migrate(uri, detach, as_json, timeout, host, qmp) -> None:
         print_summary(info)
     if info.get("status") != "completed":
         sys.exit(1)
-
-
-def follow(mon: Qmp, timeout: float, quiet: bool = False) -> dict:
-    """Poll query-migrate until the migration ends, with a progress bar."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
-
-    deadline = time.monotonic() + timeout
-    columns = [TextColumn("[bold]{task.fields[status]:<9}"), BarColumn(), DownloadColumn(binary_units=True),
-               TextColumn("{task.fields[rate]:>10}"), TextColumn("pass {task.fields[passes]}"),
-               TextColumn("exp. downtime {task.fields[expected]} ms"), TimeElapsedColumn()]
-    with Progress(*columns, disable=quiet, transient=False) as bar:
-        task = bar.add_task("migrate", total=None, status="setup", rate="", passes=0, expected="-")
-        try:
-            while True:
-                info = mon("query-migrate")
-                ram = info.get("ram", {})
-                total = ram.get("total") or None
-                done = (total - ram.get("remaining", 0)) if total else 0
-                bar.update(task, total=total, completed=max(0, done), status=info.get("status", "?"),
-                           rate=f"{ram.get('mbps', 0):.0f} Mbps", passes=ram.get("dirty-sync-count", 0),
-                           expected=info.get("expected-downtime", "-"))
-                if info.get("status") in END_STATES:
-                    return info
-                if time.monotonic() > deadline:
-                    raise click.ClickException("migration did not finish in time (still running)")
-                time.sleep(0.1)
-        except KeyboardInterrupt:
-            mon("migrate_cancel")
-            bar.stop()
-            click.echo("cancel requested", err=True)
-            while (info := mon("query-migrate")).get("status") not in END_STATES:
-                time.sleep(0.1)
-            return info
-
-
-def print_summary(info: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"migration {info.get('status')}", show_header=False)
-    ram = info.get("ram", {})
-    rows = [("total time", f"{info.get('total-time', 0)} ms"), ("setup time", f"{info.get('setup-time', 0)} ms"),
-            ("downtime", f"{info.get('downtime', '-')} ms"),
-            ("guest downtime", f"{info.get('x-guest-downtime', '-')} ms"),
-            ("passes", ram.get("dirty-sync-count", 0)),
-            ("transferred", f"{ram.get('transferred', 0) / 2**20:.1f} MiB"),
-            ("RAM", f"{ram.get('total', 0) / 2**20:.0f} MiB"),
-            ("normal pages", ram.get("normal", 0)), ("zero pages", ram.get("duplicate", 0)),
-            ("throughput", f"{ram.get('mbps', 0):.0f} Mbps")]
-    if info.get("error-desc"):
-        rows.append(("error", info["error-desc"]))
-    for k, v in rows:
-        table.add_row(k, str(v))
-    Console().print(table)
 
 
 @main.command()

@@ -10,7 +10,7 @@ import numpy as np
 
 from livemig.block import create_image, open_image
 from livemig.block.image import Image
-from livemig.machine.workload import parse_size
+from livemig.protocol.units import parse_size
 
 CHUNK = 1 << 20  # block migration's unit, as QEMU's BLOCK_SIZE
 SECTOR = 512

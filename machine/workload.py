@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from livemig.protocol.units import parse_size
+
 PAGE_SIZE = 4096
 WORDS = PAGE_SIZE // 8
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
@@ -26,24 +28,6 @@ DISK_KINDS = ("diskwrite", "kv")
 KV_SLOT = 16
 KV_RECORD = 64
 IDLE_STEPS_PER_SECOND = 1000.0
-
-
-def parse_size(text: str | int) -> int:
-    """'64M', '1G', '4096', '1.5K' -> bytes (binary multiples)."""
-    if isinstance(text, int):
-        return text
-    s = str(text).strip().upper().removesuffix("IB").removesuffix("B")
-    mult = 1
-    if s and s[-1] in "KMGT":
-        mult = 1 << (10 * ("KMGT".index(s[-1]) + 1))
-        s = s[:-1]
-    try:
-        value = float(s)
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (examples: 4096, 64K, 256M, 1G)") from None
-    if value < 0:
-        raise ValueError(f"size must not be negative: {text!r}")
-    return int(value * mult)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -10,8 +10,9 @@ import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from livemig.actors.base import ActorError
 from livemig.actors.commands import END_STATES, MIGRATION_STATUSES
+from livemig.protocol import units
+from livemig.protocol.rpc import ActorError
 
 Execute = Callable[[str, dict], Awaitable]  # runs one QMP command; raises ActorError
 POLL = 0.1  # s between query-migrate polls while `migrate` waits
@@ -28,7 +29,6 @@ PARAMETER_ORDER = ("announce-initial", "announce-max", "announce-rounds", "annou
 # Size parameters, and the unit of a bare number: QEMU reads max-bandwidth in MiB.
 SIZE_PARAMETERS = {"max-bandwidth": 20, "avail-switchover-bandwidth": 0, "xbzrle-cache-size": 0,
                    "max-postcopy-bandwidth": 0}
-_SUFFIXES = {"b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
 
 class UsageError(Exception):
@@ -119,25 +119,15 @@ async def _run(line: str, execute: Execute) -> str:
 
 
 def parse_size(text: str, default_shift: int = 0) -> int:
-    """'32m', '1.5G', '4096' -> bytes; a bare number is scaled by default_shift."""
-    t = text.strip().lower()
-    shift = default_shift
-    if t and t[-1] in _SUFFIXES:
-        t, shift = t[:-1], _SUFFIXES[t[-1]]
     try:
-        value = float(t)
+        return units.parse_size(text, default_shift)
     except ValueError:
         raise UsageError(f"invalid size '{text}'") from None
-    return int(value * (1 << shift))
 
 
 def parse_seconds(text: str) -> float:
-    """'0.03', '30ms', '30000us', '30000000ns' -> seconds."""
-    t = text.strip().lower()
-    units = {"ms": 1e-3, "us": 1e-6, "ns": 1e-9, "s": 1.0}
-    suffix = next((u for u in units if t.endswith(u)), "")
     try:
-        return float(t.removesuffix(suffix) if suffix else t) * units.get(suffix, 1.0)
+        return units.parse_seconds(text)
     except ValueError:
         raise UsageError(f"invalid time '{text}'") from None
 

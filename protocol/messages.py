@@ -32,12 +32,3 @@ class Message:
 
 REPLY = "reply"
 ERROR = "error"
-HEARTBEAT = "heartbeat"
-
-
-def reply(request: Message, node_id: str, result=None, frames=None) -> Message:
-    return Message(REPLY, {"rid": request.data.get("rid"), "result": result}, node_id, frames or [])
-
-
-def error(request: Message, node_id: str, desc: str, cls: str = "GenericError") -> Message:
-    return Message(ERROR, {"rid": request.data.get("rid"), "class": cls, "desc": desc}, node_id)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from livemig.machine.ram import fill_ram
-from livemig.machine.workload import Workload, WorkloadSpec, parse_size, replay
+from livemig.machine.workload import Workload, WorkloadSpec, replay
+from livemig.protocol.units import parse_size
 
 
 def test_parse_size():

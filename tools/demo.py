@@ -12,6 +12,8 @@ import time
 import numpy as np
 
 from livemig.block import open_image
+from livemig.cli.progress import follow, print_summary
+from livemig.cli.qmp_client import Qmp
 from livemig.machine.disk import Disk, DriveSpec
 from livemig.machine.ram import fill_ram
 from livemig.machine.workload import WorkloadSpec, replay
@@ -71,17 +73,14 @@ def run_demo(ram: int = 256 << 20, workload: str | None = None, uri: str | None 
              vcpus: int = 1, quiet: bool = False, disk: bool = False, keep: str | None = None) -> dict:
     """With `disk`, the guest writes to a qcow2 image that both hosts share
     (in `keep`, or a temporary directory), and the image is verified too."""
-    from livemig.cli.main import Qmp, follow, print_summary
-
     with tempfile.TemporaryDirectory(prefix="livemig-demo-") as tmp:
         workdir = keep or tmp
         os.makedirs(workdir, exist_ok=True)
         return _run_demo(ram, workload or (DISK_WORKLOAD if disk else DEFAULT_WORKLOAD), uri, seed, vcpus,
-                         quiet, os.path.join(workdir, "disk.qcow2") if disk else None, workdir,
-                         Qmp, follow, print_summary)
+                         quiet, os.path.join(workdir, "disk.qcow2") if disk else None, workdir)
 
 
-def _run_demo(ram, workload, uri, seed, vcpus, quiet, image, workdir, Qmp, follow, print_summary) -> dict:
+def _run_demo(ram, workload, uri, seed, vcpus, quiet, image, workdir) -> dict:
     uri = uri or f"tcp:127.0.0.1:{free_port()}"
     tag = f"demo{os.getpid()}"
     guest = ["--ram", str(ram), "--fill", "random", "--seed", str(seed), "--vcpus", str(vcpus),

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import msgpack
 import zmq
 
+from livemig.protocol.units import parse_size
 from livemig.tools.demo import verify
 from livemig.tools.launch import HostProcess, free_port
 
@@ -303,7 +304,7 @@ class Rig:
             if self.scenario.verify:
                 src_regs = src.cmd("x-query-vcpus")
                 time.sleep(0.2)
-                v = verify(dst, src_regs, int(_size(spec.ram)), spec.fill, spec.seed, spec.workload, spec.vcpus)
+                v = verify(dst, src_regs, int(parse_size(spec.ram)), spec.fill, spec.seed, spec.workload, spec.vcpus)
                 dst.cmd("cont")
                 result["verified"] = v["ram_equal"] and v["vcpu_equal"]
             src.close()
@@ -373,12 +374,6 @@ class Rig:
         with ThreadPoolExecutor(max_workers=int(ev.get("concurrency", 1))) as pool:
             for result in pool.map(lambda gt: self.migrate(gt[0], gt[1], params, caps, run_id, collector), plan):
                 self.results.append(result)
-
-
-def _size(text: str) -> int:
-    from livemig.machine.workload import parse_size
-
-    return parse_size(text)
 
 
 def write_summary(out_dir: str, results: list[dict]) -> None:
