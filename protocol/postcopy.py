@@ -1,0 +1,356 @@
+"""Post-copy on the wire, as QEMU 7.2 frames it: the savevm commands (source ->
+destination) and the return-path messages (destination -> source).
+
+Commands reuse savevm's framing (0x08, be16 cmd, be16 length, data). The
+order is fixed: ADVISE (before pre-copy), RAM_DISCARD* (at the switch),
+PACKAGED(LISTEN, device state, PING, RUN), then pages; on recovery
+RECV_BITMAP per block and POSTCOPY_RESUME. `IncomingPostcopy` holds the
+destination's place in that order and refuses anything out of it.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from livemig.protocol import savevm
+from livemig.protocol.savevm import PAGE_SIZE, StreamError
+
+CMD_ADVISE = 3
+CMD_LISTEN = 4
+CMD_RUN = 5
+CMD_RAM_DISCARD = 6
+CMD_PACKAGED = 7
+CMD_RESUME = 9
+CMD_RECV_BITMAP = 10
+
+RP_REQ_PAGES_ID = 3
+RP_REQ_PAGES = 4
+RP_RECV_BITMAP = 5
+RP_RESUME_ACK = 6
+RESUME_ACK_VALUE = 1
+
+DISCARD_VERSION = 0
+MAX_DISCARD_RANGES = 12  # per RAM_DISCARD command, as QEMU sends them
+MAX_PACKAGED = 1 << 24  # QEMU's limit on a PACKAGED blob
+RECV_BITMAP_ENDING = 0x0123456789ABCDEF
+
+_be64 = struct.Struct(">Q")
+_be32 = struct.Struct(">I")
+_range = struct.Struct(">QQ")
+_req = struct.Struct(">QI")
+
+
+def _name(name: str) -> bytes:
+    raw = name.encode()
+    if not 0 < len(raw) < 256:
+        raise ValueError(f"RAM block name {name!r} must be 1..255 bytes")
+    return bytes([len(raw)]) + raw
+
+
+# --------------------------------------------------------------------------- commands: writing
+
+
+def advise(pagesize_summary: int = PAGE_SIZE, target_page: int = PAGE_SIZE) -> bytes:
+    """ADVISE: the OR of every block's page size, and the target page size."""
+    return savevm.command(CMD_ADVISE, _be64.pack(pagesize_summary) + _be64.pack(target_page))
+
+
+def listen() -> bytes:
+    return savevm.command(CMD_LISTEN)
+
+
+def run() -> bytes:
+    return savevm.command(CMD_RUN)
+
+
+def resume() -> bytes:
+    return savevm.command(CMD_RESUME)
+
+
+def recv_bitmap(block: str) -> bytes:
+    """The source asks for the destination's received bitmap of one block (recovery)."""
+    return savevm.command(CMD_RECV_BITMAP, _name(block))
+
+
+def packaged(blob: bytes) -> bytes:
+    """PACKAGED: be32 length, then the blob (LISTEN, device state, PING, RUN) inline."""
+    if len(blob) > MAX_PACKAGED:
+        raise ValueError(f"PACKAGED blob of {len(blob)} bytes exceeds {MAX_PACKAGED}")
+    return savevm.command(CMD_PACKAGED, _be32.pack(len(blob))) + blob
+
+
+def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of True in a per-page bool array, as (first page, count)."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], pages.astype(np.bool_), [False])).astype(np.int8)))
+    return [(int(a), int(b - a)) for a, b in zip(edges[0::2], edges[1::2], strict=True)]
+
+
+def ram_discard(block: str, ranges: Iterable[tuple[int, int]]) -> list[bytes]:
+    """RAM_DISCARD commands for byte ranges (start, length) of one block, at
+    most MAX_DISCARD_RANGES per command: u8 version 0, u8 length, name, NUL,
+    then be64 start/length pairs."""
+    head = bytes([DISCARD_VERSION]) + _name(block) + b"\0"
+    ranges = list(ranges)
+    return [savevm.command(CMD_RAM_DISCARD, head + b"".join(_range.pack(s, n) for s, n in
+                                                             ranges[i:i + MAX_DISCARD_RANGES]))
+            for i in range(0, len(ranges), MAX_DISCARD_RANGES)]
+
+
+def discard_pages(block: str, pages: np.ndarray) -> list[bytes]:
+    """RAM_DISCARD commands for the pages set in a per-page bool array of one block."""
+    return ram_discard(block, [(a * PAGE_SIZE, n * PAGE_SIZE) for a, n in page_runs(pages)])
+
+
+# --------------------------------------------------------------------------- commands: reading
+
+
+@dataclass(frozen=True)
+class Advise:
+    pagesize_summary: int
+    target_page: int
+
+
+@dataclass(frozen=True)
+class Discard:
+    block: str
+    ranges: list[tuple[int, int]]  # (start, length) in bytes
+
+
+class State(enum.Enum):
+    """The destination's place in the post-copy order (QEMU's PostcopyState)."""
+
+    NONE = "none"
+    ADVISE = "advise"
+    DISCARD = "discard"
+    LISTENING = "listening"
+    RUNNING = "running"
+
+
+def parse_advise(data: bytes, enabled: bool = True) -> Advise | None:
+    """None: the source advises no RAM post-copy (an empty ADVISE)."""
+    if not data:
+        if enabled:
+            raise StreamError("postcopy-ram is enabled here but the source's POSTCOPY_ADVISE is empty")
+        return None
+    if len(data) != 16:
+        raise StreamError(f"POSTCOPY_ADVISE with {len(data)} bytes of data (expected 16)")
+    if not enabled:
+        raise StreamError("the source advises post-copy but capability postcopy-ram is not set here")
+    summary, target = struct.unpack(">QQ", data)
+    if target != PAGE_SIZE:
+        raise StreamError(f"POSTCOPY_ADVISE: source target pages are {target} bytes, here {PAGE_SIZE}")
+    if summary != PAGE_SIZE:
+        raise StreamError(f"POSTCOPY_ADVISE: source RAM page sizes {summary:#x}, here {PAGE_SIZE:#x} "
+                          "(huge pages are not supported)")
+    return Advise(summary, target)
+
+
+def parse_discard(data: bytes) -> Discard:
+    if len(data) < 4 + _range.size:
+        raise StreamError(f"POSTCOPY_RAM_DISCARD with {len(data)} bytes of data: too short for one range")
+    if data[0] != DISCARD_VERSION:
+        raise StreamError(f"POSTCOPY_RAM_DISCARD version {data[0]} (expected {DISCARD_VERSION})")
+    n = data[1]
+    if 2 + n + 1 > len(data) or data[2 + n] != 0:
+        raise StreamError("POSTCOPY_RAM_DISCARD: block name not NUL-terminated")
+    try:
+        block = data[2:2 + n].decode()
+    except UnicodeDecodeError:
+        raise StreamError(f"POSTCOPY_RAM_DISCARD: block name is not UTF-8: {data[2:2 + n]!r}") from None
+    body = data[3 + n:]
+    if not body or len(body) % _range.size:
+        raise StreamError(f"POSTCOPY_RAM_DISCARD: {len(body)} bytes of ranges is not whole (start, length) pairs")
+    return Discard(block, list(_range.iter_unpack(body)))
+
+
+def parse_recv_bitmap(data: bytes) -> str:
+    if not data or len(data) != data[0] + 1:
+        raise StreamError(f"RECV_BITMAP command of {len(data)} bytes does not hold one block name")
+    try:
+        return data[1:].decode()
+    except UnicodeDecodeError:
+        raise StreamError(f"RECV_BITMAP: block name is not UTF-8: {data[1:]!r}") from None
+
+
+def parse_packaged(data: bytes) -> int:
+    if len(data) != 4:
+        raise StreamError(f"PACKAGED command with {len(data)} bytes of data (expected 4)")
+    length = _be32.unpack(data)[0]
+    if length > MAX_PACKAGED:
+        raise StreamError(f"PACKAGED blob of {length} bytes exceeds the {MAX_PACKAGED}-byte limit")
+    return length
+
+
+def check_range(blocks: dict[str, int], block: str, start: int, length: int, what: str) -> None:
+    """A byte range of a block: known block, page aligned, not empty, inside it."""
+    size = blocks.get(block)
+    if size is None:
+        raise StreamError(f"{what}: unknown RAM block {block!r}")
+    if start % PAGE_SIZE or length % PAGE_SIZE or not length:
+        raise StreamError(f"{what}: range {start:#x}+{length:#x} of {block!r} is not whole pages")
+    if start + length > size:
+        raise StreamError(f"{what}: range {start:#x}+{length:#x} beyond RAM block {block!r} of {size} bytes")
+
+
+class IncomingPostcopy:
+    """Validates post-copy commands on the destination in the order QEMU sends them.
+
+    `blocks`: RAM block name -> size in bytes. Each `on_*` returns the parsed
+    record or raises StreamError (malformed, out of order, beyond RAM).
+    """
+
+    def __init__(self, blocks: dict[str, int], enabled: bool = True) -> None:
+        self.blocks = blocks
+        self.enabled = enabled  # capability postcopy-ram on this side
+        self.state = State.NONE
+        self.in_package = 0  # bytes of the PACKAGED blob still to come (0: not in one)
+
+    def _expect(self, name: str, *allowed: State) -> None:
+        if self.state not in allowed:
+            want = " or ".join(s.value for s in allowed)
+            raise StreamError(f"{name} out of order: post-copy state is {self.state.value}, needs {want}")
+
+    def on_advise(self, data: bytes) -> Advise | None:
+        self._expect("POSTCOPY_ADVISE", State.NONE)
+        advise_ = parse_advise(data, self.enabled)
+        if advise_ is not None:
+            self.state = State.ADVISE
+        return advise_
+
+    def on_discard(self, data: bytes) -> Discard:
+        self._expect("POSTCOPY_RAM_DISCARD", State.ADVISE, State.DISCARD)
+        d = parse_discard(data)
+        for start, length in d.ranges:
+            check_range(self.blocks, d.block, start, length, "POSTCOPY_RAM_DISCARD")
+        self.state = State.DISCARD
+        return d
+
+    def on_packaged(self, data: bytes) -> int:
+        self._expect("PACKAGED", State.ADVISE, State.DISCARD)
+        if self.in_package:
+            raise StreamError("PACKAGED inside a PACKAGED blob")
+        self.in_package = parse_packaged(data)
+        if not self.in_package:
+            raise StreamError("empty PACKAGED blob")
+        return self.in_package
+
+    def on_listen(self, data: bytes) -> None:
+        self._expect("POSTCOPY_LISTEN", State.ADVISE, State.DISCARD)
+        if data:
+            raise StreamError(f"POSTCOPY_LISTEN with {len(data)} bytes of data")
+        self.state = State.LISTENING
+
+    def on_run(self, data: bytes) -> None:
+        self._expect("POSTCOPY_RUN", State.LISTENING)
+        if data:
+            raise StreamError(f"POSTCOPY_RUN with {len(data)} bytes of data")
+        self.state = State.RUNNING
+
+    def on_recv_bitmap(self, data: bytes) -> str:
+        self._expect("RECV_BITMAP", State.RUNNING)
+        block = parse_recv_bitmap(data)
+        if block not in self.blocks:
+            raise StreamError(f"RECV_BITMAP for unknown RAM block {block!r}")
+        return block
+
+    def on_resume(self, data: bytes) -> None:
+        self._expect("POSTCOPY_RESUME", State.RUNNING)
+        if data:
+            raise StreamError(f"POSTCOPY_RESUME with {len(data)} bytes of data")
+
+    def end_package(self, consumed: int) -> None:
+        """The blob was read up to RUN: it must end exactly there."""
+        if consumed != self.in_package:
+            raise StreamError(f"PACKAGED blob of {self.in_package} bytes ended after {consumed} (RUN must end it)")
+        self.in_package = 0
+
+    def handler(self, cmd: int) -> Callable[[bytes], object] | None:
+        return {CMD_ADVISE: self.on_advise, CMD_RAM_DISCARD: self.on_discard, CMD_PACKAGED: self.on_packaged,
+                CMD_LISTEN: self.on_listen, CMD_RUN: self.on_run, CMD_RECV_BITMAP: self.on_recv_bitmap,
+                CMD_RESUME: self.on_resume}.get(cmd)
+
+
+# --------------------------------------------------------------------------- return path
+
+
+def req_pages(start: int, length: int, block: str | None = None) -> bytes:
+    """A page request: REQ_PAGES_ID names the block; REQ_PAGES means the same block as before."""
+    if block is None:
+        return savevm.rp_message(RP_REQ_PAGES, _req.pack(start, length))
+    return savevm.rp_message(RP_REQ_PAGES_ID, _req.pack(start, length) + _name(block))
+
+
+def resume_ack() -> bytes:
+    return savevm.rp_message(RP_RESUME_ACK, _be32.pack(RESUME_ACK_VALUE))
+
+
+def recv_bitmap_reply(block: str, received: np.ndarray) -> bytes:
+    """RECV_BITMAP message (u8 length + name) and, after it outside the framing,
+    be64 size (a multiple of 8), the little-endian received bitmap, be64 ending."""
+    bits = np.packbits(received.astype(np.bool_), bitorder="little").tobytes()
+    bits += bytes(-len(bits) % 8)
+    return (savevm.rp_message(RP_RECV_BITMAP, _name(block))
+            + _be64.pack(len(bits)) + bits + _be64.pack(RECV_BITMAP_ENDING))
+
+
+def parse_recv_bitmap_header(data: bytes) -> str:
+    if not data or len(data) != data[0] + 1:
+        raise StreamError(f"RECV_BITMAP reply header of {len(data)} bytes does not hold one block name")
+    return data[1:].decode(errors="replace")
+
+
+def read_recv_bitmap(read_exact: Callable[[int], bytes], pages: int) -> np.ndarray:
+    """The trailer of a RECV_BITMAP reply for a block of `pages` pages: a bool per page."""
+    size = _be64.unpack(read_exact(8))[0]
+    want = -(-pages // 8)
+    want += -want % 8
+    if size != want:
+        raise StreamError(f"received bitmap of {size} bytes for a block of {pages} pages (expected {want})")
+    bits = np.unpackbits(np.frombuffer(read_exact(size), np.uint8), bitorder="little")[:pages].astype(np.bool_)
+    ending = _be64.unpack(read_exact(8))[0]
+    if ending != RECV_BITMAP_ENDING:
+        raise StreamError(f"received bitmap ends with {ending:#018x}, expected {RECV_BITMAP_ENDING:#018x}")
+    return bits
+
+
+def parse_resume_ack(data: bytes) -> None:
+    if len(data) != 4 or _be32.unpack(data)[0] != RESUME_ACK_VALUE:
+        raise StreamError(f"RESUME_ACK carries {data.hex() or 'nothing'} (expected {RESUME_ACK_VALUE})")
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    block: str
+    start: int  # bytes
+    length: int
+
+
+class PageRequests:
+    """Validates page requests on the source against its RAM blocks."""
+
+    def __init__(self, blocks: dict[str, int]) -> None:
+        self.blocks = blocks
+        self.last: str | None = None
+
+    def parse(self, mtype: int, data: bytes) -> PageRequest:
+        if mtype == RP_REQ_PAGES_ID:
+            if len(data) < _req.size + 1 or len(data) != _req.size + 1 + data[_req.size]:
+                raise StreamError(f"REQ_PAGES_ID of {len(data)} bytes is malformed")
+            block = data[_req.size + 1:].decode(errors="replace")
+            self.last = block
+        elif mtype == RP_REQ_PAGES:
+            if len(data) != _req.size:
+                raise StreamError(f"REQ_PAGES of {len(data)} bytes (expected {_req.size})")
+            if self.last is None:
+                raise StreamError("REQ_PAGES with no block named by an earlier REQ_PAGES_ID")
+            block = self.last
+        else:
+            raise StreamError(f"return-path message {mtype} is not a page request")
+        start, length = _req.unpack_from(data)
+        check_range(self.blocks, block, start, length, "page request")
+        return PageRequest(block, start, length)
