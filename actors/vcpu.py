@@ -1,8 +1,10 @@
 """vCPU actor: runs its workload over shared guest RAM, paced in wall-clock
-time, and between two steps serves stop / cont / dirty-log harvests / state."""
+time (under a CPU throttle and a dirty-rate limit when set, machine/throttle.py),
+and between two steps serves stop / cont / dirty-log harvests / state."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -11,8 +13,10 @@ import zmq
 
 from livemig.actors.base import ActorError, HostConfig, Server, actor_main
 from livemig.block import BlockError
+from livemig.machine.dirtyrate import DirtyMeter
 from livemig.machine.disk import Disk, DriveSpec
 from livemig.machine.ram import GuestRam
+from livemig.machine.throttle import Pacer
 from livemig.machine.workload import Workload, WorkloadSpec
 from livemig.protocol.messages import Message
 
@@ -33,28 +37,28 @@ class Vcpu:
         if index == 0:
             for d in cfg["drives"]:
                 self.disks.append(Disk(DriveSpec(**d), inactive=bool(cfg["incoming"])))
+        self.measure = DirtyMeter(self.ram.pages.shape[0])
         self.running = False
-        self.rate = spec.steps_per_second
-        self.t0 = 0.0
-        self.done = 0
+        self.pacer = Pacer(spec.steps_per_second)
+        self.batch = max(1, int(spec.steps_per_second * SLICE_SECONDS))
 
     def steps_due(self, now: float) -> int:
-        return int((now - self.t0) * self.rate) - self.done
+        return self.pacer.due(now, self.batch)
 
     def run_due(self) -> None:
         now = time.monotonic()
-        due = self.steps_due(now)
-        if due > 0:
-            n = min(due, max(1, int(self.rate * SLICE_SECONDS)))
+        n = self.steps_due(now)
+        if n > 0:
             written = self.workload.run(self.ram.pages, n, self.disks)
             self.dirty[written] = True  # marked after writing, as KVM's log does
-            self.done += n
+            self.measure.mark(written)
+            self.pacer.ran(n, len(written), time.monotonic())
 
     def idle_ms(self) -> int:
         if not self.running:
             return 1000
-        due_at = self.t0 + (self.done + 1) / self.rate
-        return max(0, int((due_at - time.monotonic()) * 1000))
+        now = time.monotonic()
+        return max(0, math.ceil((self.pacer.next_due(now) - now) * 1000))
 
     # requests ---------------------------------------------------------------
     def stop(self, _msg: Message) -> dict:
@@ -73,8 +77,37 @@ class Vcpu:
             except BlockError as exc:
                 raise ActorError(f"cannot run the guest: {exc}") from None
             self.running = True
-            self.t0, self.done = time.monotonic(), 0
+            self.pacer.start(time.monotonic())
         return {"step": self.workload.step}
+
+    # brakes and measurements ------------------------------------------------------
+    def throttle(self, msg: Message) -> dict:
+        """Set the CPU throttle, in percent (0 ends it)."""
+        try:
+            self.pacer.set_throttle(int(msg.data["percentage"]), time.monotonic())
+        except (KeyError, ValueError) as exc:
+            raise ActorError(f"invalid throttle: {exc}") from None
+        return self.pace(msg)
+
+    def dirty_limit(self, msg: Message) -> dict:
+        """Hold the page-dirtying rate at `limit` MiB/s over `period` ms windows (0 ends it)."""
+        try:
+            self.pacer.set_dirty_limit(float(msg.data["limit"]), msg.data.get("period", 1000) / 1000,
+                                       time.monotonic())
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ActorError(f"invalid dirty limit: {exc}") from None
+        return self.pace(msg)
+
+    def pace(self, _msg: Message) -> dict:
+        return {**self.pacer.info(time.monotonic()), "step": self.workload.step}
+
+    def measure_start(self, _msg: Message) -> dict:
+        self.measure.start()
+        return {}
+
+    def measure_stop(self, _msg: Message) -> dict:
+        """Distinct pages written since measure_start."""
+        return {"pages": self.measure.stop()}
 
     def harvest(self, _msg: Message) -> tuple[dict, list]:
         """Return and clear the dirty log, as one packed bitmap frame."""
@@ -150,7 +183,9 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
                 "get_state": vcpu.get_state, "set_state": vcpu.set_state,
                 "drives": vcpu.drives, "harvest_blocks": vcpu.harvest_blocks,
                 "read_chunks": vcpu.read_chunks, "drives_inactivate": vcpu.drives_inactivate,
-                "drives_activate": vcpu.drives_activate,
+                "drives_activate": vcpu.drives_activate, "throttle": vcpu.throttle,
+                "dirty_limit": vcpu.dirty_limit, "pace": vcpu.pace,
+                "measure_start": vcpu.measure_start, "measure_stop": vcpu.measure_stop,
                 "ping": lambda _m: {"step": vcpu.workload.step}}
     while True:
         # Serve everything pending, then run the steps that are due.
