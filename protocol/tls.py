@@ -1,0 +1,590 @@
+"""TLS on migration channels, with QEMU's credentials and authorization objects.
+
+`tls-creds-x509` reads QEMU's file names from its `dir`; `authz-simple` and
+`authz-list` match the peer's distinguished name in QEMU's format
+("O=livemig,CN=client": the subject's RDNs in certificate order). The
+handshake runs first on a freshly connected channel, before any savevm byte.
+
+`TlsChannel` runs the TLS engine over memory BIOs and does its own I/O on the
+raw descriptors: that works the same over sockets and over an exec command's
+two pipes, keeps a deadline over the whole handshake, and lets the source's
+return-path thread read while the writer writes (one lock guards the engine,
+nobody waits on I/O while holding it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import select
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from livemig.protocol.transport import Channel, TransportError
+
+CA_CERT = "ca-cert.pem"
+CA_CRL = "ca-crl.pem"
+SERVER_CERT = "server-cert.pem"
+SERVER_KEY = "server-key.pem"
+CLIENT_CERT = "client-cert.pem"
+CLIENT_KEY = "client-key.pem"
+DH_PARAMS = "dh-params.pem"
+
+CHUNK = 256 << 10  # plaintext handed to the engine per step, and raw bytes read per call
+CLOSE_WAIT = 1.0  # seconds a closing channel waits to send its close_notify
+
+
+class TlsError(TransportError):
+    """Credentials that cannot be used, or a TLS session that failed."""
+
+
+# objects -----------------------------------------------------------------
+
+def _bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    words = {"on": True, "yes": True, "true": True, "off": False, "no": False, "false": False}
+    if isinstance(value, str) and value.lower() in words:
+        return words[value.lower()]
+    raise TlsError(f"property {name!r} must be on or off, not {value!r}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise TlsError(f"property {name!r} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
+def _string(name: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TlsError(f"property {name!r} must be a non-empty string")
+    return value
+
+
+@dataclass(frozen=True)
+class X509Creds:
+    """QEMU's tls-creds-x509: certificates in `dir` under QEMU's file names."""
+
+    id: str
+    dir: str
+    endpoint: str = "client"
+    verify_peer: bool = True
+    sanity_check: bool = True
+
+    qom_type = "tls-creds-x509"
+
+    @classmethod
+    def from_props(cls, oid: str, props: dict[str, Any]) -> X509Creds:
+        unsupported = {"priority": "gnutls priority strings", "passwordid": "encrypted private keys"}
+        for name in props:
+            if name in unsupported:
+                raise TlsError(f"tls-creds-x509 property {name!r} ({unsupported[name]}) is not supported")
+            if name not in ("dir", "endpoint", "verify-peer", "sanity-check"):
+                raise TlsError(f"tls-creds-x509 has no property {name!r}")
+        if "dir" not in props:
+            raise TlsError("tls-creds-x509 needs a 'dir' holding its certificates")
+        creds = cls(oid, _string("dir", props["dir"]),
+                    _choice("endpoint", props.get("endpoint", "client"), ("client", "server")),
+                    _bool("verify-peer", props.get("verify-peer", True)),
+                    _bool("sanity-check", props.get("sanity-check", True)))
+        creds.context()  # every file readable and consistent now, not at the first migration
+        if creds.sanity_check:
+            creds.check()
+        return creds
+
+    def props(self) -> dict[str, Any]:
+        return {"dir": self.dir, "endpoint": self.endpoint, "verify-peer": self.verify_peer,
+                "sanity-check": self.sanity_check}
+
+    def path(self, name: str, required: bool) -> str | None:
+        path = os.path.join(self.dir, name)
+        if os.path.exists(path):
+            if not os.access(path, os.R_OK):
+                raise TlsError(f"tls-creds-x509 {self.id!r}: cannot read {path}")
+            return path
+        if required:
+            raise TlsError(f"tls-creds-x509 {self.id!r}: missing {path}")
+        return None
+
+    def own_pair(self) -> tuple[str, str] | None:
+        """This endpoint's certificate and key; optional for a client."""
+        server = self.endpoint == "server"
+        cert = self.path(SERVER_CERT if server else CLIENT_CERT, server)
+        key = self.path(SERVER_KEY if server else CLIENT_KEY, server)
+        if (cert is None) != (key is None):
+            raise TlsError(f"tls-creds-x509 {self.id!r}: {CLIENT_CERT} and {CLIENT_KEY} go together")
+        return (cert, key) if cert and key else None
+
+    def context(self) -> ssl.SSLContext:
+        server = self.endpoint == "server"
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_verify_locations(cafile=self.path(CA_CERT, True))
+            crl = self.path(CA_CRL, False)
+            if crl:
+                ctx.load_verify_locations(cafile=crl)
+                ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+            pair = self.own_pair()
+            if pair:
+                ctx.load_cert_chain(*pair)
+            dh = self.path(DH_PARAMS, False)
+            if server and dh:
+                ctx.load_dh_params(dh)
+        except ssl.SSLError as exc:
+            raise TlsError(f"tls-creds-x509 {self.id!r}: bad certificate or key in {self.dir}: "
+                           f"{exc.reason or exc}") from None
+        if server:
+            # QEMU never reads session tickets and never sends close_notify:
+            # unread tickets made the end of its stream get lost.
+            ctx.num_tickets = 0
+            ctx.verify_mode = ssl.CERT_REQUIRED if self.verify_peer else ssl.CERT_NONE
+        elif not self.verify_peer:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def check(self) -> None:
+        """QEMU's sanity-check: this endpoint's own certificate (if any) must
+        verify against ca-cert.pem now (dates, signature, CA constraints).
+        Done as a handshake in memory with a peer that trusts only the CA."""
+        pair = self.own_pair()
+        if pair is None:
+            return
+        own = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        own.load_cert_chain(*pair)
+        judge = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if self.endpoint == "server" else ssl.PROTOCOL_TLS_SERVER)
+        judge.load_verify_locations(cafile=self.path(CA_CERT, True))
+        judge.check_hostname = False
+        judge.verify_mode = ssl.CERT_REQUIRED
+        if self.endpoint == "server":
+            client, server = judge, own
+        else:  # the judge plays the server and asks for the client's certificate
+            own_client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            own_client.check_hostname = False
+            own_client.verify_mode = ssl.CERT_NONE
+            own_client.load_cert_chain(*pair)
+            judge.load_cert_chain(*pair)
+            client, server = own_client, judge
+        try:
+            _memory_handshake(client, server)
+        except ssl.SSLCertVerificationError as exc:
+            name = SERVER_CERT if self.endpoint == "server" else CLIENT_CERT
+            raise TlsError(f"tls-creds-x509 {self.id!r}: {name} fails against {CA_CERT}: "
+                           f"{exc.verify_message}") from None
+
+
+def _memory_handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> None:
+    bios = [ssl.MemoryBIO() for _ in range(4)]
+    client = client_ctx.wrap_bio(bios[0], bios[1], server_side=False)
+    server = server_ctx.wrap_bio(bios[2], bios[3], server_side=True)
+    done = [False, False]
+    for _ in range(10):
+        for i, end in enumerate((client, server)):
+            if not done[i]:
+                try:
+                    end.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+        bios[2].write(bios[1].read())
+        bios[0].write(bios[3].read())
+        if all(done):
+            # Under TLS 1.3 the server judges the client's certificate last.
+            try:
+                server.read(1)
+            except ssl.SSLWantReadError:
+                pass
+            return
+    raise TlsError("certificate check did not finish")
+
+
+@dataclass(frozen=True)
+class AuthzRule:
+    match: str
+    policy: str = "deny"
+    format: str = "exact"
+
+    def matches(self, identity: str) -> bool:
+        if self.format == "exact":
+            return identity == self.match
+        # QEMU's glob: only * and ? are special.
+        pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in self.match)
+        return re.fullmatch(pattern, identity, re.S) is not None
+
+
+@dataclass(frozen=True)
+class Authz:
+    """authz-simple (one identity allowed) or authz-list (first matching rule
+    wins, else the default policy, deny unless set)."""
+
+    id: str
+    qom_type: str
+    rules: tuple[AuthzRule, ...] = ()
+    policy: str = "deny"
+
+    @classmethod
+    def from_props(cls, qom_type: str, oid: str, props: dict[str, Any]) -> Authz:
+        if qom_type == "authz-simple":
+            if set(props) != {"identity"}:
+                extra = sorted(set(props) - {"identity"})
+                raise TlsError(f"authz-simple has no property {extra[0]!r}" if extra
+                               else "authz-simple needs an 'identity' (a DN such as O=livemig,CN=client)")
+            return cls(oid, qom_type, (AuthzRule(_string("identity", props["identity"]), "allow"),))
+        extra = sorted(set(props) - {"rules", "policy"})
+        if extra:
+            raise TlsError(f"authz-list has no property {extra[0]!r}")
+        rules = props.get("rules", [])
+        if not isinstance(rules, list):
+            raise TlsError("authz-list 'rules' must be a list of {match, policy, format}")
+        return cls(oid, qom_type, tuple(_rule(i, r) for i, r in enumerate(rules)),
+                   _choice("policy", props.get("policy", "deny"), ("allow", "deny")))
+
+    def props(self) -> dict[str, Any]:
+        if self.qom_type == "authz-simple":
+            return {"identity": self.rules[0].match}
+        return {"policy": self.policy,
+                "rules": [{"match": r.match, "policy": r.policy, "format": r.format} for r in self.rules]}
+
+    def allows(self, identity: str) -> bool:
+        for rule in self.rules:
+            if rule.matches(identity):
+                return rule.policy == "allow"
+        return self.policy == "allow"
+
+
+def _rule(i: int, rule: Any) -> AuthzRule:
+    if not isinstance(rule, dict):
+        raise TlsError(f"authz-list rule {i} must be an object with match, policy and format")
+    extra = sorted(set(rule) - {"match", "policy", "format"})
+    if extra:
+        raise TlsError(f"authz-list rule {i} has no field {extra[0]!r}")
+    if "match" not in rule:
+        raise TlsError(f"authz-list rule {i} needs a 'match'")
+    return AuthzRule(_string(f"rules.{i}.match", rule["match"]),
+                     _choice(f"rules.{i}.policy", rule.get("policy", "deny"), ("allow", "deny")),
+                     _choice(f"rules.{i}.format", rule.get("format", "exact"), ("exact", "glob")))
+
+
+# the peer's name ------------------------------------------------------------
+
+_DN_KEYS = {"countryName": "C", "stateOrProvinceName": "ST", "localityName": "L",
+            "organizationName": "O", "organizationalUnitName": "OU", "commonName": "CN",
+            "domainComponent": "DC", "userId": "UID", "streetAddress": "STREET",
+            "emailAddress": "EMAIL"}
+
+
+def _dn_value(value: str) -> str:
+    value = re.sub(r'([,+"\\<>;=])', r"\\\1", value)
+    if value[:1] in ("#", " "):
+        value = "\\" + value
+    if value.endswith(" "):
+        value = value[:-1] + "\\ "
+    return value
+
+
+def peer_dn(cert: dict) -> str:
+    """A decoded certificate's subject as QEMU prints it: RDNs in certificate
+    order, joined by commas ("O=livemig,CN=client")."""
+    return ",".join("+".join(f"{_DN_KEYS.get(k, k)}={_dn_value(v)}" for k, v in rdn)
+                    for rdn in cert.get("subject", ()))
+
+
+# sessions ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tls:
+    """What one end of a channel needs for its handshake; the `tls=` argument
+    of transport.connect and Listener.accept."""
+
+    creds: X509Creds
+    hostname: str | None = None  # client: the name the server's certificate must carry
+    authz: Authz | None = None  # server: who may connect
+    context: ssl.SSLContext = field(default=None, compare=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.context is None:
+            object.__setattr__(self, "context", self.creds.context())
+
+    @property
+    def server_side(self) -> bool:
+        return self.creds.endpoint == "server"
+
+    def wrap(self, channel: Channel, timeout: float | None) -> TlsChannel:
+        """Run the handshake on a freshly opened channel; close it on failure."""
+        try:
+            return TlsChannel(channel, self, timeout)
+        except BaseException:
+            channel.abort()
+            channel.close()
+            raise
+
+
+def client_tls(creds: X509Creds, uri: Any, tls_hostname: str = "") -> Tls:
+    """The source's side; `uri` has .scheme and .host (transport.Uri)."""
+    if creds.endpoint != "client":
+        raise TlsError(f"tls-creds {creds.id!r} has endpoint=server; a migration source needs endpoint=client")
+    hostname = tls_hostname or (uri.host if uri.scheme == "tcp" else "")
+    if creds.verify_peer and not hostname:
+        raise TlsError(f"No hostname for certificate validation: a {uri.scheme}: migration over TLS "
+                       "needs the tls-hostname parameter")
+    return Tls(creds, hostname=hostname or None)
+
+
+def server_tls(creds: X509Creds, authz: Authz | None = None) -> Tls:
+    if creds.endpoint != "server":
+        raise TlsError(f"tls-creds {creds.id!r} has endpoint=client; a migration destination needs endpoint=server")
+    if authz is not None and not creds.verify_peer:
+        raise TlsError(f"tls-authz {authz.id!r} needs client certificates: set verify-peer=on on "
+                       f"tls-creds {creds.id!r}")
+    return Tls(creds, authz=authz)
+
+
+def _why(exc: BaseException, server: bool) -> str:
+    """A handshake or session failure in words that name the cause."""
+    peer = "source" if server else "destination"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        whose = "the source's client certificate" if server else "the destination's certificate"
+        return f"{whose} was refused: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return f"the {peer} closed the connection during the TLS handshake (does it use TLS?)"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    reason = getattr(exc, "reason", None) or ""
+    words = {
+        "WRONG_VERSION_NUMBER": f"the {peer} does not speak TLS (a plaintext migration?)",
+        "HTTP_REQUEST": f"the {peer} does not speak TLS",
+        "UNKNOWN_PROTOCOL": f"the {peer} does not speak TLS",
+        "RECORD_LAYER_FAILURE": f"the {peer} does not speak TLS",
+        "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the source sent no client certificate, and this "
+                                             "destination's tls-creds has verify-peer=on",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the destination requires a client certificate "
+                                             f"({CLIENT_CERT} in this source's tls-creds dir)",
+        "TLSV1_ALERT_UNKNOWN_CA": f"the {peer} does not trust our certificate (unknown CA)",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED": f"the {peer} says our certificate has expired",
+        "SSLV3_ALERT_BAD_CERTIFICATE": f"the {peer} refused our certificate",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED": f"the {peer} says our certificate is revoked",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE": f"the {peer} found no common TLS parameters",
+    }
+    if reason in words:
+        return words[reason]
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
+def _wait(fd: int, event: int, deadline: float | None) -> None:
+    poller = select.poll()
+    poller.register(fd, event)
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError(errno.ETIMEDOUT, "timed out")
+        if poller.poll(None if left is None else max(1, int(left * 1000))):
+            return
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+class TlsChannel(Channel):
+    """A Channel whose bytes go through a TLS session over the raw channel's
+    descriptors (a socket, or an exec command's stdout and stdin)."""
+
+    def __init__(self, raw: Channel, tls: Tls, timeout: float | None) -> None:
+        if raw.sock is not None:
+            rfd = wfd = raw.sock.fileno()
+            raw.sock.setblocking(False)
+        elif raw.proc is not None and raw.proc.stdin is not None and raw.proc.stdout is not None:
+            rfd, wfd = raw.proc.stdout.fileno(), raw.proc.stdin.fileno()
+            os.set_blocking(rfd, False)
+            os.set_blocking(wfd, False)
+        else:
+            raise TlsError("TLS needs a two-way channel (a socket, or an exec: command's stdin and "
+                           "stdout); this one only goes one way")
+        super().__init__(wfd, raw.sock, raw.proc, raw.owns_fd)
+        self.rfd = rfd
+        self.tls = tls
+        self.timeout = timeout
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._ssl = tls.context.wrap_bio(self._in, self._out, server_side=tls.server_side,
+                                         server_hostname=tls.hostname)
+        self._lock = threading.Lock()  # the TLS engine and its BIOs
+        self._wlock = threading.Lock()  # one writer at a time, records in order
+        self._rlock = threading.Lock()
+        self._rbuf = bytearray(CHUNK)
+        self._joined = bytearray()
+        self.peer_dn = ""
+        try:
+            self._handshake(_deadline(timeout))
+        except TimeoutError:
+            peer = "source" if tls.server_side else "destination"
+            raise TlsError(f"TLS handshake failed: the {peer} did not complete it within {timeout:g} s") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsError(f"TLS handshake failed: {_why(exc, tls.server_side)}") from None
+        self.cipher, self.version, _ = self._ssl.cipher()
+        self._authorize()
+
+    # handshake ---------------------------------------------------------------
+    def _handshake(self, deadline: float | None) -> None:
+        while True:
+            try:
+                with self._lock:
+                    self._ssl.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except ssl.SSLError:
+                self._send_pending(deadline, best_effort=True)  # the alert tells the peer why
+                raise
+            self._send_pending(deadline)
+            if done:
+                return
+            self._fill(deadline)
+
+    def _authorize(self) -> None:
+        if not self.tls.server_side or not self.tls.creds.verify_peer:
+            return
+        self.peer_dn = peer_dn(self._ssl.getpeercert() or {})
+        authz = self.tls.authz
+        if authz is not None and not authz.allows(self.peer_dn):
+            raise TlsError(f"TLS client {self.peer_dn!r} is not allowed by {authz.qom_type} {authz.id!r}")
+
+    # raw I/O -----------------------------------------------------------------
+    def _fill(self, deadline: float | None) -> int:
+        """Move raw bytes from the descriptor into the engine; 0 at end of input."""
+        while True:
+            try:
+                n = os.readv(self.rfd, [self._rbuf])
+                break
+            except BlockingIOError:
+                _wait(self.rfd, select.POLLIN, deadline)
+            except ConnectionResetError:
+                n = 0
+                break
+        with self._lock:
+            if n:
+                self._in.write(memoryview(self._rbuf)[:n])
+            else:
+                self._in.write_eof()
+        return n
+
+    def _send_pending(self, deadline: float | None, best_effort: bool = False) -> None:
+        """Send what the engine has produced, in order (caller holds _wlock or
+        is alone on the channel)."""
+        while True:
+            with self._lock:
+                data = self._out.read()
+            if not data:
+                return
+            view = memoryview(data)
+            try:
+                while view:
+                    try:
+                        view = view[os.write(self.fd, view):]
+                    except BlockingIOError:
+                        _wait(self.fd, select.POLLOUT, deadline)
+            except OSError:
+                if not best_effort:
+                    raise
+
+    # Channel ---------------------------------------------------------------
+    def settimeout(self, seconds: float | None) -> None:
+        self.timeout = seconds
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        deadline = _deadline(self.timeout)
+        with self._wlock:
+            for start in range(0, len(view), CHUNK):
+                with self._lock:
+                    try:
+                        self._ssl.write(view[start:start + CHUNK])
+                    except ssl.SSLError as exc:
+                        raise TlsError(f"TLS session failed: {_why(exc, self.tls.server_side)}") from None
+                self._send_pending(deadline)
+
+    def write_vectors(self, table: np.ndarray) -> int:
+        """Gather the vectors into one buffer (the engine encrypts from one
+        buffer) and write it."""
+        total = int(table[:, 1].sum())
+        if len(self._joined) < total:
+            self._joined = bytearray(total)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._joined))
+        at = 0
+        for addr, n in table.tolist():
+            ctypes.memmove(base + at, addr, n)
+            at += n
+        self.write(memoryview(self._joined)[:total])
+        return total
+
+    def read_into(self, buf: memoryview) -> int:
+        if not len(buf):
+            return 0
+        deadline = _deadline(self.timeout)
+        with self._rlock:
+            while True:
+                got = self._read_decrypted(buf)
+                if got is not None:
+                    return got
+                self._fill(deadline)
+
+    def _read_decrypted(self, buf: memoryview) -> int | None:
+        """What the engine holds, as many records as fit; None when it needs input."""
+        got = 0
+        with self._lock:
+            try:
+                while got < len(buf):
+                    n = self._ssl.read(len(buf) - got, buf[got:])
+                    if not n:
+                        break
+                    got += n
+            except ssl.SSLWantReadError:
+                if not got:
+                    return None
+            except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                pass  # QEMU ends without close_notify; the stream's own end marks a whole stream
+            except ssl.SSLError as exc:
+                if not got:
+                    raise TlsError(f"TLS session failed: {_why(exc, self.tls.server_side)}") from None
+            pending = self._out.pending
+        if pending and self._wlock.acquire(blocking=False):  # e.g. a key update's answer
+            try:
+                self._send_pending(_deadline(self.timeout), best_effort=True)
+            finally:
+                self._wlock.release()
+        return got
+
+    def shutdown_write(self) -> None:
+        self._close_notify()
+        super().shutdown_write()
+
+    def _close_notify(self) -> None:
+        if not self._wlock.acquire(timeout=CLOSE_WAIT):
+            return
+        try:
+            with self._lock:
+                try:
+                    self._ssl.unwrap()
+                except ssl.SSLError:
+                    pass  # WantRead: ours is sent, the peer's is not awaited
+            self._send_pending(_deadline(CLOSE_WAIT), best_effort=True)
+        except TimeoutError:
+            pass
+        finally:
+            self._wlock.release()
+
+    def close(self) -> int:
+        if not self.closed:
+            self._close_notify()
+            if self.proc is not None and self.proc.stdout is not None:
+                self.proc.stdout.close()  # before waiting: the command may be blocked writing to us
+        return super().close()
