@@ -25,6 +25,8 @@ import os
 import select
 import socket
 import struct
+import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -272,7 +274,11 @@ class PlacerStats:
     zero: int = 0
     exists: int = 0  # COPY refused because the page was present: must stay 0
     faults: int = 0  # fault messages read (every process)
+    missed: int = 0  # distinct pages faulted on while missing
     wakes: int = 0
+
+
+MAX_LATENCIES = 1 << 20
 
 
 class Placer:
@@ -281,7 +287,12 @@ class Placer:
 
     `base` is our mapping of the whole RAM (`npages` pages). `present` starts
     as the pages already in the page cache (pre-copy loaded them), which are
-    never placed again and never fault.
+    never placed again and never fault. Placing and fault reading may run in
+    two threads: both hold `lock`.
+
+    Timing: a fault counts from when its message is read to when its page is
+    placed (`latencies`, ns); a process is blocked over the same span
+    (`blocked_ns` per process, `all_blocked_ns` while every process is).
     """
 
     def __init__(self, base: int, npages: int, present: np.ndarray | None = None) -> None:
@@ -292,28 +303,44 @@ class Placer:
         self.zeropage_ok = bool(self.own.ioctls & IOCTL_ZEROPAGE)
         self.remotes: list[RemoteUffd] = []
         self.present = np.zeros(npages, np.bool_) if present is None else present.copy()
-        self.waiting: dict[int, set[int]] = {}  # page -> indexes into remotes (-1: our own uffd)
+        self.waiting: dict[int, tuple[int, set[int]]] = {}  # page -> (ns missed, who: remote index, -1 us)
         self.stats = PlacerStats()
+        self.lock = threading.Lock()
+        self.latencies = np.zeros(MAX_LATENCIES, np.int64)
+        self.blocked_ns: list[int] = []
+        self._blocked_since: dict[int, int] = {}  # remote index -> ns
+        self._all_since = 0
+        self.all_blocked_ns = 0
         self._zero = np.zeros(PAGE_SIZE, np.uint8)
         self._poller = select.poll()
         self._poller.register(self.own.fd, select.POLLIN)
         self._by_fd: dict[int, int] = {self.own.fd: -1}
 
-    def add(self, remote: RemoteUffd) -> None:
+    def add(self, remote: RemoteUffd) -> int:
+        """Serve another process's uffd; returns its index (in `blocked_ns`)."""
         if remote.size != self.npages * PAGE_SIZE:
             raise UffdError(errno.EINVAL, f"{remote.name}: maps {remote.size} bytes of a {self.npages}-page RAM")
-        self._by_fd[remote.uffd.fd] = len(self.remotes)
-        self.remotes.append(remote)
-        self._poller.register(remote.uffd.fd, select.POLLIN)
+        with self.lock:
+            self._by_fd[remote.uffd.fd] = len(self.remotes)
+            self.remotes.append(remote)
+            self.blocked_ns.append(0)
+            self._poller.register(remote.uffd.fd, select.POLLIN)
+        return len(self.remotes) - 1
 
-    def _wake(self, page: int, who: set[int]) -> None:
+    def _wake(self, page: int, who: set[int], now: int) -> None:
         for i in who:
             if i >= 0:
                 r = self.remotes[i]
                 r.uffd.wake(r.base + page * PAGE_SIZE, PAGE_SIZE)
+                since = self._blocked_since.pop(i, None)
+                if since is not None:
+                    self.blocked_ns[i] += now - since
             else:
                 self.own.wake(self.base + page * PAGE_SIZE, PAGE_SIZE)
             self.stats.wakes += 1
+        if self._all_since and len(self._blocked_since) < len(self.remotes):
+            self.all_blocked_ns += now - self._all_since
+            self._all_since = 0
 
     def place(self, first: int, data: np.ndarray | memoryview | bytes) -> int:
         """Place consecutive pages from `first` (data: whole pages), skipping
@@ -322,11 +349,37 @@ class Placer:
         n = len(buf) // PAGE_SIZE
         if first < 0 or first + n > self.npages:
             raise UffdError(errno.EFAULT, f"pages {first}..{first + n - 1} beyond RAM of {self.npages} pages")
-        todo = np.flatnonzero(~self.present[first:first + n])
+        with self.lock:
+            todo = np.flatnonzero(~self.present[first:first + n])
+            placed = 0
+            for run in np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1) if len(todo) else ():
+                lo, hi = int(run[0]), int(run[-1]) + 1
+                placed += self._copy(first + lo, buf[lo * PAGE_SIZE:hi * PAGE_SIZE], hi - lo)
+            return placed
+
+    def place_rows(self, index: np.ndarray, rows: np.ndarray) -> int:
+        """Place page index[i] from rows[i] (an (n, PAGE_SIZE) array whose rows
+        may be strided, e.g. records in a receive buffer), skipping present pages."""
+        if rows.shape != (len(index), PAGE_SIZE) or rows.strides[1] != 1:
+            raise ValueError("rows must be (n, PAGE_SIZE) with contiguous rows")
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= self.npages):
+            raise UffdError(errno.EFAULT, f"page {int(index.max())} beyond RAM of {self.npages} pages")
         placed = 0
-        for run in np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1) if len(todo) else ():
-            lo, hi = int(run[0]), int(run[-1]) + 1
-            placed += self._copy(first + lo, buf[lo * PAGE_SIZE:hi * PAGE_SIZE], hi - lo)
+        addr, stride = rows.ctypes.data, rows.strides[0]
+        with self.lock:
+            for i in np.flatnonzero(~self.present[index]).tolist():
+                p = int(index[i])
+                if self.present[p]:
+                    continue  # twice in this batch
+                try:
+                    self.own.copy(self.base + p * PAGE_SIZE, addr + i * stride, PAGE_SIZE)
+                except PageExists:
+                    self.stats.exists += 1
+                    self._mark(p, 1)
+                    continue
+                placed += 1
+                self.stats.placed += 1
+                self._mark(p, 1)
         return placed
 
     def _copy(self, page: int, buf: np.ndarray, n: int) -> int:
@@ -341,8 +394,8 @@ class Placer:
                 self._mark(p, 1)  # present already: wake whoever waits and move on
                 placed += 1
                 continue
-            self._mark(p, done)
             self.stats.placed += done
+            self._mark(p, done)
             placed += done
         return placed
 
@@ -350,29 +403,38 @@ class Placer:
         """Place a zero page unless present; True if placed."""
         if not 0 <= page < self.npages:
             raise UffdError(errno.EFAULT, f"page {page} beyond RAM of {self.npages} pages")
-        if self.present[page]:
-            return False
-        try:
-            if self.zeropage_ok:
-                self.own.zeropage(self.base + page * PAGE_SIZE, PAGE_SIZE)
-            else:
-                self.own.copy(self.base + page * PAGE_SIZE, self._zero.ctypes.data, PAGE_SIZE)
-        except PageExists:
-            self.stats.exists += 1
+        with self.lock:
+            if self.present[page]:
+                return False
+            try:
+                if self.zeropage_ok:
+                    self.own.zeropage(self.base + page * PAGE_SIZE, PAGE_SIZE)
+                else:
+                    self.own.copy(self.base + page * PAGE_SIZE, self._zero.ctypes.data, PAGE_SIZE)
+            except PageExists:
+                self.stats.exists += 1
+                self._mark(page, 1)
+                return False
+            self.stats.placed += 1
+            self.stats.zero += 1
             self._mark(page, 1)
-            return False
-        self.stats.placed += 1
-        self.stats.zero += 1
-        self._mark(page, 1)
-        return True
+            return True
 
     def _mark(self, page: int, n: int) -> None:
         self.present[page:page + n] = True
-        if self.waiting:
-            for p in range(page, page + n):
-                who = self.waiting.pop(p, None)
-                if who:
-                    self._wake(p, who)
+        if not self.waiting:
+            return
+        now = time.monotonic_ns()
+        hits = (range(page, page + n) if n <= len(self.waiting)
+                else [p for p in self.waiting if page <= p < page + n])
+        for p in hits:
+            entry = self.waiting.pop(p, None)
+            if entry is not None:
+                missed, who = entry
+                k = self.stats.missed - len(self.waiting) - 1
+                if 0 <= k < MAX_LATENCIES:
+                    self.latencies[k] = now - missed
+                self._wake(p, who, now)
 
     def poll(self, timeout: float | None) -> list[int]:
         """Wait up to `timeout` seconds for faults; returns the pages newly
@@ -380,30 +442,70 @@ class Placer:
         already present are woken here."""
         events = self._poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
         new: list[int] = []
-        for fd, _ in events:
-            who = self._by_fd[fd]
-            uffd = self.own if who < 0 else self.remotes[who].uffd
-            for fault in uffd.read_faults():
-                self.stats.faults += 1
-                page = ((fault.address - self.base) // PAGE_SIZE if who < 0
-                        else self.remotes[who].page_of(fault.address))
-                if not 0 <= page < self.npages:
-                    raise UffdError(errno.EFAULT, f"fault at {fault.address:#x} outside the RAM")
-                if self.present[page]:
-                    self._wake(page, {who})
+        with self.lock:
+            now = time.monotonic_ns()
+            for fd, _ in events:
+                who = self._by_fd.get(fd)
+                if who is None:
                     continue
-                if page not in self.waiting:
-                    self.waiting[page] = set()
-                    new.append(page)
-                self.waiting[page].add(who)
+                uffd = self.own if who < 0 else self.remotes[who].uffd
+                for fault in uffd.read_faults():
+                    self._fault(who, fault, now, new)
         return new
+
+    def _fault(self, who: int, fault: Fault, now: int, new: list[int]) -> None:
+        self.stats.faults += 1
+        page = ((fault.address - self.base) // PAGE_SIZE if who < 0
+                else self.remotes[who].page_of(fault.address))
+        if not 0 <= page < self.npages:
+            raise UffdError(errno.EFAULT, f"fault at {fault.address:#x} outside the RAM")
+        if self.present[page]:
+            self._wake(page, {who}, now)
+            return
+        if who >= 0:
+            self._blocked_since.setdefault(who, now)
+            if len(self._blocked_since) == len(self.remotes) and not self._all_since:
+                self._all_since = now
+        entry = self.waiting.get(page)
+        if entry is None:
+            self.waiting[page] = (now, {who})
+            self.stats.missed += 1
+            new.append(page)
+        else:
+            entry[1].add(who)
+
+    def fault_latency_ms(self) -> dict[str, float]:
+        """p50 / p99 / max of fault-to-placement times so far, in ms."""
+        n = min(self.stats.missed - len(self.waiting), MAX_LATENCIES)
+        if n <= 0:
+            return {}
+        lat = self.latencies[:n] / 1e6
+        return {"count": n, "p50": round(float(np.percentile(lat, 50)), 3),
+                "p99": round(float(np.percentile(lat, 99)), 3), "max": round(float(lat.max()), 3)}
 
     def missing(self) -> int:
         return int(self.npages - np.count_nonzero(self.present))
 
     def close(self) -> None:
-        for r in self.remotes:
-            r.uffd.close()
-        self.remotes.clear()
-        self.own.close()
+        with self.lock:
+            for r in self.remotes:
+                r.uffd.close()
+            self.remotes.clear()
+            self.own.close()
 
+
+def register_and_send(path: str, base: int, size: int, name: str) -> Userfaultfd:
+    """What a vCPU process does when post-copy starts: register its own
+    mapping of the RAM and hand the uffd to the page server at `path`. The
+    caller keeps the returned uffd open until post-copy ends."""
+    uffd = Userfaultfd.create()
+    try:
+        uffd.register(base, size)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(path)
+            send_uffd(sock, uffd, base, size, name)
+    except BaseException:
+        uffd.close()
+        raise
+    return uffd

@@ -354,3 +354,96 @@ class PageRequests:
         start, length = _req.unpack_from(data)
         check_range(self.blocks, block, start, length, "page request")
         return PageRequest(block, start, length)
+
+
+# --------------------------------------------------------------------------- pages while the guest runs here
+
+_NORMAL = np.dtype([("hdr", ">u8"), ("page", "u1", PAGE_SIZE)])
+Place = Callable[[str, np.ndarray, np.ndarray], None]
+"""(block, page indexes, (n, PAGE_SIZE) rows): put these pages in place atomically."""
+PlaceZero = Callable[[str, np.ndarray], None]
+
+
+class PostcopyRamLoader:
+    """Loads "ram" section records once the guest runs on the destination:
+    every page goes to `place` (atomic placement, never a plain write into
+    RAM a vCPU may be reading). Runs of CONTINUE full pages are handed over in
+    bulk, straight from the reader's buffer."""
+
+    sized = True
+
+    def __init__(self, blocks: dict[str, int], place: Place, place_zero: PlaceZero) -> None:
+        self.pages = blocks  # block name -> pages
+        self.place = place
+        self.place_zero = place_zero
+        self.last: str | None = None
+        self.normal = 0
+        self.zero = 0
+
+    def _index(self, block: str, index: int) -> int:
+        if index >= self.pages[block]:
+            raise StreamError(f"RAM page offset {index * PAGE_SIZE:#x} beyond block {block!r} "
+                              f"of {self.pages[block] * PAGE_SIZE} bytes")
+        return index
+
+    def load(self, r: savevm.BufferedReader, version: int) -> None:
+        if version != savevm.RAM_VERSION:
+            raise StreamError(f"ram section version {version} unsupported (need {savevm.RAM_VERSION})")
+        while True:
+            if self._bulk(r):
+                continue
+            word = r.be64()
+            flags = word & savevm.PAGE_MASK
+            if flags & ~savevm.RAM_KNOWN_FLAGS:
+                raise StreamError(f"unsupported RAM record flags {flags:#x}")
+            if flags & savevm.RAM_EOS:
+                return
+            if flags & savevm.RAM_MULTIFD_FLUSH:
+                continue
+            if flags & savevm.RAM_MEM_SIZE:
+                raise StreamError("RAM block list (MEM_SIZE) after post-copy started")
+            if not flags & (savevm.RAM_PAGE | savevm.RAM_ZERO):
+                raise StreamError(f"RAM record with flags {flags:#x} carries nothing")
+            if flags & savevm.RAM_CONTINUE:
+                if self.last is None:
+                    raise StreamError("RAM page with CONTINUE but no previous block")
+            else:
+                name = r.idstr()
+                if name not in self.pages:
+                    raise StreamError(f"unknown RAM block {name!r}")
+                self.last = name
+            index = np.array([self._index(self.last, word >> savevm.PAGE_SHIFT)], np.int64)
+            if flags & savevm.RAM_PAGE:
+                self.place(self.last, index, np.frombuffer(r.take(PAGE_SIZE), np.uint8).reshape(1, PAGE_SIZE))
+                self.normal += 1
+            else:
+                fill = r.u8()
+                if fill:
+                    self.place(self.last, index, np.full((1, PAGE_SIZE), fill, np.uint8))
+                else:
+                    self.place_zero(self.last, index)
+                self.zero += 1
+
+    def _bulk(self, r: savevm.BufferedReader) -> bool:
+        """A run of CONTINUE full-page records in one call; False if the next record is not one."""
+        if self.last is None:
+            return False
+        if r.available() < savevm.NORMAL_RECORD:
+            r.try_fill()
+            if r.available() < savevm.NORMAL_RECORD:
+                return False
+        flags = struct.unpack_from(">Q", r.buf, r.start)[0] & savevm.PAGE_MASK
+        if flags != savevm.RAM_PAGE | savevm.RAM_CONTINUE:
+            return False
+        n = r.available() // savevm.NORMAL_RECORD
+        recs = np.frombuffer(r.buf, _NORMAL, count=n, offset=r.start)
+        bad = np.flatnonzero((recs["hdr"] & np.uint64(savevm.PAGE_MASK)) != flags)
+        if len(bad):
+            recs = recs[:int(bad[0])]
+        index = (recs["hdr"] >> np.uint64(savevm.PAGE_SHIFT)).astype(np.int64)
+        if int(index.max()) >= self.pages[self.last]:
+            self._index(self.last, int(index.max()))
+        self.place(self.last, index, recs["page"])
+        self.normal += len(recs)
+        r.skip(len(recs) * savevm.NORMAL_RECORD)
+        return True
