@@ -155,7 +155,7 @@ class Vcpu:
                 if d.image.active:
                     continue
                 if msg.data.get("skip_invalidate"):
-                    d.image._unsafe_activate_keeping_metadata()
+                    d.image.activate_keeping_metadata()
                 else:
                     d.image.activate()
         except BlockError as exc:

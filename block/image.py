@@ -183,11 +183,12 @@ class Image:
             raise
         self._active = True
 
-    def _unsafe_activate_keeping_metadata(self) -> None:
-        """TEST ONLY: become active but keep the (possibly stale) cached metadata.
+    def activate_keeping_metadata(self) -> None:
+        """Become active but keep the (possibly stale) cached metadata: unsafe.
 
-        This is the bug the project exists to avoid; tests use it as a negative
-        control to show that their content checks catch stale caches.
+        This is the bug activate() exists to avoid.  The x-skip-invalidate
+        capability and tests use it as a negative control, to show that their
+        content checks catch stale caches.
         """
         with self._mutex:
             if not self.read_only:

@@ -15,9 +15,9 @@ import struct
 
 import numpy as np
 
-from . import qcow2_format as F
 from .errors import CorruptImage, UnsupportedFeature
 from .image import pread_full, pwrite_full
+from .qcow2 import format as F
 
 
 class _Refs:

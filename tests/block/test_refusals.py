@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from livemig.block import BlockError, CorruptImage, UnsupportedFeature, open_image
-from livemig.block import qcow2_format as F
+from livemig.block.qcow2 import format as F
 
 from .conftest import (
     check_image,

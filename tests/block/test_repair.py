@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from livemig.block import open_image
-from livemig.block import qcow2_format as F
+from livemig.block.qcow2 import format as F
 
 from .conftest import (
     check_image,

@@ -105,7 +105,7 @@ def destination_scenario(tmp_path: Path, writer: str, reload: bool, warm_active:
     if reload:
         d.activate()
     else:
-        d._unsafe_activate_keeping_metadata()
+        d.activate_keeping_metadata()
     stale_reads = 0
     for op in SOURCE_OPS:
         if op[0] == "write" and op[2] + op[3] <= d.size:

@@ -1,6 +1,6 @@
 """qcow2 on-disk format: constants, header parsing and packing, refcount codecs.
 
-Pure functions and data only; the driver with its caches lives in qcow2.py.
+Pure functions and data only; the driver and its caches live beside it in this package.
 Layout facts follow the public qcow2 specification (docs/interop/qcow2.rst).
 """
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import CorruptImage, UnsupportedFeature
+from ..errors import CorruptImage, UnsupportedFeature
 
 MAGIC = 0x514649FB
 MIN_CLUSTER_BITS = 9
@@ -255,3 +255,30 @@ def encode_refcounts(values: np.ndarray, order: int) -> bytes:
     shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
     v = values.astype(np.uint8).reshape(-1, per) << shifts
     return np.bitwise_or.reduce(v, axis=1).astype(np.uint8).tobytes()
+
+
+def check_features(h: Header, path: str, for_write: bool) -> None:
+    """Refuse what this driver cannot open (or, for_write, cannot write) safely."""
+    if h.crypt_method:
+        kind = {1: "AES", 2: "LUKS"}.get(h.crypt_method, str(h.crypt_method))
+        raise UnsupportedFeature(f"{path}: encrypted qcow2 images ({kind} encryption) "
+                                 "are not supported")
+    unknown = h.incompatible & ~KNOWN_INCOMPAT
+    if unknown:
+        names = [h.feature_name(0, b) for b in range(64) if unknown >> b & 1]
+        raise UnsupportedFeature(f"{path}: unsupported qcow2 incompatible feature(s): "
+                                 f"{', '.join(names)} (bits 0x{unknown:x})")
+    if h.extension(EXT_DATA_FILE) is not None:
+        raise UnsupportedFeature(f"{path}: external data files are not supported")
+    if h.compression_type != 0:
+        raise UnsupportedFeature(f"{path}: compression type {h.compression_type} "
+                                 "(zstd) is not supported")
+    if not for_write:
+        return
+    if h.incompatible & INCOMPAT_CORRUPT:
+        raise CorruptImage(f"{path}: image is marked corrupt (corrupt bit set); "
+                           f"run 'qemu-img check -r all {path}' before writing to it")
+    if h.incompatible & INCOMPAT_DIRTY and h.extension(EXT_BITMAPS) is not None:
+        raise CorruptImage(f"{path}: image is dirty (not closed cleanly) and has "
+                           "persistent bitmaps, which this driver cannot account for "
+                           f"when rebuilding refcounts; run 'qemu-img check -r all {path}'")
