@@ -19,7 +19,7 @@ import zmq
 import zmq.asyncio
 
 from livemig.actors.base import ActorError, AsyncPeer, HostConfig, log, start_actor
-from livemig.actors.commands import COMMANDS, check_args
+from livemig.actors.coordinator.commands import COMMANDS, check_args
 from livemig.protocol import events as ev
 from livemig.protocol import hmp, qmp
 

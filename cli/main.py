@@ -40,7 +40,7 @@ def size_arg(_ctx, _param, value):
 
 
 def device_arg(_ctx, _param, values):
-    from livemig.actors.commands import parse_device
+    from livemig.actors.coordinator.commands import parse_device
 
     try:
         devices = [parse_device(v) for v in values]

@@ -10,7 +10,7 @@ import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from livemig.actors.commands import END_STATES, MIGRATION_STATUSES
+from livemig.actors.coordinator.commands import END_STATES, MIGRATION_STATUSES
 from livemig.protocol import units
 from livemig.protocol.rpc import ActorError
 

@@ -1,0 +1,3 @@
+from livemig.actors.coordinator.control import main
+
+main()

@@ -1,0 +1,52 @@
+"""Fault injection, a testing aid (docs/reliability.md): the x-fault parameter
+names a point of the migration and what to do there."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+from livemig.actors.base import log
+from livemig.actors.coordinator.state import MigrationFailed
+
+SOURCE_FAULT_POINTS = ("connect", "setup", "pass", "block-bulk", "before-stop", "after-stop", "after-eof")
+DEST_FAULT_POINTS = ("incoming", "after-eof")
+FAULT_ACTIONS = ("fail", "kill", "stall", "reset", "slow", "cancel")
+
+
+class Faults:
+    """Mixin of the Coordinator."""
+
+    async def fault(self, point: str) -> None:
+        """Inject the fault the `x-fault` parameter names for this point, if any."""
+        spec = self.parameters["x-fault"]
+        if not spec or spec.split(":")[0] != point:
+            return
+        action, _, target = spec.split(":", 1)[1].partition("-")
+        incoming = point in DEST_FAULT_POINTS and self.mig.incoming
+        log.warning("injecting fault %s", spec)
+        if action == "fail":
+            if incoming and point == "incoming":
+                await self.receiver.call("inject", {"action": "fail"})
+                return
+            raise MigrationFailed(f"injected fault: {action} at {point}")
+        if action in ("kill", "stall"):
+            actor = target or ("receiver" if incoming else "writer")
+            with open(os.path.join(self.cfg["rundir"], f"{actor}.pid")) as f:
+                os.kill(int(f.read()), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
+            if not incoming:
+                await asyncio.sleep(30)  # the supervisor notices and the migration is failed
+            return
+        if action == "cancel":
+            # What a user's migrate_cancel would do at this very moment (twice: harmless).
+            await self.cmd_migrate_cancel()
+            await self.cmd_migrate_cancel()
+            await asyncio.sleep(0)
+            return
+        if action in ("reset", "slow"):
+            if incoming:
+                await self.receiver.call("inject", {"action": action})
+            else:
+                await self.writer.call("abort")
+

@@ -1,0 +1,109 @@
+"""The incoming migration: listen, follow the receiver's load, then check the
+result, load the vCPUs, re-read the disks and run the guest."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from livemig.actors.base import ActorError, log
+from livemig.actors.coordinator.state import MigrationFailed, MigrationState
+from livemig.machine.ram import PAGE_SIZE
+from livemig.machine.runstate import RunState, StateError
+from livemig.protocol import events as ev
+from livemig.protocol.devices import DIGEST_SECTION
+from livemig.protocol.messages import Message
+from livemig.protocol.transport import TransportError, parse_uri
+
+
+class Incoming:
+    """Mixin of the Coordinator."""
+
+    async def on_receiver_notice(self, msg: Message) -> None:
+        if msg.type == "started":
+            self.mig.start = time.monotonic()
+            self.set_status("active")
+            if not self.parameters["x-fault"].endswith(":slow"):
+                await asyncio.sleep(0.2)  # so that a fault strikes mid-stream
+            await self.fault("incoming")
+        elif msg.type == "failed":
+            self.mig.status = "failed" if self.mig.incoming or self.mig.status == "none" else self.mig.status
+            self.mig.incoming = True
+            self.mig.error = msg.data["desc"]
+            self.mig.end = time.monotonic()
+            log.warning("incoming migration failed: %s", msg.data["desc"])
+            self.set_status("failed")
+            if self.exit_on_error:
+                self.stop_event.set()
+        elif msg.type == "loaded":
+            await self.finish_incoming(msg.data)
+
+    async def finish_incoming(self, data: dict) -> None:
+        """The whole stream is in: load vCPU state, re-read disk metadata, run."""
+        self.mig.ram = {"transferred": data["bytes"], "remaining": 0, "total": self.ram.size,
+                        "duplicate": data["zero"], "normal": data["normal"],
+                        "normal-bytes": data["normal"] * PAGE_SIZE, "page-size": PAGE_SIZE}
+        digests = data.get("devices", {}).pop(DIGEST_SECTION, None)
+        self.device_state.update(data.get("devices", {}))
+        try:
+            await self.fault("after-eof")
+            if digests is not None:
+                local = await asyncio.get_running_loop().run_in_executor(None, self.ram.digests)
+                bad = [name for name, digest in digests.items() if local.get(name) != digest]
+                if bad:
+                    raise MigrationFailed(f"RAM digest mismatch in block {bad[0]!r}: the stream was damaged")
+            states = data["vcpus"]
+            if len(states) != len(self.vcpus):
+                raise ActorError(f"stream carries {len(states)} vCPUs, this guest has {len(self.vcpus)}")
+            await asyncio.gather(*(v.call("set_state", {"registers": s}) for v, s in zip(self.vcpus, states, strict=False)))
+            if self.guest_drives:
+                # The seed's fix: drop every image's cached metadata and re-read it
+                # (the source wrote to shared images until the end), before anything runs.
+                await self.vcpus[0].call("drives_activate", {
+                    "skip_invalidate": self.capabilities["x-skip-invalidate"]}, timeout=60)
+            if data.get("disk"):
+                self.mig.disk = data["disk"]
+            if self.mig.status != "active":
+                raise MigrationFailed(self.mig.error or "incoming migration failed")
+            # Everything that can fail is done: tell the source, and wait for its go-ahead.
+            go = (await self.receiver.call("finish", {"rc": 0}, timeout=15)).data["result"]["go"]
+            if not go:
+                raise MigrationFailed("the source did not confirm the switchover")
+        except (ActorError, StateError, MigrationFailed) as exc:
+            self.mig.error = f"cannot start the migrated guest: {exc}"
+            self.mig.end = time.monotonic()
+            self.set_status("failed")
+            try:
+                await self.receiver.call("finish", {"rc": 1, "desc": str(exc)}, timeout=5)
+            except ActorError as cleanup:
+                log.warning("after a failed incoming migration: %s", cleanup)
+            if self.guest_drives:
+                try:
+                    await self.vcpus[0].call("drives_inactivate", timeout=60)  # the source takes them back
+                except ActorError as cleanup:
+                    log.warning("after a failed incoming migration: %s", cleanup)
+            return
+        if self.cfg["autostart"] and data.get("runstate") == "running":
+            await self.set_running(True)
+        else:
+            self.set_runstate(RunState.PRELAUNCH if not self.cfg["autostart"] else RunState.PAUSED)
+        self.mig.end = time.monotonic()
+        self.set_status("completed")
+
+    async def start_incoming(self, uri: str) -> str:
+        try:
+            parse_uri(uri)
+        except TransportError as exc:
+            raise ActorError(str(exc)) from None
+        # The state first: the receiver may report "started" before it answers.
+        self.mig = MigrationState(start=time.monotonic(), incoming=True)
+        self.mig.status = "setup"
+        self.publish(ev.MIGRATION, {"status": "setup"}, qmp=True)  # QEMU emits this one ungated
+        try:
+            reply = await self.receiver.call("listen", {"uri": uri, "timeout": self.parameters["x-transport-timeout"]})
+        except ActorError as exc:
+            self.mig.status, self.mig.error = "failed", str(exc)
+            raise
+        self.incoming_uri = reply.data["result"]["uri"]
+        return self.incoming_uri
+

@@ -1,0 +1,19 @@
+"""Migration parameters and capabilities, and their defaults."""
+
+from __future__ import annotations
+
+DEFAULT_PARAMETERS = {
+    "max-bandwidth": 128 << 20,  # bytes/s, QEMU's default since 5.2; 0 = unlimited
+    "downtime-limit": 300,  # ms
+    "avail-switchover-bandwidth": 0,
+    # testing aids (docs/reliability.md): a fault to inject, "POINT:ACTION", and how
+    # long a connected transport may make no progress before the migration fails
+    "x-fault": "",
+    "x-transport-timeout": 30_000,  # ms
+}
+DEFAULT_CAPABILITIES = {"events": False, "return-path": True,
+                        # testing aid: the destination keeps stale image metadata (the seed's bug)
+                        "x-skip-invalidate": False,
+                        # integrity: send digests of the final RAM, checked before the guest runs
+                        "x-digest": False,
+                        "pause-before-switchover": False}

@@ -1,0 +1,344 @@
+"""The outgoing migration: setup, rate-limited iterations until what is left
+fits in the downtime limit, the completion with the guest stopped, and the
+undo of one that did not complete."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from livemig.actors.base import ActorError, log
+from livemig.actors.coordinator.state import (
+    SID_BLOCK,
+    SID_DEVICES,
+    SID_RAM,
+    MigrationFailed,
+    MigrationState,
+)
+from livemig.machine.ram import PAGE_SIZE
+from livemig.machine.runstate import RunState
+from livemig.protocol import events as ev
+from livemig.protocol import savevm
+from livemig.protocol.devices import (
+    DEVICES,
+    DIGEST_SECTION,
+    SWITCHOVER_SECTION,
+    VCPU_SECTION,
+    describe,
+    full_section,
+)
+from livemig.protocol.messages import Message
+
+WINDOW = 0.1  # rate-limit window, as QEMU's BUFFER_DELAY
+# Bandwidth unlimited: each iterate request asks for what the link moved in
+# this many windows, so that a fast link is not held up by a request per few
+# milliseconds and a slow one still lets the switchover be decided often.
+UNLIMITED_WINDOWS = 2
+UNLIMITED_FIRST = 64 << 20  # bytes in the first request, before anything was measured
+UNLIMITED_MIN = 4 << 20
+
+
+class Outgoing:
+    """Mixin of the Coordinator."""
+
+    # notifications --------------------------------------------------------------
+    def on_writer_notice(self, msg: Message) -> None:
+        if msg.type == "mark":
+            self.wire_bytes = msg.data["bytes"]
+            producer, _, n = msg.data["mark"].partition(":")
+            self.marks_reached[producer] = max(self.marks_reached.get(producer, 0), int(n))
+            if msg.data.get("error"):
+                self.writer_failure = msg.data["error"]
+            fut = self.marks.pop(msg.data["mark"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg.data)
+        elif msg.type == "failed":
+            self.writer_failure = msg.data["desc"]
+            for fut in self.marks.values():
+                if not fut.done():
+                    fut.set_result(msg.data)
+
+    async def wait_mark(self, mark: str, timeout: float) -> None:
+        """Wait until the writer has put everything before `mark` ("producer:n")
+        on the wire; a producer's marks increase, so an earlier report counts."""
+        producer, _, n = mark.partition(":")
+        if self.marks_reached.get(producer, 0) >= int(n) or self.writer_failure:
+            return
+        fut = self.marks.setdefault(mark, asyncio.get_running_loop().create_future())
+        try:
+            # Not wait_for: on Python 3.11 it can swallow a cancel that lands with the mark.
+            async with asyncio.timeout(timeout):
+                await fut
+        except TimeoutError:
+            raise MigrationFailed(f"migration channel stalled for {timeout:.0f} s") from None
+        finally:
+            self.marks.pop(mark, None)
+
+    # the outgoing migration -------------------------------------------------------
+    def start_migration(self, uri: str, blk: bool = False, inc: bool = False) -> None:
+        if (blk or inc) and not self.guest_drives:
+            raise ActorError("block migration needs guest drives, and this guest has none")
+        self.writer_failure = self.actor_failure = None
+        self.mig = MigrationState(start=time.monotonic(), incremental=inc)
+        self.set_status("setup")
+        self.task = asyncio.get_running_loop().create_task(self.migrate(uri, blk or inc))
+
+    async def migrate(self, uri: str, blk: bool = False) -> None:
+        mig = self.mig
+        was_running = self.runstate.running
+        stopped = inactivated = False
+        ram = self.ram_sender
+        try:
+            await self.fault("connect")
+            reply = await self.writer.call("connect", {"uri": uri, "timeout": self.parameters["x-transport-timeout"]},
+                                           timeout=30)
+            return_path = reply.data["result"]["return_path"] and self.capabilities["return-path"]
+            blocks = [(b.name, b.size) for b in self.ram.blocks]
+            head = [savevm.header(), savevm.configuration(self.guest["machine"])]
+            if return_path:
+                head.append(savevm.command(savevm.CMD_OPEN_RETURN_PATH))
+            await self.wait_mark((await ram.call("emit", {"mark": True}, frames=head)).data["result"]["mark"], 60)
+            if blk:
+                # QEMU registers "block" before "ram", so its sections come first.
+                setup = (await self.block_sender.call(
+                    "setup", {"inc": mig.incremental, "section_id": SID_BLOCK}, timeout=300)).data["result"]
+                await self.wait_mark(setup["mark"], 60)
+                mig.disk = {"transferred": 0, "remaining": setup["remaining"], "total": setup["total"]}
+            await self.fault("setup")
+            status = (await ram.call("setup")).data["result"]
+            await ram.call("emit", {}, frames=[
+                savevm.section_start(savevm.SECTION_START, SID_RAM, "ram", 0, savevm.RAM_VERSION),
+                savevm.ram_mem_size(blocks), savevm.ram_eos(), savevm.footer(SID_RAM)])
+            mig.ram.update({"total": self.ram.size, "remaining": status["remaining"],
+                            "dirty-sync-count": 1, "page-size": PAGE_SIZE})
+            self.publish(ev.MIGRATION_PASS, {"pass": 1}, qmp=self.capabilities["events"])
+            mig.setup_time = int((time.monotonic() - mig.start) * 1000)
+            self.set_status("active")
+            await self.iterate(status["remaining"], blk)
+
+            # Completion, with the guest stopped.
+            await self.fault("before-stop")
+            stop_at = time.monotonic()
+            sent_runstate = self.runstate.value  # as QEMU: the state the guest had before the switch
+            await self.set_running(False, RunState.FINISH_MIGRATE)
+            stopped = True
+            mig.step("stopped", stop_at)
+            await self.fault("after-stop")
+            await self.pause_before_switchover()
+            if blk:
+                await self.block_step(0, end=True)
+            sync = (await ram.call("sync")).data["result"]
+            self.count_pass(sync)
+            mig.step("synced", stop_at)
+            last = (await ram.call("iterate", {"budget": 0, "end": True, "section_id": SID_RAM},
+                                   timeout=600)).data["result"]
+            self.account(last)
+            mig.ram["downtime-bytes"] = last["queued"]
+            mig.step("pages", stop_at)
+            *devices, eof, trailer = self.device_sections(
+                await self.vcpu_states(), sent_runstate)
+            await ram.call("emit", {}, frames=devices)
+            mig.step("devices", stop_at)
+            if self.guest_drives:
+                # Images are flushed and let go before EOF: the destination may
+                # take them as soon as it has the whole stream.
+                await self.vcpus[0].call("drives_inactivate", timeout=120)
+                inactivated = True
+            mark = (await ram.call("emit", {"mark": True}, frames=[eof, trailer])).data["result"]["mark"]
+            mig.committed = True
+            await self.wait_mark(mark, 600)
+            if self.writer_failure:
+                raise MigrationFailed(self.writer_failure)
+            mig.step("written", stop_at)
+            await self.fault("after-eof")
+            mig.ram["transferred"] = self.wire_bytes
+            if return_path:
+                answer = (await self.writer.call("await_return", {"timeout": 60}, timeout=70)).data["result"]
+                if answer["shut"] != 0:
+                    raise MigrationFailed(answer["desc"] or "destination failed to load the stream")
+                mig.step("answered", stop_at)
+                if self.profile.has_vcpus:
+                    # From here on the destination may run the guest: never resume it here.
+                    mig.go_sent = True
+                    await self.writer.call("confirm", timeout=10)
+                mig.guest_downtime = int((time.monotonic() - stop_at) * 1000)
+            await self.writer.call("close", timeout=40)
+            mig.downtime = int((time.monotonic() - stop_at) * 1000)
+            mig.end = time.monotonic()
+            mig.ram["remaining"] = 0
+            self.set_runstate(RunState.POSTMIGRATE)
+            self.set_status("completed")
+        except asyncio.CancelledError:
+            if self.actor_failure:
+                await self.abandon(was_running and stopped, "failed", self.actor_failure, inactivated)
+            else:
+                await self.abandon(was_running and stopped, "cancelled", "migration cancelled", inactivated)
+        except (ActorError, MigrationFailed, OSError) as exc:
+            await self.abandon(was_running and stopped, "failed", str(exc), inactivated)
+
+    async def resume_after_failure(self) -> None:
+        """Run the source guest again. Its images may still be held for a moment
+        by a destination that is giving up, so taking them back is retried."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                await self.set_running(True)
+                return
+            except ActorError as exc:
+                if "in use" not in exc.desc or time.monotonic() > deadline:
+                    log.error("cannot resume the guest: %s", exc)
+                    self.set_runstate(RunState.PAUSED)
+                    return
+                self.runstate = RunState.FINISH_MIGRATE
+                await asyncio.sleep(0.2)
+
+    async def block_step(self, budget: int, end: bool = False) -> int:
+        """One block section (PART, or END with the guest stopped); waits until
+        the writer has it all, so that RAM's section cannot overtake it."""
+        result = (await self.block_sender.call(
+            "iterate", {"budget": budget, "end": end, "section_id": SID_BLOCK}, timeout=600)).data["result"]
+        await self.fault("block-bulk")
+        await self.wait_mark(result["mark"], 600)
+        self.mig.disk = {"transferred": result["transferred"], "remaining": result["remaining"],
+                         "total": result["total"]}
+        self.mig.block_bulk_done = result["bulk_done"]
+        return result["queued"]
+
+    async def iterate(self, remaining: int, blk: bool = False) -> None:
+        """Send dirty pages (and disk chunks) until what is left fits in the
+        downtime limit. Bandwidth is measured on what the writer has put on
+        the wire, and bytes still queued for it count as pending: a queue that
+        fills fast must not make a slow link look fast."""
+        mig = self.mig
+        threshold = 0.0
+        window_start, window_bytes = time.monotonic(), 0
+        written_start = window_written = await self.wire_written()
+        queued_total = 0
+        bandwidth = 0.0  # bytes/s
+        dirty_at_sync = remaining
+        in_flight = 0
+        while True:
+            if self.writer_failure:
+                raise MigrationFailed(self.writer_failure)
+            disk_left = mig.disk.get("remaining", 0) if blk else 0
+            if remaining + disk_left + in_flight <= threshold and (not blk or mig.block_bulk_done):
+                sync = (await self.ram_sender.call("sync")).data["result"]
+                self.count_pass(sync)
+                await self.fault("pass")
+                remaining = dirty_at_sync = sync["remaining"]
+                if blk:
+                    await self.block_step(1)  # harvests: the disk's exact pending bytes
+                    disk_left = mig.disk["remaining"]
+                if remaining + disk_left + in_flight <= threshold:
+                    # The estimate the switchover was decided on (pending / bandwidth).
+                    mig.expected_downtime = (int((remaining + disk_left + in_flight)
+                                                 * self.parameters["downtime-limit"] / threshold)
+                                             if threshold else 0)
+                    return
+            limit = self.parameters["max-bandwidth"]
+            if limit:
+                budget = int(limit * WINDOW) - window_bytes
+            else:
+                budget = max(UNLIMITED_MIN, int(bandwidth * WINDOW * UNLIMITED_WINDOWS)) if bandwidth else UNLIMITED_FIRST
+            if budget > 0 and blk and disk_left:
+                sent = await self.block_step(budget)
+                window_bytes += sent
+                queued_total += sent
+                budget -= sent
+            if budget > 0:
+                result = (await self.ram_sender.call(
+                    "iterate", {"budget": budget, "section_id": SID_RAM}, timeout=120)).data["result"]
+                self.account(result)
+                remaining = result["remaining"]
+                window_bytes += result["queued"]
+                queued_total += result["queued"]
+                if blk:
+                    await self.wait_mark(result["mark"], 600)
+            now = time.monotonic()
+            elapsed = now - window_start
+            if elapsed < WINDOW and limit and window_bytes >= limit * WINDOW:
+                await asyncio.sleep(window_start + WINDOW - now)
+                now = time.monotonic()
+                elapsed = now - window_start
+            if elapsed >= WINDOW:
+                written = await self.wire_written()
+                bandwidth = (written - window_written) / elapsed
+                in_flight = max(0, queued_total - (written - written_start))
+                window_written = written
+                # What a window overshot (a chunk does not split) is owed by the next one.
+                window_start = now
+                window_bytes = max(0, window_bytes - int(limit * WINDOW)) if limit else 0
+                switchover_bw = self.parameters["avail-switchover-bandwidth"] or bandwidth
+                threshold = switchover_bw * self.parameters["downtime-limit"] / 1000
+                if switchover_bw:
+                    mig.expected_downtime = int((dirty_at_sync + disk_left + in_flight) / switchover_bw * 1000)
+                mig.ram["mbps"] = round(bandwidth * 8 / 1e6, 3)
+                mig.ram["pages-per-second"] = int(bandwidth / savevm.NORMAL_RECORD)
+
+    async def wire_written(self) -> int:
+        """Bytes the writer has put on the wire so far in this migration."""
+        return (await self.writer.call("stats", timeout=10)).data["result"]["bytes"]
+
+    def count_pass(self, sync: dict) -> None:
+        ram = self.mig.ram
+        ram["dirty-sync-count"] = ram.get("dirty-sync-count", 0) + 1
+        ram["remaining"] = sync["remaining"]
+        ram["dirty-pages-rate"] = sync["dirty_pages_rate"]
+        self.publish(ev.MIGRATION_PASS, {"pass": ram["dirty-sync-count"]}, qmp=self.capabilities["events"])
+
+    def account(self, result: dict) -> None:
+        ram = self.mig.ram
+        ram["duplicate"] = ram.get("duplicate", 0) + result["zero"]
+        ram["normal"] = ram.get("normal", 0) + result["normal"]
+        ram["normal-bytes"] = ram["normal"] * PAGE_SIZE
+        ram["transferred"] = ram.get("transferred", 0) + result["queued"]
+        ram["precopy-bytes"] = ram.get("precopy-bytes", 0) + (0 if self.runstate is RunState.FINISH_MIGRATE
+                                                               else result["queued"])
+        ram["remaining"] = result["remaining"]
+
+    def device_sections(self, vcpus: list[dict], runstate: str) -> list[bytes]:
+        """Every FULL section the machine profile has, then EOF and the vmdesc."""
+        states: list[tuple[str, int, object]] = [(VCPU_SECTION, i, regs) for i, regs in enumerate(vcpus)]
+        if self.profile.has_vcpus:
+            states.append((SWITCHOVER_SECTION, 0, None))
+            if self.capabilities["x-digest"]:
+                states.append((DIGEST_SECTION, 0, self.ram.digests()))
+        for name in self.profile.devices:
+            state = runstate if name == "globalstate" else self.device_state.get(name)
+            states.append((name, 0, state))
+        out, desc = [], []
+        for sid, (name, instance, state) in enumerate(states, SID_DEVICES):
+            device = DEVICES[name]
+            payload = device.encode(state)
+            out += full_section(sid, device, instance, payload)
+            desc.append(describe(device, instance, payload))
+        out += [savevm.eof(), savevm.vmdescription({"page_size": PAGE_SIZE, "devices": desc})]
+        return out
+
+    async def abandon(self, resume: bool, status: str, desc: str, inactivated: bool = False) -> None:
+        """Undo a migration that did not complete: the source guest runs on,
+        with its images taken back -- unless the destination was already told
+        to run it, in which case the source stays paused."""
+        log.warning("migration %s: %s", status, desc)
+        if self.mig.go_sent:
+            resume = inactivated = False
+            desc += "; the destination was told to run the guest, so the source stays paused"
+        try:
+            await self.writer.call("abort", timeout=5)
+            await self.ram_sender.call("cleanup", timeout=120)
+            if self.guest_drives:
+                await self.block_sender.call("cleanup", timeout=120)
+            await self.writer.call("close", {"abort": True}, timeout=40)
+            if inactivated:
+                await self.vcpus[0].call("drives_activate", timeout=60)
+        except ActorError as exc:
+            log.warning("cleanup after migration: %s", exc)
+        self.mig.error = desc
+        self.mig.end = time.monotonic()
+        self.set_status(status)
+        if resume or self.runstate is RunState.FINISH_MIGRATE:
+            if resume:
+                await self.resume_after_failure()
+            else:
+                self.set_runstate(RunState.PAUSED)
+

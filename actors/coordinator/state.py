@@ -1,0 +1,67 @@
+"""The state of the current or last migration, as query-migrate reports it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+# section ids: block, RAM, then the device sections in stream order
+SID_BLOCK, SID_RAM, SID_DEVICES = 1, 2, 3
+
+
+class MigrationFailed(Exception):
+    pass
+
+
+@dataclass
+class MigrationState:
+    status: str = "none"
+    start: float = 0.0
+    end: float = 0.0
+    setup_time: int = 0
+    downtime: int | None = None
+    guest_downtime: int | None = None
+    expected_downtime: int = 0
+    error: str | None = None
+    ram: dict = field(default_factory=dict)
+    incoming: bool = False
+    committed: bool = False  # EOF sent: too late to cancel
+    go_sent: bool = False  # the destination was told it may run the guest
+    disk: dict = field(default_factory=dict)
+    block_bulk_done: bool = False
+    incremental: bool = False
+    # Milliseconds from the stop to each step of the switchover: where a downtime went.
+    switchover: dict[str, int] = field(default_factory=dict)
+
+    def step(self, name: str, stop_at: float) -> None:
+        self.switchover[name] = int((time.monotonic() - stop_at) * 1000)
+
+    def info(self) -> dict:
+        if self.status == "none":
+            return {}
+        out: dict = {"status": self.status}
+        now = self.end or time.monotonic()
+        if self.status not in ("setup",) or self.ram:
+            out["ram"] = dict(self.ram)
+        out["total-time"] = int((now - self.start) * 1000)
+        if self.status == "setup":
+            del out["total-time"]
+        if self.disk:
+            out["disk"] = dict(self.disk)
+        if not self.incoming:
+            out["setup-time"] = self.setup_time
+        if self.status == "active" and not self.incoming:
+            out["expected-downtime"] = self.expected_downtime
+        if self.status == "completed" and not self.incoming:
+            out["x-expected-downtime"] = self.expected_downtime  # the estimate the switchover went on
+        if self.status == "completed":
+            if self.downtime is not None:
+                out["downtime"] = self.downtime
+            if self.guest_downtime is not None:
+                out["x-guest-downtime"] = self.guest_downtime
+            if self.switchover:
+                out["x-switchover"] = dict(self.switchover)
+        if self.error and self.status in ("failed", "cancelled"):
+            out["error-desc"] = self.error
+        return out
+
