@@ -16,7 +16,9 @@ import signal
 import socket
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -195,8 +197,21 @@ def _socket_from_fd(fd: int) -> socket.socket | None:
     return socket.socket(fileno=os.dup(fd))
 
 
-def connect(uri: Uri, timeout: float = 10.0) -> Channel:
-    """Open the outgoing side of a migration."""
+class Handshake(Protocol):
+    """What `tls=` takes (protocol/tls.py's Tls): it runs a handshake on a
+    freshly opened channel and returns the channel to use instead."""
+
+    def wrap(self, channel: Channel, timeout: float | None) -> Channel: ...
+
+
+def connect(uri: Uri, timeout: float = 10.0, tls: Handshake | None = None) -> Channel:
+    """Open the outgoing side of a migration; with `tls`, the TLS handshake
+    runs first, within `timeout`."""
+    channel = _open(uri, timeout, two_way=tls is not None)
+    return tls.wrap(channel, timeout) if tls is not None else channel
+
+
+def _open(uri: Uri, timeout: float, two_way: bool) -> Channel:
     try:
         if uri.scheme == "tcp":
             sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
@@ -213,7 +228,9 @@ def connect(uri: Uri, timeout: float = 10.0) -> Channel:
             sock.settimeout(None)
             return Channel(sock.fileno(), sock)
         if uri.scheme == "exec":
-            proc = subprocess.Popen(["/bin/sh", "-c", uri.target], stdin=subprocess.PIPE)
+            # A TLS handshake needs the command's answers too: its stdout.
+            proc = subprocess.Popen(["/bin/sh", "-c", uri.target], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE if two_way else None)
             assert proc.stdin is not None
             return Channel(proc.stdin.fileno(), proc=proc)
         if uri.scheme == "fd":
@@ -222,6 +239,8 @@ def connect(uri: Uri, timeout: float = 10.0) -> Channel:
             if sock is not None:
                 return Channel(sock.fileno(), sock)
             return Channel(os.dup(fd))
+        if two_way:
+            raise TransportError(f"TLS needs a two-way channel; {uri} is a file")
         fd = os.open(uri.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         return Channel(fd)
     except OSError as exc:
@@ -261,7 +280,26 @@ class Listener:
             return f"tcp:{host}:{port}"
         return str(self.uri)
 
-    def accept(self, timeout: float | None = None) -> Channel:
+    def accept(self, timeout: float | None = None, tls: Handshake | None = None,
+               handshake_timeout: float | None = 30.0,
+               on_refused: Callable[[str], None] | None = None) -> Channel:
+        """The migration's connection. With `tls`, a connection whose handshake
+        fails (a plaintext or wrongly certified peer, one the authz rules deny,
+        one that dawdles past `handshake_timeout`) is closed, reported to
+        `on_refused`, and a socket listener waits for the next one."""
+        while True:
+            channel = self._accept(timeout, two_way=tls is not None)
+            if tls is None:
+                return channel
+            try:
+                return tls.wrap(channel, handshake_timeout)
+            except OSError as exc:
+                if self.sock is None:
+                    raise  # exec: and fd: have no second connection to wait for
+                if on_refused is not None:
+                    on_refused(str(exc))
+
+    def _accept(self, timeout: float | None, two_way: bool) -> Channel:
         try:
             if self.sock is not None:
                 self.sock.settimeout(timeout)
@@ -272,7 +310,8 @@ class Listener:
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
                 return Channel(conn.fileno(), conn)
             if self.uri.scheme == "exec":
-                proc = subprocess.Popen(["/bin/sh", "-c", self.uri.target], stdout=subprocess.PIPE)
+                proc = subprocess.Popen(["/bin/sh", "-c", self.uri.target], stdout=subprocess.PIPE,
+                                        stdin=subprocess.PIPE if two_way else None)
                 assert proc.stdout is not None
                 return Channel(proc.stdout.fileno(), proc=proc)
             if self.uri.scheme == "fd":
@@ -281,6 +320,8 @@ class Listener:
                 if sock is not None:
                     return Channel(sock.fileno(), sock)
                 return Channel(os.dup(fd))
+            if two_way:
+                raise TransportError(f"TLS needs a two-way channel; {self.uri} is a file")
             return Channel(os.open(self.uri.target, os.O_RDONLY))
         except TimeoutError:
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -365,3 +366,96 @@ def test_dn_format():
     cert = {"subject": ((("countryName", "GB"),), (("organizationName", "livemig, ltd"),),
                         (("commonName", "client"), ("emailAddress", "a@b")))}
     assert peer_dn(cert) == "C=GB,O=livemig\\, ltd,CN=client+EMAIL=a@b"
+
+
+RELAY = """
+import os, socket, sys, threading
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+def up():
+    while data := os.read(0, 65536):
+        s.sendall(data)
+    s.shutdown(socket.SHUT_WR)
+threading.Thread(target=up, daemon=True).start()
+while data := s.recv(65536):
+    os.write(1, data)
+"""
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_exec_channel_carries_tls(pki, tmp_path, side):
+    """exec: both ways: the command's stdin and stdout carry the session."""
+    relay = tmp_path / "relay.py"
+    relay.write_text(RELAY)
+    listener = Listener(parse_uri("tcp:127.0.0.1:0"))
+    exec_uri = parse_uri(f"exec:{sys.executable} {relay} {listener.address[1]}")
+    server = server_tls(creds(pki.server, "server"), simple())
+    client = client_tls(creds(pki.client, "client"), exec_uri, tls_hostname="localhost")
+    out: list = []
+
+    def far_end() -> None:  # the tcp end behind the relay
+        try:
+            raw = listener.accept(timeout=10)
+            out.append(client.wrap(raw, 10) if side == "destination" else server.wrap(raw, 10))
+        except Exception as exc:
+            out.append(exc)
+
+    t = threading.Thread(target=far_end)
+    t.start()
+    try:
+        if side == "source":
+            near = connect(exec_uri, tls=client)
+        else:
+            near = Listener(exec_uri).accept(tls=server, handshake_timeout=10)
+        t.join(15)
+        far = out[0]
+        assert isinstance(far, Channel), far
+        writer, reader = (near, far) if side == "source" else (far, near)
+        writer.write(b"QEVM" * 1000)
+        assert read_exact(reader, 4000) == b"QEVM" * 1000
+        assert not near.has_return_path  # exec: as in QEMU
+        far.close()
+        assert near.close() == 0
+    finally:
+        t.join(15)
+        listener.close()
+
+
+def test_listener_refuses_bad_handshakes_and_takes_the_real_source(pki):
+    """A plaintext peer and a rogue certificate connect first: both refused,
+    each with its cause, and the real source's connection is the one returned."""
+    listener = Listener(parse_uri("tcp:127.0.0.1:0"))
+    target = parse_uri(listener.actual_uri)
+    refused: list[str] = []
+    results: dict[str, object] = {}
+
+    def client(name: str, tls: Tls) -> None:
+        try:
+            results[name] = tls.wrap(connect(target), 10)
+        except Exception as exc:
+            results[name] = exc
+
+    rogue = tcp_client(pki, pki.client_rogue, **{"sanity-check": False})
+    with socket.create_connection(listener.address) as plain:
+        plain.sendall(b"QEVM\0\0\0\x03")
+        threads = [threading.Thread(target=client, args=("rogue", rogue)),
+                   threading.Thread(target=client, args=("real", tcp_client(pki)))]
+        threads[0].start()
+        time.sleep(0.3)  # the rogue connects before the real source
+        threads[1].start()
+        chan = listener.accept(tls=server_tls(creds(pki.server, "server"), simple()),
+                               handshake_timeout=5, on_refused=refused.append)
+        for t in threads:
+            t.join(15)
+    try:
+        assert len(refused) == 2, refused
+        assert "source does not speak TLS" in refused[0]
+        assert "source's client certificate was refused: unable to get local issuer certificate" in refused[1]
+        assert chan.peer_dn == CLIENT_DN
+        real = results["real"]
+        assert isinstance(real, Channel), real
+        real.write(b"QEVM")
+        assert read_exact(chan, 4) == b"QEVM"
+        real.close()
+    finally:
+        chan.close()
+        listener.close()
