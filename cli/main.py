@@ -349,7 +349,7 @@ main.add_command(stream)
               help="Run only these sections of the full benchmark (repeatable).")
 def bench(quick, out, repeat, sections) -> None:
     """Measure migration throughput and downtime against raw sockets, side by side."""
-    from livemig.tools.bench import run_bench
+    from livemig.tools.bench.cli import run_bench
 
     try:
         run_bench(out=out, quick=quick, repeat=repeat, sections=tuple(sections))

@@ -17,7 +17,7 @@ import pytest
 from livemig.machine.ram import PAGE_SIZE, GuestRam
 from livemig.protocol import savevm
 from livemig.protocol.transport import Channel, iovec_skip, iovec_table
-from livemig.tools import bench
+from livemig.tools.bench import accounting
 
 
 def ram_file(pages: int) -> GuestRam:
@@ -135,14 +135,14 @@ def test_runs_of_consecutive_pages_and_the_rest(chunk):
 def test_private_memory_leaves_out_guest_ram():
     ram = ram_file(4096)
     try:
-        before = bench.private_memory(os.getpid())
+        before = accounting.private_memory(os.getpid())
         ram.populate(write=True)
         ram.pages[:] = 9  # 16 MiB of guest RAM, written by this process alone
-        after = bench.private_memory(os.getpid())
+        after = accounting.private_memory(os.getpid())
         assert 0 < after["anon"] <= after["private"]
         assert after["private"] - before["private"] < 4 << 20
-        assert bench.rss_anon(os.getpid()) > 0
-        assert bench.is_guest_ram(ram.path + " (deleted)")
+        assert accounting.rss_anon(os.getpid()) > 0
+        assert accounting.is_guest_ram(ram.path + " (deleted)")
     finally:
         ram.close()
 
@@ -219,8 +219,8 @@ def test_cpu_seconds_counts_threads_that_ended():
         while time.thread_time() < end:
             pass
 
-    before = bench.cpu_seconds(os.getpid())
+    before = accounting.cpu_seconds(os.getpid())
     worker = threading.Thread(target=spin)
     worker.start()
     worker.join(30)
-    assert bench.cpu_seconds(os.getpid()) - before >= 0.19
+    assert accounting.cpu_seconds(os.getpid()) - before >= 0.19

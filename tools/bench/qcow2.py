@@ -1,6 +1,8 @@
 """Benchmark our qcow2 driver against `qemu-img bench` with the same requests.
 
-    scripts/bench [--count N] [--repeat R] [--dir DIR] [--json]
+    python -m livemig.tools.bench.qcow2 [--count N] [--repeat R] [--dir DIR] [--json]
+
+(`livemig bench --only qcow2` runs it too, as scenario 6.)
 
 Workloads, each COUNT requests of 64 KiB at a 64 KiB step from offset 0:
   alloc      writes to a fresh image: every request allocates a cluster
@@ -25,7 +27,7 @@ import subprocess
 import tempfile
 import time
 
-from .api import create_image, open_image
+from livemig.block import create_image, open_image
 
 REQ = 65536
 
@@ -105,7 +107,7 @@ def run(count: int, repeat: int, directory: str | None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="scripts/bench",
+    ap = argparse.ArgumentParser(prog="python -m livemig.tools.bench.qcow2",
                                  description="qcow2 driver vs qemu-img bench (64 KiB requests)")
     ap.add_argument("--count", type=int, default=4096, help="requests per workload")
     ap.add_argument("--repeat", type=int, default=3, help="runs per side; medians reported")

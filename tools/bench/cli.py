@@ -1,0 +1,54 @@
+"""`livemig bench`: run the chosen scenarios and write results.json,
+summary.md and the plots."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from .report import plots, summary
+from .scenarios import Bench
+from .targets import GiB
+
+
+def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None,
+              ram: int = GiB, sections: tuple[str, ...] = ()) -> dict:
+    """Run the benchmark; returns the results written to OUT/results.json."""
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    bench = Bench(out, repeat or 3, log)
+    bench.results["quick"] = quick
+    wanted = set(sections) or {"stopped", "zero", "running", "scaling", "qcow2"}
+    try:
+        if quick:
+            log("1+2: baseline and stopped 1 GiB incompressible guest, tcp")
+            bench.stopped(ram, ("tcp",), ("random",))
+        else:
+            if "stopped" in wanted or "zero" in wanted:
+                fills = tuple(f for f, s in (("random", "stopped"), ("zero", "zero"), ("half", "zero"))
+                              if s in wanted)
+                log("1+2+3: baselines and stopped guests (random, zero, half), tcp and unix")
+                bench.stopped(ram, ("tcp", "unix"), fills)
+            if "running" in wanted:
+                log("4: running guests")
+                bench.running()
+            if "scaling" in wanted:
+                log("5: scaling")
+                bench.scaling()
+            if "qcow2" in wanted:
+                log("6: qcow2 against qemu-img")
+                bench.qcow2()
+    finally:
+        bench.close()
+    path = bench.save()
+    table = summary(bench.results)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(table + "\n")
+    pngs = [] if quick else plots(bench.results, out)
+    print(table)
+    print(f"results: {path}" + (f"; plots: {', '.join(pngs)}" if pngs else ""))
+    for row in bench.results.get("stopped", []):
+        if row["fill"] == "random" and row["transport"] == "tcp":
+            print(f"throughput ratio (incompressible tcp / raw tcp baseline): {row['ratio']:.2f}")
+    return bench.results

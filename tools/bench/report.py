@@ -1,0 +1,125 @@
+"""The results as Markdown tables and PNG plots."""
+
+from __future__ import annotations
+
+import os
+
+from .targets import DOWNTIME_LIMITS, RUNNING_BANDWIDTH, MiB
+
+
+def summary(results: dict) -> str:
+    """The figures as Markdown tables (printed, and saved as summary.md)."""
+    lines = []
+    base = results.get("baseline", {})
+    if base:
+        lines += ["| transport | raw socket baseline |", "|---|---|"]
+        lines += [f"| {t} | {b['bytes_per_s'] / 1e9:.2f} GB/s |" for t, b in base.items()]
+        lines.append("")
+    if results.get("stopped"):
+        lines += ["| stopped guest | transport | total time | throughput | ratio to baseline | CPU src / dst |",
+                  "|---|---|---|---|---|---|"]
+        for r in results["stopped"]:
+            lines.append(f"| {r['ram'] // MiB} MiB {r['fill']} | {r['transport']} | {r['total_seconds'] * 1000:.0f} ms"
+                         f" | {r['throughput'] / 1e9:.2f} GB/s | {r['ratio']:.2f}x"
+                         f" | {r['cpu_src']:.2f} s / {r['cpu_dst']:.2f} s |")
+        lines.append("")
+    if results.get("running"):
+        lines += ["| dirty rate | downtime limit | passes | total time | downtime | guest downtime "
+                  "| expected downtime |", "|---|---|---|---|---|---|---|"]
+        for r in results["running"]:
+            lines.append(f"| {int(r['dirty_share'] * 100)} % of {r['bandwidth'] // MiB} MiB/s "
+                         f"| {r['downtime_limit_ms']} ms | {r['passes']} | {r['total_ms']} ms "
+                         f"| {r['downtime_ms']} ms | {r['guest_downtime_ms']} ms | {r['expected_downtime_ms']} ms |")
+        lines.append("")
+    if results.get("scaling"):
+        lines += ["| RAM | time per GiB | throughput | CPU src per GiB | CPU dst per GiB "
+                  "| largest private (actor) |", "|---|---|---|---|---|---|"]
+        for r in results["scaling"]:
+            worst = max(r["private"], key=r["private"].get)
+            lines.append(f"| {r['ram'] // MiB} MiB | {r['seconds_per_gib']:.2f} s | {r['throughput'] / 1e9:.2f} GB/s"
+                         f" | {r['cpu_src_per_gib']:.2f} s | {r['cpu_dst_per_gib']:.2f} s"
+                         f" | {r['private'][worst] / MiB:.0f} MiB ({worst}) |")
+        lines.append("")
+        actors = sorted({k for r in results["scaling"] for k in r["private"]})
+        lines += ["| private memory | " + " | ".join(f"{r['ram'] // MiB} MiB" for r in results["scaling"]) + " |",
+                  "|---|" + "---|" * len(results["scaling"])]
+        for a in actors:
+            lines.append(f"| {a} | " + " | ".join(f"{r['private'].get(a, 0) / MiB:.0f} MiB"
+                                                  for r in results["scaling"]) + " |")
+        lines.append("")
+    q = results.get("qcow2")
+    if q and "results" in q:
+        lines += ["| qcow2 (64 KiB requests) | livemig | qemu-img bench | ratio |", "|---|---|---|---|"]
+        for r in q["results"]:
+            lines.append(f"| {r['workload']} | {r['ours_mib_per_s']} MiB/s | {r['qemu_mib_per_s']} MiB/s "
+                         f"| {r['ratio']}x |")
+        lines.append("")
+    if results.get("targets"):
+        lines += ["| target | value | wanted | met |", "|---|---|---|---|"]
+        for t in results["targets"]:
+            lines.append(f"| {t['target']} | {t['value']} | {t['wanted']} | {'yes' if t['met'] else 'NO'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(results: dict, out: str) -> list[str]:
+    """PNG plots: remaining bytes over time per running-guest scenario, and
+    throughput and CPU per GiB against RAM size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if results.get("running"):
+        fig, axes = plt.subplots(1, len(DOWNTIME_LIMITS), figsize=(11, 4), sharey=True)
+        for ax, limit in zip(axes, DOWNTIME_LIMITS, strict=True):
+            for r in results["running"]:
+                if r["downtime_limit_ms"] != limit:
+                    continue
+                t = [s[0] for s in r["samples"]]
+                rem = [s[1] / MiB for s in r["samples"]]
+                ax.plot(t, rem, drawstyle="steps-post",
+                        label=f"{int(r['dirty_share'] * 100)} % dirty: {r['passes']} passes, "
+                              f"downtime {r['downtime_ms']} ms")
+            ax.set_title(f"downtime limit {limit} ms, {RUNNING_BANDWIDTH // MiB} MiB/s")
+            ax.set_xlabel("seconds since migrate")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0].set_ylabel("remaining dirty MiB")
+        fig.tight_layout()
+        path = os.path.join(out, "remaining.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    if results.get("scaling"):
+        rows = results["scaling"]
+        sizes = [r["ram"] / MiB for r in rows]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        a1.plot(sizes, [r["throughput"] / 1e9 for r in rows], "o-", label="livemig (tcp)")
+        if "tcp" in results.get("baseline", {}):
+            a1.axhline(results["baseline"]["tcp"]["bytes_per_s"] / 1e9, ls="--", color="gray",
+                       label="raw tcp baseline")
+        a1.set_xscale("log", base=2)
+        a1.set_xlabel("guest RAM (MiB)")
+        a1.set_ylabel("GB/s")
+        a1.set_ylim(bottom=0)
+        a1.set_title("throughput, stopped incompressible guest")
+        a1.legend()
+        a2.plot(sizes, [r["cpu_src_per_gib"] for r in rows], "o-", label="source")
+        a2.plot(sizes, [r["cpu_dst_per_gib"] for r in rows], "o-", label="destination")
+        a2.plot(sizes, [r["seconds_per_gib"] for r in rows], "o--", label="wall time")
+        a2.set_xscale("log", base=2)
+        a2.set_xlabel("guest RAM (MiB)")
+        a2.set_ylabel("seconds per GiB")
+        a2.set_ylim(bottom=0)
+        a2.set_title("CPU and time per GiB")
+        a2.legend()
+        for ax in (a1, a2):
+            ax.set_xticks(sizes, [f"{int(s)}" for s in sizes])
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = os.path.join(out, "scaling.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written
