@@ -585,6 +585,25 @@ class TlsChannel(Channel):
     def close(self) -> int:
         if not self.closed:
             self._close_notify()
-            if self.proc is not None and self.proc.stdout is not None:
-                self.proc.stdout.close()  # before waiting: the command may be blocked writing to us
+            proc = self.proc
+            if proc is not None and proc.stdin is not None and proc.stdout is not None:
+                # The command's end of input, then what it still says until it exits:
+                # it must not die of a closed pipe while it finishes.
+                proc.stdin.close()
+                self.owns_fd = False
+                self._drain(_deadline(30))
+                proc.stdout.close()
         return super().close()
+
+    def _drain(self, deadline: float | None) -> None:
+        while True:
+            try:
+                if not os.readv(self.rfd, [self._rbuf]):
+                    return
+            except BlockingIOError:
+                try:
+                    _wait(self.rfd, select.POLLIN, deadline)
+                except TimeoutError:
+                    return
+            except OSError:
+                return

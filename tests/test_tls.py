@@ -372,12 +372,18 @@ RELAY = """
 import os, socket, sys, threading
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
 def up():
-    while data := os.read(0, 65536):
-        s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
+    try:
+        while data := os.read(0, 65536):
+            s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+    except OSError:  # the far end went first
+        pass
 threading.Thread(target=up, daemon=True).start()
-while data := s.recv(65536):
-    os.write(1, data)
+try:
+    while data := s.recv(65536):
+        os.write(1, data)
+except ConnectionResetError:
+    pass
 """
 
 
