@@ -49,27 +49,30 @@ class WorkloadSpec:
     wss: int = 0  # working set for memtouch, bytes (0: all RAM)
     iops: int = 0  # disk writes per second for diskwrite
     size: int = 4096  # bytes per diskwrite write (a multiple of 512)
+    bytes: int = PAGE_SIZE  # bytes memtouch rewrites in each page it touches
 
     @classmethod
     def parse(cls, text: str) -> WorkloadSpec:
         kind, _, params = text.partition(":")
         if kind not in KINDS:
-            raise ValueError(f"unknown workload {kind!r}: use idle, memtouch:rate=R,wss=S, stream:rate=R, "
+            raise ValueError(f"unknown workload {kind!r}: use idle, memtouch:rate=R,wss=S,bytes=B, stream:rate=R, "
                              "diskwrite:iops=N,size=S or kv:rate=N")
         values: dict[str, int] = {}
         for item in filter(None, params.split(",")):
             key, eq, val = item.partition("=")
-            allowed = {"idle": (), "memtouch": ("rate", "wss"), "stream": ("rate",),
+            allowed = {"idle": (), "memtouch": ("rate", "wss", "bytes"), "stream": ("rate",),
                        "diskwrite": ("iops", "size"), "kv": ("rate",)}[kind]
             if not eq or key not in allowed:
                 raise ValueError(f"workload {kind!r} takes {', '.join(allowed) or 'no parameters'}, not {item!r}")
             values[key] = parse_size(val)
         spec = cls(kind, values.get("rate", 0), values.get("wss", 0), values.get("iops", 0),
-                   values.get("size", 4096))
+                   values.get("size", 4096), values.get("bytes", PAGE_SIZE))
         if kind in ("memtouch", "stream", "kv") and spec.rate <= 0:
             raise ValueError(f"workload {kind!r} needs rate=N > 0")
         if kind == "diskwrite" and (spec.iops <= 0 or spec.size <= 0 or spec.size % 512):
             raise ValueError("diskwrite needs iops=N > 0 and size=S, a positive multiple of 512")
+        if not 0 < spec.bytes <= PAGE_SIZE:
+            raise ValueError(f"memtouch bytes=B must be 1..{PAGE_SIZE}, not {spec.bytes}")
         return spec
 
     @property
@@ -85,7 +88,8 @@ class WorkloadSpec:
             return f"diskwrite:iops={self.iops},size={self.size}"
         if self.kind == "kv":
             return f"kv:rate={self.rate}"
-        return f"memtouch:rate={self.rate},wss={self.wss}"
+        tail = f",bytes={self.bytes}" if self.bytes != PAGE_SIZE else ""
+        return f"memtouch:rate={self.rate},wss={self.wss}{tail}"
 
     @property
     def steps_per_second(self) -> float:
@@ -153,12 +157,37 @@ class Workload:
         else:
             offs = ((k - np.uint64(1)) % np.uint64(self.count)).astype(np.int64)
         target = offs + self.first
+        if self.spec.bytes < PAGE_SIZE:
+            return self._partial(pages, target, x)
         # Later steps win when a batch touches a page twice, as sequential steps would.
         rev_unique, rev_pos = np.unique(target[::-1], return_index=True)
         last = n - 1 - rev_pos
         values = _mix(x[last] ^ np.uint64(0xA5A5A5A5A5A5A5A5)) | np.uint64(1)
         pages[rev_unique] = (values[:, None] ^ _WORD_INDEX).view(np.uint8)
         return rev_unique
+
+    def _partial(self, pages: np.ndarray, target: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """memtouch with bytes=B: each step rewrites a B-byte window of its
+        page (the bytes a full rewrite would put there). Windows of one batch
+        may overlap, so steps are applied in order: the k-th visit of every
+        page in one vectorised round."""
+        width = self.spec.bytes
+        values = _mix(x ^ np.uint64(0xA5A5A5A5A5A5A5A5)) | np.uint64(1)
+        start = (_mix(x ^ np.uint64(0x3C6EF372FE94F82B)) % np.uint64(PAGE_SIZE - width + 1)).astype(np.int64)
+        order = np.argsort(target, kind="stable")
+        sorted_target = target[order]
+        first_of_group = np.flatnonzero(np.r_[True, sorted_target[1:] != sorted_target[:-1]])
+        group = np.repeat(first_of_group, np.diff(np.r_[first_of_group, len(order)]))
+        visit = np.empty(len(order), np.int64)
+        visit[order] = np.arange(len(order)) - group
+        span = np.arange(width, dtype=np.int64)
+        for k in range(int(visit.max()) + 1):
+            sel = np.flatnonzero(visit == k)
+            pos = start[sel, None] + span  # byte positions in the page
+            word = (values[sel, None] ^ (pos >> 3).astype(np.uint64))
+            data = (word >> ((pos & 7) * 8).astype(np.uint64)).astype(np.uint8)
+            pages[target[sel, None], pos] = data
+        return np.unique(target)
 
 
     def _disk_steps(self, pages: np.ndarray, k: np.ndarray, x: np.ndarray, disks: list) -> np.ndarray:

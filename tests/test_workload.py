@@ -68,3 +68,39 @@ def test_replay_equals_stepwise_run():
         ws[1].run(b.reshape(-1, 4096), 2)
     assert np.array_equal(a, b)
     assert regs == [w.registers for w in ws]
+
+
+def test_memtouch_bytes_rewrites_a_window_and_replays():
+    spec = WorkloadSpec.parse("memtouch:rate=1M,wss=64K,bytes=64")
+    assert spec.bytes == 64 and str(spec) == "memtouch:rate=1048576,wss=65536,bytes=64"
+    assert WorkloadSpec.parse(str(spec)) == spec
+    assert str(WorkloadSpec.parse("memtouch:rate=1M,bytes=4096")) == "memtouch:rate=1048576,wss=0"
+    for bad in ("memtouch:rate=1M,bytes=0", "memtouch:rate=1M,bytes=8K", "stream:rate=1M,bytes=64"):
+        with pytest.raises(ValueError):
+            WorkloadSpec.parse(bad)
+    base = np.arange(16 * 4096, dtype=np.uint32).astype(np.uint8).reshape(16, 4096)
+    a, b = base.copy(), base.copy()
+    wa, wb = Workload(spec, 2, 0, 1, 16), Workload(spec, 2, 0, 1, 16)
+    touched = wa.run(a, 500)  # 500 steps over 16 pages: many visits per page in one batch
+    for n in (1, 3, 100, 396):
+        wb.run(b, n)
+    assert np.array_equal(a, b) and wa.registers == wb.registers
+    changed = (a != base).sum(axis=1)
+    assert set(np.flatnonzero(changed)) <= set(touched.tolist())
+    # each step changes at most 64 bytes: a page keeps most of its old content
+    one = base.copy()
+    Workload(spec, 2, 0, 1, 16).run(one, 1)
+    assert 0 < (one != base).sum() <= 64
+    # replay gives the same
+    c = base.copy()
+    assert replay(c, spec, 2, 1, [500]) == [wa.registers]
+    assert np.array_equal(a, c)
+
+
+def test_memtouch_full_page_default_is_unchanged():
+    """bytes=4096 (the default) writes exactly what memtouch always wrote."""
+    a = np.zeros((16, 4096), np.uint8)
+    w = Workload(WorkloadSpec.parse("memtouch:rate=1M,wss=64K"), 4, 0, 1, 16)
+    idx = w.run(a, 1)
+    page = a[idx[0]].view(np.uint64)
+    assert (page ^ np.arange(512, dtype=np.uint64)).min() == (page ^ np.arange(512, dtype=np.uint64)).max()
