@@ -16,9 +16,12 @@ import struct
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import zstandard
+
+from livemig.protocol.transport import iovec_table
 
 PAGE_SIZE = 4096
 MAGIC = 0x11223344
@@ -263,3 +266,109 @@ class Decompressor:
             raise MultifdError(f"multifd: {self.method} payload does not decompress: {exc}") from None
         finally:
             self._sink.targets = []
+
+
+# --------------------------------------------------------------------------- one channel
+
+
+class ChannelLike(Protocol):
+    def write(self, data: bytes | memoryview) -> None: ...
+    def write_vectors(self, table: np.ndarray) -> int: ...
+    def read_into(self, buf: memoryview) -> int: ...
+
+
+def read_exact(channel: ChannelLike, view: memoryview) -> None:
+    """Fill `view` from the channel; a short stream is an error."""
+    got = 0
+    while got < len(view):
+        n = channel.read_into(view[got:])
+        if not n:
+            raise MultifdError(f"multifd: channel ended early: wanted {len(view) - got} more bytes")
+        got += n
+
+
+class PacketSender:
+    """The source side of one multifd channel: its init packet, then packets
+    of up to 128 pages each, raw pages written straight from guest RAM."""
+
+    def __init__(self, channel: ChannelLike, channel_id: int, method: str = "none", level: int = 1,
+                 uuid: bytes = NO_UUID) -> None:
+        self.channel = channel
+        self.compressor = Compressor(method, level) if method != "none" else None
+        self.headers = bytearray(PACKET_SIZE)
+        self.table = iovec_table(PACKET_PAGES + 1)
+        self.bytes = 0
+        channel.write(init_packet(channel_id, uuid))
+        self.bytes += INIT_SIZE
+
+    def send(self, block: str, block_pages: np.ndarray, pages: np.ndarray, packet_num: int,
+             sync: bool = False) -> int:
+        """One packet with the pages at indexes `pages` of `block_pages` (a
+        contiguous (n, 4096) view of guest RAM); with no pages, a bare SYNC.
+        Returns the bytes written."""
+        flags = FLAG_SYNC if sync else 0
+        offsets = pages.astype(np.int64) * PAGE_SIZE
+        if not len(pages):
+            header = packet_header(flags, block, offsets, 0, packet_num)
+            self.channel.write(header)
+            self.bytes += len(header)
+            return len(header)
+        if self.compressor is not None:
+            payload = self.compressor.compress(block_pages[pages])
+            header = packet_header(flags | self.compressor.flag, block, offsets, len(payload), packet_num)
+            self.channel.write(header + payload)
+            n = len(header) + len(payload)
+        else:
+            header = packet_header(flags, block, offsets, len(pages) * PAGE_SIZE, packet_num)
+            self.headers[:] = header
+            table = self.table[:len(pages) + 1]
+            table[0] = (np.frombuffer(self.headers, np.uint8).ctypes.data, PACKET_SIZE)
+            table[1:, 0] = block_pages.ctypes.data + pages.astype(np.uint64) * np.uint64(PAGE_SIZE)
+            table[1:, 1] = PAGE_SIZE
+            n = self.channel.write_vectors(table)
+        self.bytes += n
+        return n
+
+
+class PacketReceiver:
+    """The destination side of one multifd channel after its init packet:
+    each packet's pages land straight in guest RAM (raw pages are read into
+    the pages themselves)."""
+
+    def __init__(self, channel: ChannelLike, method: str, blocks: Mapping[str, np.ndarray]) -> None:
+        self.channel = channel
+        self.blocks = blocks  # name -> (n, 4096) uint8 view of guest RAM
+        self.sizes = {name: pages.shape[0] * PAGE_SIZE for name, pages in blocks.items()}
+        self.decompressor = Decompressor(method)
+        self.header = bytearray(PACKET_SIZE)
+        self.payload = bytearray(MAX_COMPRESSED)
+        self.pages = 0
+        self.bytes = 0
+
+    def receive(self) -> Packet | None:
+        """The next packet, its pages already in place; None at a clean end
+        of the channel (between packets)."""
+        view = memoryview(self.header)
+        first = self.channel.read_into(view)
+        if not first:
+            return None
+        read_exact(self.channel, view[first:])
+        packet = parse_packet(self.header, self.sizes)
+        self.decompressor.check_flags(packet)
+        size = payload_size(packet)
+        self.bytes += PACKET_SIZE + size
+        if not packet.normal:
+            return packet
+        ram = self.blocks[packet.ramblock]
+        index = packet.offsets // PAGE_SIZE
+        if packet.compression == FLAG_NOCOMP:
+            # consecutive pages are one read into guest RAM
+            breaks = np.flatnonzero(np.diff(index) != 1) + 1
+            for run in np.split(index, breaks):
+                read_exact(self.channel, memoryview(ram[int(run[0]):int(run[-1]) + 1]).cast("B"))
+        else:
+            data = memoryview(self.payload)[:size]
+            read_exact(self.channel, data)
+            self.decompressor.decompress_into(data, [ram[i] for i in index.tolist()])
+        self.pages += packet.normal
+        return packet

@@ -174,6 +174,68 @@ def test_qemu_decodes_a_python_zlib_stream_the_way_it_reads():
         assert d.decompress(tail) == b""  # what is left is only the flush marker
 
 
+def _channel_pair():
+    from livemig.protocol.transport import Channel
+
+    a, b = socket.socketpair()
+    return Channel(a.fileno(), a), Channel(b.fileno(), b)
+
+
+@pytest.mark.parametrize("method", ["none", "zlib", "zstd"])
+def test_channel_sender_and_receiver_move_pages_between_rams(method):
+    rng = np.random.default_rng(4)
+    src = _pages(rng, 300)
+    dst = np.zeros_like(src)
+    tx, rx = _channel_pair()
+    batches = [np.arange(0, 128), np.array([5, 9, 7, 200, 201, 202]), np.arange(128, 256), np.arange(256, 300)]
+    result: dict = {}
+
+    def send() -> None:
+        sender = multifd.PacketSender(tx, 1, method, 1)
+        for num, idx in enumerate(batches):
+            sender.send("ram", src, idx, num, sync=num == 1)
+        sender.send("ram", src, np.zeros(0, np.int64), 9, sync=True)
+        result["bytes"] = sender.bytes
+        tx.shutdown_write()
+
+    t = threading.Thread(target=send)
+    t.start()
+    init = bytearray(64)
+    multifd.read_exact(rx, memoryview(init))
+    assert multifd.parse_init(bytes(init), 2) == 1
+    recv = multifd.PacketReceiver(rx, method, {"ram": dst})
+    syncs = []
+    while (pkt := recv.receive()) is not None:
+        syncs.append(pkt.sync)
+    t.join(10)
+    tx.close()
+    rx.close()
+    assert syncs == [False, True, False, False, True]
+    assert np.array_equal(dst, src) and recv.pages == 306
+    assert recv.bytes + 64 == result["bytes"]
+    if method == "none":
+        assert result["bytes"] == 64 + 5 * 1344 + 306 * PAGE
+
+
+def test_receiver_refuses_a_cut_payload():
+    tx, rx = _channel_pair()
+    src = np.ones((4, PAGE), np.uint8)
+    multifd.PacketSender(tx, 0).send("ram", src, np.arange(4), 0)
+    tx.close()
+    rx.read_into(memoryview(bytearray(64)))
+    recv = multifd.PacketReceiver(rx, "none", {"ram": np.zeros((2, PAGE), np.uint8)})
+    with pytest.raises(MultifdError, match="offset too long 8192"):
+        recv.receive()
+    rx.close()
+    tx, rx = _channel_pair()
+    tx.write(multifd.packet_header(0, "ram", np.array([0]), PAGE, 0) + bytes(100))
+    tx.close()
+    recv = multifd.PacketReceiver(rx, "none", {"ram": np.zeros((2, PAGE), np.uint8)})
+    with pytest.raises(MultifdError, match="channel ended early: wanted 3996 more bytes"):
+        recv.receive()
+    rx.close()
+
+
 # --------------------------------------------------------------------------- QEMU's own channels
 
 QEMU = shutil.which("qemu-system-x86_64")
@@ -221,26 +283,29 @@ def scan_main(stream: bytes) -> tuple[dict[int, int], int]:
         take(4)
 
 
+class _Bytes:
+    """Captured channel bytes, read like a Channel."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def read_into(self, buf: memoryview) -> int:
+        n = min(len(buf), len(self.data) - self.pos)
+        buf[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
 def replay_channel(data: bytes, channels: int, ram: np.ndarray, method: str) -> tuple[int, int]:
-    """Apply one captured multifd channel to `ram` ((n, 4096)); returns
-    (its id, its SYNC packets)."""
+    """Apply one captured multifd channel to `ram` ((n, 4096)) through the
+    receiver; returns (its id, its SYNC packets)."""
     cid = multifd.parse_init(data[:64], channels)
-    pos, syncs = 64, 0
-    dec = Decompressor(method)
-    while pos < len(data):
-        pkt = multifd.parse_packet(data[pos:pos + multifd.PACKET_SIZE], {"m": ram.size})
-        pos += multifd.PACKET_SIZE
-        dec.check_flags(pkt)
-        n = multifd.payload_size(pkt)
-        payload, pos = data[pos:pos + n], pos + n
-        targets = [ram[o // PAGE] for o in pkt.offsets.tolist()]
-        if pkt.normal and method == "none":
-            for i, page in enumerate(targets):
-                page[:] = np.frombuffer(payload, np.uint8, PAGE, i * PAGE)
-        elif pkt.normal:
-            dec.decompress_into(payload, targets)
+    channel = _Bytes(data[64:])
+    recv = multifd.PacketReceiver(channel, method, {"m": ram})
+    syncs = 0
+    while (pkt := recv.receive()) is not None:
         syncs += pkt.sync
-    assert pos == len(data)
+    assert channel.pos == len(channel.data)
     return cid, syncs
 
 
