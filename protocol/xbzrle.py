@@ -90,6 +90,64 @@ def _assemble(zrun: np.ndarray, nzrun: np.ndarray, zlen: np.ndarray, nzlen: np.n
     return out.tobytes()
 
 
+def encode_batch(old: np.ndarray, new: np.ndarray, dlen: int = PAGE_SIZE) -> list[bytes | None]:
+    """encode() of every row of two (k, n) uint8 arrays (n a multiple of 8),
+    in a fixed number of numpy steps for the whole batch, each costing what
+    changed rather than the pages' size: b"" for an unchanged row, None for
+    an overflow."""
+    k, n = new.shape
+    out: list[bytes | None] = [b""] * k
+    xor = old.view(np.uint64) ^ new.view(np.uint64)
+    wrow, word = np.nonzero(xor)
+    if not len(wrow):
+        return out
+    changed = xor[wrow, word].view(np.uint8).reshape(-1, 8) != 0  # little-endian: byte j of the word
+    brow = np.repeat(wrow, 8)[changed.ravel()]
+    pos = (np.repeat(word * 8, 8) + np.tile(np.arange(8), len(word)))[changed.ravel()]
+    # runs of consecutive changed bytes within a row
+    new_run = np.r_[True, (brow[1:] != brow[:-1]) | (pos[1:] != pos[:-1] + 1)]
+    run_first = np.flatnonzero(new_run)
+    run_last = np.r_[run_first[1:] - 1, len(pos) - 1]
+    row = brow[run_first]
+    start = pos[run_first]
+    end = pos[run_last] + 1
+    first = np.r_[True, row[1:] != row[:-1]]
+    prev_end = np.r_[0, end[:-1]]
+    prev_end[first] = 0
+    zrun = start - prev_end
+    nzrun = end - start
+    zlen = 1 + (zrun > 0x7F)
+    nzlen = 1 + (nzrun > 0x7F)
+    contrib = zlen + nzlen + nzrun
+    firsts = np.flatnonzero(first)
+    lasts = np.r_[firsts[1:] - 1, len(row) - 1]
+    csum = np.cumsum(contrib)
+    d_after = csum - (csum[firsts] - contrib[firsts])[np.cumsum(first) - 1]
+    d_before = d_after - contrib
+    total = d_after[lasts]
+    trailing = end[lasts] < n
+    overflow = np.logical_or.reduceat(d_before + zlen + 2 > dlen, firsts) | (total > dlen) \
+        | (trailing & (total + 2 > dlen))
+    rows = row[firsts]
+    for r in rows[overflow].tolist():
+        out[r] = None
+    keep = ~overflow
+    if not keep.any():
+        return out
+    group = np.cumsum(first) - 1  # each run's index among the changed rows
+    sel = keep[group]
+    sizes = total[keep]
+    row_start = np.r_[0, np.cumsum(sizes)[:-1]]
+    where = np.zeros(len(rows), np.int64)
+    where[keep] = row_start
+    literal = keep[np.cumsum(np.r_[True, brow[1:] != brow[:-1]]) - 1]
+    blob = _assemble(zrun[sel], nzrun[sel], zlen[sel], nzlen[sel], d_before[sel] + where[group[sel]],
+                     new[brow[literal], pos[literal]], int(sizes.sum()))
+    for r, at, size in zip(rows[keep].tolist(), row_start.tolist(), sizes.tolist(), strict=True):
+        out[r] = blob[at:at + size]
+    return out
+
+
 def _uleb(data: bytes, i: int) -> tuple[int, int]:
     """(value, bytes used) of the uleb128 at data[i]; the caller checked 2 bytes are there."""
     first = data[i]
@@ -291,6 +349,64 @@ class XbzrleEncoder:
             return WHOLE, sent
         self.stats.bytes += idstr_len + RECORD_HEADER + len(encoded)
         return DELTA, encoded
+
+    def batch(self, addrs: np.ndarray, pages: np.ndarray, age: int, last_stage: bool) -> list[tuple[int, object]]:
+        """page() for a batch: `addrs` the ram_addrs of the rows of `pages`
+        (guest RAM). Same results, in order, as page() one by one; pages that
+        share a cache slot are taken in turns so that order holds."""
+        out: list[tuple[int, object]] = [(SKIP, None)] * len(addrs)
+        slots = (addrs.astype(np.int64) // PAGE_SIZE) & (self.cache.slots - 1)
+        order = np.argsort(slots, kind="stable")
+        ordered = slots[order]
+        head = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        turn = np.empty(len(order), np.int64)
+        turn[order] = np.arange(len(order)) - np.repeat(head, np.diff(np.r_[head, len(order)]))
+        for t in range(int(turn.max()) + 1 if len(turn) else 0):
+            idx = np.flatnonzero(turn == t)
+            self._unique_slots(idx, addrs[idx].astype(np.int64), slots[idx], pages, age, last_stage, out)
+        return out
+
+    def _unique_slots(self, idx: np.ndarray, addrs: np.ndarray, slots: np.ndarray, pages: np.ndarray,
+                      age: int, last_stage: bool, out: list) -> None:
+        cache, stats = self.cache, self.stats
+        hit = cache.addr[slots] == addrs
+        cache.age[slots[hit]] = age
+        miss = np.flatnonzero(~hit)
+        stats.cache_miss += len(miss)
+        if len(miss):
+            s = slots[miss]
+            free = ~((cache.addr[s] != -1) & (cache.age[s].astype(np.int64) + CACHED_PAGE_LIFETIME > age))
+            if last_stage:
+                free[:] = False
+            ins = miss[free]
+            cache.data[slots[ins]] = pages[idx[ins]]
+            cache.addr[slots[ins]] = addrs[ins]
+            cache.age[slots[ins]] = age
+            for i, slot in zip(idx[ins].tolist(), slots[ins].tolist(), strict=True):
+                out[i] = (WHOLE, cache.data[slot])
+            for i in idx[miss[~free]].tolist():
+                out[i] = (WHOLE, pages[i])
+        hits = np.flatnonzero(hit)
+        if not len(hits):
+            return
+        stats.pages += len(hits)
+        s = slots[hits]
+        current = pages[idx[hits]]  # a copy: the guest may write on while we encode
+        encoded = encode_batch(cache.data[s], current)
+        for j, (i, enc) in enumerate(zip(idx[hits].tolist(), encoded, strict=True)):
+            if enc == b"":
+                continue
+            sent = current[j]
+            if not last_stage:
+                cache.data[s[j]] = current[j]
+                sent = cache.data[s[j]]
+            if enc is None:
+                stats.overflow += 1
+                stats.bytes += PAGE_SIZE
+                out[i] = (WHOLE, sent)
+            else:
+                stats.bytes += RECORD_HEADER + len(enc)
+                out[i] = (DELTA, enc)
 
     def zero_page(self, addr: int, age: int) -> None:
         """A zero page was sent: refresh its slot so no stale copy stays behind."""

@@ -415,3 +415,52 @@ def test_qemu_xbzrle_stream_decodes_and_our_encoder_matches_it(tmp_path):
     # QEMU's byte count is the records' bodies (no header; these are all CONTINUE)
     assert cache["overflow"] > 0 and len(records) >= 10, (cache, len(records), r)
     assert cache["bytes"] >= sum(3 + len(d) for _, _, d in records) + PAGE * cache["overflow"]
+
+
+def test_encode_batch_equals_encode_row_by_row():
+    rng = np.random.default_rng(9)
+    for trial in range(40):
+        k = int(rng.integers(1, 40))
+        old = rng.integers(0, 4 if trial % 3 == 0 else 256, (k, PAGE), dtype=np.uint8)
+        new = old.copy()
+        for i in range(k):
+            mode = int(rng.integers(0, 5))
+            if mode == 1:
+                s = int(rng.integers(0, PAGE - 64))
+                new[i, s:s + 64] ^= 1
+            elif mode == 2:
+                new[i] = rng.integers(0, 4, PAGE, dtype=np.uint8)
+            elif mode == 3:
+                new[i, 0] ^= 1
+                new[i, -1] ^= 1
+            elif mode == 4:
+                new[i, rng.random(PAGE) < rng.random()] ^= 0xFF
+        assert xbzrle.encode_batch(old, new) == [xbzrle.encode(old[i], new[i]) for i in range(k)]
+
+
+def test_encoder_batch_equals_page_by_page():
+    """Cache slots shared within a batch (a 8-slot cache over 64 pages),
+    misses, hits, skips, overflows and the last stage: the batch gives what
+    page() gives one page at a time, stats and cache included."""
+    rng = np.random.default_rng(12)
+    ram = rng.integers(0, 256, (64, PAGE), dtype=np.uint8)
+    one, many = XbzrleEncoder(8 * PAGE), XbzrleEncoder(8 * PAGE)
+    for age in range(1, 9):
+        touched = np.sort(rng.choice(64, 24, replace=False))
+        for i in touched[::3]:
+            ram[i, rng.integers(0, 4000):][:50] ^= 7
+        for i in touched[1::5]:
+            ram[i] = rng.integers(0, 256, PAGE, dtype=np.uint8)
+        last = age == 8
+        addrs = touched * PAGE
+        expect = [one.page(int(a), ram[i], age, last) for a, i in zip(addrs, touched, strict=True)]
+        got = many.batch(addrs, ram[touched], age, last)
+        for (k1, p1), (k2, p2) in zip(expect, got, strict=True):
+            assert k1 == k2
+            if k1 == WHOLE:
+                assert np.array_equal(p1, p2)
+            else:
+                assert p1 == p2
+        assert one.stats == many.stats
+        assert np.array_equal(one.cache.data, many.cache.data) and np.array_equal(one.cache.addr, many.cache.addr)
+    assert one.stats.pages and one.stats.cache_miss and one.stats.overflow
