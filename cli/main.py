@@ -4,20 +4,22 @@ speaks QMP to its monitor, the same path any QMP client takes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 
 import click
 
-from livemig.actors.host import HostSpec, run_host
+from livemig.actors.host import HostSpec, default_qmp, host_dir, run_host, runtime_root
 from livemig.cli.progress import follow, print_summary
-from livemig.cli.qmp_client import connect
+from livemig.cli.qmp_client import Qmp, connect
 from livemig.cli.stream import stream
 from livemig.machine.disk import DriveSpec
 from livemig.machine.profile import PROFILES, profile
 from livemig.machine.ram import FILLS
 from livemig.machine.workload import WorkloadSpec
+from livemig.protocol import units
 from livemig.protocol.units import parse_size
 
 
@@ -52,13 +54,30 @@ def device_arg(_ctx, _param, values):
     return devices
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.version_option(package_name="livemig", message="livemig %(version)s (QEMU savevm stream v3)")
+@click.option("-v", "--verbose", count=True,
+              help="More log output: -v for INFO, -vv for DEBUG (hosts started from here too).")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False),
+              help="Log level of this command and of the hosts it starts (default: $LIVEMIG_LOG or WARNING).")
+def main(verbose: int, log_level: str | None) -> None:
     """livemig: live migration of running VM-like guests between hosts.
 
     Start a host with `livemig host`, migrate its guest with `livemig migrate`,
-    or see the whole thing with `livemig demo`.
+    or see the whole thing with `livemig demo`. Environment: LIVEMIG_HOST (the
+    default -H), LIVEMIG_RUNDIR (where hosts keep their sockets), LIVEMIG_LOG
+    (log level).
     """
+    level = log_level or (LOG_LEVELS[max(0, 2 - verbose)] if verbose else os.environ.get("LIVEMIG_LOG"))
+    if level:
+        os.environ["LIVEMIG_LOG"] = level.upper()  # the actors of a host read it
+    level = (level or "WARNING").upper()
+    logging.basicConfig(level=level, format="%(levelname)s %(message)s")
+    if level != "DEBUG":  # qemu.qmp logs every refused connection; our errors say it once
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 @main.command()
@@ -73,9 +92,11 @@ def main() -> None:
 @click.option("--fill", type=click.Choice(FILLS), default="zero", show_default=True,
               help="Initial RAM: zero, random (incompressible) or half (odd pages zero).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fill and the workload.")
-@click.option("--vcpus", type=click.IntRange(0, 64), show_default="1; none has no vCPU")
+@click.option("--vcpus", type=click.IntRange(0, 64), show_default="1; none has no vCPU",
+              help="Number of vCPU processes running the workload (0 only with --machine none).")
 @click.option("--workload", show_default="idle",
-              help="idle | memtouch:rate=R,wss=S | stream:rate=R (R in bytes/s, S in bytes).")
+              help="idle | memtouch:rate=R,wss=S | stream:rate=R | diskwrite:iops=N,size=S | kv:rate=N "
+                   "(R in bytes/s, kv's in steps/s; S in bytes; diskwrite and kv need --drive).")
 @click.option("--incoming", metavar="URI|defer", help="Wait for an incoming migration on URI.")
 @click.option("-S", "paused", is_flag=True, help="Do not start the guest (stay in prelaunch).")
 @click.option("--qmp", "qmp", multiple=True, metavar="unix:PATH|tcp:HOST:PORT",
@@ -133,18 +154,66 @@ def host(name, machine, ram, ram_block, fill, seed, vcpus, workload, incoming, p
     sys.exit(code)
 
 
+def speed_value(text: str) -> int:
+    """SPEED as set-speed and migrate --bandwidth take it: bytes/s, K/M/G suffixes, 0 = unlimited."""
+    try:
+        value = parse_size(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if value == 0 and parse_size(text, 10) != 0:  # '0.5' is not 0: refuse it rather than unlimit
+        raise click.BadParameter(f"{text!r} is less than one byte/s (0 means unlimited; "
+                                 "suffixes K, M, G)")
+    return value
+
+
+def downtime_value(text: str) -> int:
+    """DOWNTIME in ms: a bare number is ms, as virsh's migrate-setmaxdowntime takes it;
+    or with a unit, as QEMU's HMP takes it: 300ms, 0.3s, 300000us."""
+    t = text.strip().lower()
+    try:
+        seconds = units.parse_seconds(t) if t[-1:].isalpha() else float(t) / 1000
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if seconds < 0 or seconds != seconds:
+        raise click.BadParameter(f"downtime must not be negative: {text!r}")
+    ms = seconds * 1000
+    if abs(ms - round(ms)) > 1e-6:
+        raise click.BadParameter(f"{text!r} is not a whole number of milliseconds")
+    return int(round(ms))
+
+
+SPEED_HELP = "bytes/s with K/M/G suffixes (a bare number is bytes/s); 0 = unlimited"
+DOWNTIME_HELP = "a bare number is milliseconds (as virsh's migrate-setmaxdowntime); or 300ms, 0.3s"
+
+
 @main.command()
 @click.argument("uri")
 @click.option("-d", "--detach", is_flag=True, help="Return at once instead of showing progress.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final query-migrate as JSON.")
-@click.option("--timeout", type=float, default=3600, show_default=True, help="Give up waiting after this long.")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=3600, show_default=True,
+              metavar="SECONDS", help="Give up waiting after this many seconds (the migration goes on).")
+@click.option("--blk", is_flag=True, help="Block migration: copy whole disks with the RAM (QMP blk).")
+@click.option("--inc", is_flag=True,
+              help="Incremental block migration: copy only what the top image allocates over a "
+                   "shared backing file (QMP inc).")
+@click.option("--bandwidth", metavar="SPEED", help=f"Set max-bandwidth first: {SPEED_HELP}.")
+@click.option("--downtime", metavar="DOWNTIME", help=f"Set downtime-limit first: {DOWNTIME_HELP}.")
 @monitor_option
-def migrate(uri, detach, as_json, timeout, host, qmp) -> None:
+def migrate(uri, detach, as_json, timeout, blk, inc, bandwidth, downtime, host, qmp) -> None:
     """Migrate the host's guest to URI: tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N, file:PATH."""
+    params = {}
+    if bandwidth is not None:
+        params["max-bandwidth"] = speed_value(bandwidth)
+    if downtime is not None:
+        params["downtime-limit"] = downtime_value(downtime)
+    args = {"uri": uri, **({"blk": True} if blk else {}), **({"inc": True} if inc else {})}
     mon = connect(host, qmp)
     try:
-        mon("migrate", uri=uri)
+        if params:
+            mon("migrate-set-parameters", **params)
+        mon("migrate", **args)
         if detach:
+            click.echo(f"migration to {uri} started; `livemig info -H {host}` follows it")
             return
         info = follow(mon, timeout, quiet=as_json)
     finally:
@@ -158,7 +227,9 @@ def migrate(uri, detach, as_json, timeout, host, qmp) -> None:
 
 
 @main.command()
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print query-status, query-migrate, query-migrate-parameters and the capabilities "
+                   "as one JSON object.")
 @monitor_option
 def info(as_json, host, qmp) -> None:
     """Run state, migration status and statistics, parameters."""
@@ -182,42 +253,101 @@ def info(as_json, host, qmp) -> None:
     click.echo(f"max-bandwidth: {params['max-bandwidth']} bytes/s, downtime-limit: {params['downtime-limit']} ms")
 
 
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per host, in a list.")
+def list_hosts(as_json) -> None:
+    """The hosts in the run directory: name, guest, run state, migration status."""
+    rows = [host_row(name) for name in sorted(os.listdir(runtime_root()))
+            if os.path.isdir(host_dir(name))] if os.path.isdir(runtime_root()) else []
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo(f"no hosts in {runtime_root()}")
+        return
+    width = {k: max(len(k), *(len(r[k]) for r in rows)) for k in ("name", "state", "migration")}
+    for r in [{k: k.upper() for k in (*width, "guest")}, *rows]:
+        click.echo(" ".join(f"{r[k]:<{w}}" for k, w in width.items()) + f" {r['guest']}")
+
+
+def host_row(name: str) -> dict:
+    """One host of `livemig list`; a host that does not answer is shown as such."""
+    try:
+        mon = Qmp(default_qmp(name), timeout=2)
+    except click.ClickException:
+        return {"name": name, "state": "not running", "migration": "-", "guest": "-"}
+    try:
+        guest = mon("x-query-host")["guest"]
+        state = mon("query-status")["status"]
+        migration = mon("query-migrate").get("status", "none")
+    finally:
+        mon.close()
+    ram = sum(size for _block, size in guest["blocks"])
+    desc = f"{ram >> 20} MiB, {guest['vcpus']} vCPU, {guest['workload']}"
+    return {"name": name, "state": state, "migration": migration, "guest": desc}
+
+
+@main.command("quit")
+@monitor_option
+def quit_host(host, qmp) -> None:
+    """Stop the host and its guest (QMP quit)."""
+    mon = connect(host, qmp)
+    try:
+        mon("quit")
+    finally:
+        mon.close()
+    click.echo(f"host {host if qmp is None else qmp} quits")
+
+
 @main.command()
 @monitor_option
 def cancel(host, qmp) -> None:
     """Cancel the migration in progress (harmless when none runs)."""
     mon = connect(host, qmp)
     try:
+        before = mon("query-migrate").get("status")
         mon("migrate_cancel")
     finally:
         mon.close()
+    if before in ("setup", "active", "pre-switchover", "device", "postcopy-active"):
+        click.echo(f"migration cancel requested (it was {before})")
+    else:
+        click.echo("no migration in progress: nothing to cancel")
 
 
-@main.command("set-speed")
+@main.command("set-speed", context_settings={"ignore_unknown_options": True})
 @click.argument("speed")
 @monitor_option
 def set_speed(speed, host, qmp) -> None:
-    """Limit migration bandwidth to SPEED bytes/s (K/M/G suffixes; 0 = unlimited)."""
-    value = size_arg(None, None, speed)
+    """Limit migration bandwidth to SPEED: bytes/s with K/M/G suffixes
+    (a bare number is bytes/s, 1M = 1 MiB/s); 0 = unlimited."""
+    value = speed_value(speed)
     mon = connect(host, qmp)
     try:
         mon("migrate-set-parameters", **{"max-bandwidth": value})
     finally:
         mon.close()
+    click.echo(f"max-bandwidth: {value} bytes/s" + (" (unlimited)" if value == 0 else ""))
 
 
-@main.command("set-downtime")
-@click.argument("seconds", type=float)
+@main.command("set-downtime", context_settings={"ignore_unknown_options": True})
+@click.argument("downtime")
 @monitor_option
-def set_downtime(seconds, host, qmp) -> None:
-    """Allow the guest to be paused at most SECONDS at switchover."""
-    if seconds < 0:
-        raise click.BadParameter("must not be negative")
+def set_downtime(downtime, host, qmp) -> None:
+    """Allow the guest to be paused at most DOWNTIME at switchover: a bare number
+    is milliseconds (as virsh's migrate-setmaxdowntime takes it); or with a unit,
+    as QEMU's HMP takes it: 300ms, 0.3s."""
+    value = downtime_value(downtime)
     mon = connect(host, qmp)
     try:
-        mon("migrate-set-parameters", **{"downtime-limit": int(round(seconds * 1000))})
+        mon("migrate-set-parameters", **{"downtime-limit": value})
     finally:
         mon.close()
+    click.echo(f"downtime-limit: {value} ms")
+
+
+# What QEMU's human monitor prints when a command failed (it exits 0; we do not).
+HMP_ERRORS = ("unknown command:", "Error:")
 
 
 @main.command()
@@ -227,19 +357,24 @@ def hmp(line, host, qmp) -> None:
     """Run one human monitor (HMP) command LINE, such as 'info migrate'.
 
     'help' lists the commands. Without -d, 'migrate URI' returns only when the
-    migration has ended, as QEMU's monitor does."""
+    migration has ended, as QEMU's monitor does. Exits 1 when the command
+    failed (unknown command, bad arguments, an error)."""
     mon = connect(host, qmp)
     try:
         out = mon("human-monitor-command", **{"command-line": line})
     finally:
         mon.close()
-    click.echo(out, nl=False)
+    failed = out.startswith(HMP_ERRORS) or 'Try "help' in out
+    click.echo(out.replace("\r\n", "\n"), nl=False, err=failed)
+    if failed:
+        sys.exit(1)
 
 
 @main.command()
 @click.argument("endpoint", required=False)
 @click.option("--count", type=int, default=0, help="Stop after this many events (0: never).")
-@click.option("--timeout", type=float, default=0, help="Stop after this many seconds (0: never).")
+@click.option("--timeout", type=float, default=0, metavar="SECONDS",
+              help="Stop after this many seconds (0: never).")
 @monitor_option
 def events(endpoint, count, timeout, host, qmp) -> None:
     """Print a host's events as JSON lines (ENDPOINT: its ZeroMQ PUB socket)."""
@@ -281,8 +416,10 @@ def events(endpoint, count, timeout, host, qmp) -> None:
 @click.option("--ram", default="256M", show_default=True, callback=size_arg, help="Guest RAM size.")
 @click.option("--workload", default=None, help="Workload spec (default: memtouch that converges).")
 @click.option("--uri", default=None, help="Migration URI (default: tcp on a free loopback port).")
-@click.option("--seed", type=int, default=42, show_default=True)
-@click.option("--vcpus", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True,
+              help="Seed of the guest's fill and workload (the replay uses the same).")
+@click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Number of vCPU processes running the workload.")
 @click.option("--disk", is_flag=True, help="Give the guest a shared qcow2 disk and a diskwrite workload.")
 @click.option("--keep", type=click.Path(file_okay=False), help="Leave the disk and its replay image in this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -358,4 +495,4 @@ def bench(quick, out, repeat, sections) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="livemig")
