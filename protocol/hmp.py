@@ -10,7 +10,7 @@ import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from livemig.actors.coordinator.commands import END_STATES, MIGRATION_STATUSES
+from livemig.machine.runstate import MIGRATION_END, MigrationStatus
 from livemig.protocol import units
 from livemig.protocol.rpc import ActorError
 
@@ -270,7 +270,7 @@ async def hmp_migrate(q: Execute, a: dict) -> str:
         return ""
     # Suspend only this client (its session runs one command at a time): poll from here,
     # so that the coordinator is never held by a request that lasts as long as the migration.
-    while (info := await q("query-migrate", {})).get("status") not in END_STATES:
+    while (info := await q("query-migrate", {})).get("status") not in MIGRATION_END:
         await asyncio.sleep(POLL)
     return f"{info['error-desc']}\n" if info["status"] != "completed" and info.get("error-desc") else ""
 
@@ -292,7 +292,7 @@ async def hmp_migrate_incoming(q: Execute, a: dict) -> str:
 @hmp("migrate_continue", "state")
 async def hmp_migrate_continue(q: Execute, a: dict) -> str:
     """let a migration paused in STATE (pre-switchover) continue"""
-    if a["state"] not in MIGRATION_STATUSES:
+    if a["state"] not in set(MigrationStatus):
         raise ActorError(f"invalid parameter value: {a['state']}")
     await q("migrate-continue", {"state": a["state"]})
     return ""

@@ -22,6 +22,12 @@ from qemu.qmp import QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from livemig.actors.host import qmp_address
+from livemig.machine.runstate import (
+    MIGRATION_END,
+    MigrationStatus,
+    StateError,
+    check_migration_transition,
+)
 from livemig.protocol import events as ev
 from livemig.tools.launch import free_port
 from tests.conftest import guest_args
@@ -389,3 +395,16 @@ def test_cancel_refused_second_migrate_and_pause_before_switchover(hosts, tmp_pa
         assert (tmp_path / "guest.mig").read_bytes()[:8] == b"QEVM\0\0\0\3"
     finally:
         mon.close()
+
+
+def test_migration_status_transitions_are_guarded():
+    M = MigrationStatus
+    path = [M.NONE, M.SETUP, M.ACTIVE, M.PRE_SWITCHOVER, M.DEVICE, M.COMPLETED]
+    for old, new in zip(path, path[1:], strict=False):
+        check_migration_transition(old, new)
+    check_migration_transition(M.FAILED, M.FAILED)  # reported twice: harmless
+    for old, new in ((M.COMPLETED, M.ACTIVE), (M.CANCELLED, M.FAILED), (M.NONE, M.COMPLETED),
+                     (M.CANCELLING, M.ACTIVE)):
+        with pytest.raises(StateError, match=f"from {old.value} to {new.value}"):
+            check_migration_transition(old, new)
+    assert {s for s in M if s.ended} == MIGRATION_END == {"completed", "failed", "cancelled"}

@@ -13,16 +13,11 @@ import typing
 from collections.abc import Callable
 
 from livemig.actors.base import ActorError, log
-from livemig.machine.runstate import RunState, StateError
+from livemig.machine.runstate import MigrationStatus, RunState, StateError
 from livemig.protocol import events as ev
 from livemig.protocol.transport import TransportError, parse_uri
 
 MAX_DOWNTIME_MS = 2_000_000
-END_STATES = ("completed", "failed", "cancelled")
-# QEMU's MigrationStatus: what migrate-continue may name.
-MIGRATION_STATUSES = ("none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
-                      "postcopy-paused", "postcopy-recover", "completed", "failed", "colo",
-                      "pre-switchover", "device", "wait-unplug")
 # MigrationStats members that QEMU always reports; the engine fills what it measures.
 RAM_STATS = ("transferred", "remaining", "total", "duplicate", "skipped", "normal", "normal-bytes",
              "dirty-pages-rate", "mbps", "dirty-sync-count", "postcopy-requests", "page-size",
@@ -166,7 +161,7 @@ class Commands:
     def migrating(self) -> bool:
         """An outgoing migration runs and has not reached its end status yet (after it,
         its task may still be tidying up: a cancel must not interrupt that)."""
-        return self.task is not None and not self.task.done() and self.mig.status not in END_STATES
+        return self.task is not None and not self.task.done() and not self.mig.status.ended
 
     async def pause_before_switchover(self) -> None:
         """With pause-before-switchover on: wait in pre-switchover, guest stopped,
@@ -175,11 +170,11 @@ class Commands:
             return
         self.switchover_gate = asyncio.Event()
         try:
-            self.set_status("pre-switchover")
+            self.set_status(MigrationStatus.PRE_SWITCHOVER)
             await self.switchover_gate.wait()
         finally:
             self.switchover_gate = None
-        self.set_status("device")
+        self.set_status(MigrationStatus.DEVICE)
 
     @command("query-status")
     async def cmd_query_status(self) -> dict:
@@ -199,7 +194,7 @@ class Commands:
         if self.runstate is RunState.INMIGRATE:
             raise ActorError("Guest is waiting for an incoming migration")
         if self.runstate is RunState.FINISH_MIGRATE or (self.task and not self.task.done()
-                                                         and self.mig.status != "active"):
+                                                         and self.mig.status is not MigrationStatus.ACTIVE):
             raise ActorError("Migration is not finished yet")
         if self.runstate is not RunState.RUNNING:
             await self.set_running(True)
@@ -220,7 +215,7 @@ class Commands:
         if self.task is not None and not self.task.done():
             # It has ended and is tidying up (resuming the guest): a new one waits for that.
             await asyncio.wait([self.task], timeout=60)
-        if self.mig.incoming and self.mig.status in ("setup", "active"):
+        if self.mig.incoming and self.mig.status in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
             raise ActorError("Guest is waiting for an incoming migration")
         if self.runstate is RunState.INMIGRATE:
             raise ActorError("Guest is waiting for an incoming migration")
@@ -240,7 +235,7 @@ class Commands:
         as QEMU does by default; livemig stays up by default."""
         if self.runstate is not RunState.INMIGRATE:
             raise ActorError("'-incoming' was not specified on the command line")
-        if self.mig.incoming and self.mig.status in ("setup", "active"):
+        if self.mig.incoming and self.mig.status in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
             raise ActorError("The incoming migration has already been started")
         self.exit_on_error = bool(exit_on_error)
         await self.start_incoming(uri)
@@ -249,18 +244,18 @@ class Commands:
     @command("migrate_cancel")
     async def cmd_migrate_cancel(self) -> dict:
         """Cancel the current outgoing migration; harmless when none runs."""
-        if self.migrating() and self.mig.status != "cancelling" and not self.mig.committed:
-            self.set_status("cancelling")
+        if self.migrating() and self.mig.status is not MigrationStatus.CANCELLING and not self.mig.committed:
+            self.set_status(MigrationStatus.CANCELLING)
             self.task.cancel()
         return {}
 
     @command("migrate-continue")
     async def cmd_migrate_continue(self, state: str) -> dict:
         """Let a migration paused in STATE (pre-switchover) go on."""
-        if state not in MIGRATION_STATUSES:
+        if state not in set(MigrationStatus):
             raise ActorError(f"Parameter 'state' does not accept value '{state}'")
         if self.mig.status != state or self.switchover_gate is None:
-            raise ActorError(f"Migration not in expected state: {self.mig.status}")
+            raise ActorError(f"Migration not in expected state: {self.mig.status.value}")
         self.switchover_gate.set()
         return {}
 

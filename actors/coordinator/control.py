@@ -20,7 +20,7 @@ from livemig.actors.coordinator.outgoing import Outgoing
 from livemig.actors.coordinator.state import MigrationState
 from livemig.machine.profile import profile
 from livemig.machine.ram import GuestRam
-from livemig.machine.runstate import RunState, StateError, check_transition
+from livemig.machine.runstate import MigrationStatus, RunState, StateError, check_transition
 from livemig.protocol import events as ev
 from livemig.protocol.messages import Message
 
@@ -85,9 +85,9 @@ class Coordinator(Commands, Outgoing, Incoming, Faults):
                 "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}, "qmp": qmp}
         self.pub.send_multipart([ev.topic(event), msgpack.packb(body)])
 
-    def set_status(self, status: str) -> None:
-        self.mig.status = status
-        self.publish(ev.MIGRATION, {"status": status}, qmp=self.capabilities["events"])
+    def set_status(self, status: MigrationStatus) -> None:
+        self.mig.set(status)
+        self.publish(ev.MIGRATION, {"status": status.value}, qmp=self.capabilities["events"])
 
     # run state -----------------------------------------------------------------
     def set_runstate(self, new: RunState) -> None:
@@ -120,10 +120,10 @@ class Coordinator(Commands, Outgoing, Incoming, Faults):
         if actor in MIGRATION_ACTORS and self.task is not None and not self.task.done():
             self.actor_failure = desc
             self.task.cancel()
-        if actor == "receiver" and self.mig.incoming and self.mig.status in ("setup", "active"):
+        if actor == "receiver" and self.mig.incoming and self.mig.status in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
             self.mig.error = f"incoming migration failed: {desc}"
             self.mig.end = time.monotonic()
-            self.set_status("failed")
+            self.set_status(MigrationStatus.FAILED)
         peer = {"writer": self.writer, "ram_sender": self.ram_sender,
                 "block_sender": self.block_sender, "receiver": self.receiver}.get(actor)
         if peer is not None:

@@ -9,7 +9,7 @@ import time
 from livemig.actors.base import ActorError, log
 from livemig.actors.coordinator.state import MigrationFailed, MigrationState
 from livemig.machine.ram import PAGE_SIZE
-from livemig.machine.runstate import RunState, StateError
+from livemig.machine.runstate import MigrationStatus, RunState, StateError
 from livemig.protocol import events as ev
 from livemig.protocol.devices import DIGEST_SECTION
 from livemig.protocol.messages import Message
@@ -22,17 +22,16 @@ class Incoming:
     async def on_receiver_notice(self, msg: Message) -> None:
         if msg.type == "started":
             self.mig.start = time.monotonic()
-            self.set_status("active")
+            self.set_status(MigrationStatus.ACTIVE)
             if not self.parameters["x-fault"].endswith(":slow"):
                 await asyncio.sleep(0.2)  # so that a fault strikes mid-stream
             await self.fault("incoming")
         elif msg.type == "failed":
-            self.mig.status = "failed" if self.mig.incoming or self.mig.status == "none" else self.mig.status
             self.mig.incoming = True
             self.mig.error = msg.data["desc"]
             self.mig.end = time.monotonic()
             log.warning("incoming migration failed: %s", msg.data["desc"])
-            self.set_status("failed")
+            self.set_status(MigrationStatus.FAILED)
             if self.exit_on_error:
                 self.stop_event.set()
         elif msg.type == "loaded":
@@ -63,7 +62,7 @@ class Incoming:
                     "skip_invalidate": self.capabilities["x-skip-invalidate"]}, timeout=60)
             if data.get("disk"):
                 self.mig.disk = data["disk"]
-            if self.mig.status != "active":
+            if self.mig.status is not MigrationStatus.ACTIVE:
                 raise MigrationFailed(self.mig.error or "incoming migration failed")
             # Everything that can fail is done: tell the source, and wait for its go-ahead.
             go = (await self.receiver.call("finish", {"rc": 0}, timeout=15)).data["result"]["go"]
@@ -72,7 +71,7 @@ class Incoming:
         except (ActorError, StateError, MigrationFailed) as exc:
             self.mig.error = f"cannot start the migrated guest: {exc}"
             self.mig.end = time.monotonic()
-            self.set_status("failed")
+            self.set_status(MigrationStatus.FAILED)
             try:
                 await self.receiver.call("finish", {"rc": 1, "desc": str(exc)}, timeout=5)
             except ActorError as cleanup:
@@ -88,7 +87,7 @@ class Incoming:
         else:
             self.set_runstate(RunState.PRELAUNCH if not self.cfg["autostart"] else RunState.PAUSED)
         self.mig.end = time.monotonic()
-        self.set_status("completed")
+        self.set_status(MigrationStatus.COMPLETED)
 
     async def start_incoming(self, uri: str) -> str:
         try:
@@ -97,12 +96,13 @@ class Incoming:
             raise ActorError(str(exc)) from None
         # The state first: the receiver may report "started" before it answers.
         self.mig = MigrationState(start=time.monotonic(), incoming=True)
-        self.mig.status = "setup"
-        self.publish(ev.MIGRATION, {"status": "setup"}, qmp=True)  # QEMU emits this one ungated
+        self.mig.set(MigrationStatus.SETUP)
+        self.publish(ev.MIGRATION, {"status": MigrationStatus.SETUP.value}, qmp=True)  # QEMU emits this one ungated
         try:
             reply = await self.receiver.call("listen", {"uri": uri, "timeout": self.parameters["x-transport-timeout"]})
         except ActorError as exc:
-            self.mig.status, self.mig.error = "failed", str(exc)
+            self.mig.set(MigrationStatus.FAILED)
+            self.mig.error = str(exc)
             raise
         self.incoming_uri = reply.data["result"]["uri"]
         return self.incoming_uri

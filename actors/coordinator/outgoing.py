@@ -16,7 +16,7 @@ from livemig.actors.coordinator.state import (
     MigrationState,
 )
 from livemig.machine.ram import PAGE_SIZE
-from livemig.machine.runstate import RunState
+from livemig.machine.runstate import MigrationStatus, RunState
 from livemig.protocol import events as ev
 from livemig.protocol import savevm
 from livemig.protocol.devices import (
@@ -80,7 +80,7 @@ class Outgoing:
             raise ActorError("block migration needs guest drives, and this guest has none")
         self.writer_failure = self.actor_failure = None
         self.mig = MigrationState(start=time.monotonic(), incremental=inc)
-        self.set_status("setup")
+        self.set_status(MigrationStatus.SETUP)
         self.task = asyncio.get_running_loop().create_task(self.migrate(uri, blk or inc))
 
     async def migrate(self, uri: str, blk: bool = False) -> None:
@@ -113,7 +113,7 @@ class Outgoing:
                             "dirty-sync-count": 1, "page-size": PAGE_SIZE})
             self.publish(ev.MIGRATION_PASS, {"pass": 1}, qmp=self.capabilities["events"])
             mig.setup_time = int((time.monotonic() - mig.start) * 1000)
-            self.set_status("active")
+            self.set_status(MigrationStatus.ACTIVE)
             await self.iterate(status["remaining"], blk)
 
             # Completion, with the guest stopped.
@@ -167,14 +167,14 @@ class Outgoing:
             mig.end = time.monotonic()
             mig.ram["remaining"] = 0
             self.set_runstate(RunState.POSTMIGRATE)
-            self.set_status("completed")
+            self.set_status(MigrationStatus.COMPLETED)
         except asyncio.CancelledError:
             if self.actor_failure:
-                await self.abandon(was_running and stopped, "failed", self.actor_failure, inactivated)
+                await self.abandon(was_running and stopped, MigrationStatus.FAILED, self.actor_failure, inactivated)
             else:
-                await self.abandon(was_running and stopped, "cancelled", "migration cancelled", inactivated)
+                await self.abandon(was_running and stopped, MigrationStatus.CANCELLED, "migration cancelled", inactivated)
         except (ActorError, MigrationFailed, OSError) as exc:
-            await self.abandon(was_running and stopped, "failed", str(exc), inactivated)
+            await self.abandon(was_running and stopped, MigrationStatus.FAILED, str(exc), inactivated)
 
     async def resume_after_failure(self) -> None:
         """Run the source guest again. Its images may still be held for a moment
@@ -315,11 +315,11 @@ class Outgoing:
         out += [savevm.eof(), savevm.vmdescription({"page_size": PAGE_SIZE, "devices": desc})]
         return out
 
-    async def abandon(self, resume: bool, status: str, desc: str, inactivated: bool = False) -> None:
+    async def abandon(self, resume: bool, status: MigrationStatus, desc: str, inactivated: bool = False) -> None:
         """Undo a migration that did not complete: the source guest runs on,
         with its images taken back -- unless the destination was already told
         to run it, in which case the source stays paused."""
-        log.warning("migration %s: %s", status, desc)
+        log.warning("migration %s: %s", status.value, desc)
         if self.mig.go_sent:
             resume = inactivated = False
             desc += "; the destination was told to run the guest, so the source stays paused"

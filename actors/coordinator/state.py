@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from livemig.machine.runstate import MigrationStatus, check_migration_transition
+
 # section ids: block, RAM, then the device sections in stream order
 SID_BLOCK, SID_RAM, SID_DEVICES = 1, 2, 3
 
@@ -15,7 +17,7 @@ class MigrationFailed(Exception):
 
 @dataclass
 class MigrationState:
-    status: str = "none"
+    status: MigrationStatus = MigrationStatus.NONE
     start: float = 0.0
     end: float = 0.0
     setup_time: int = 0
@@ -33,35 +35,39 @@ class MigrationState:
     # Milliseconds from the stop to each step of the switchover: where a downtime went.
     switchover: dict[str, int] = field(default_factory=dict)
 
+    def set(self, status: MigrationStatus) -> None:
+        check_migration_transition(self.status, status)
+        self.status = status
+
     def step(self, name: str, stop_at: float) -> None:
         self.switchover[name] = int((time.monotonic() - stop_at) * 1000)
 
     def info(self) -> dict:
-        if self.status == "none":
+        if self.status is MigrationStatus.NONE:
             return {}
-        out: dict = {"status": self.status}
+        out: dict = {"status": self.status.value}
         now = self.end or time.monotonic()
-        if self.status not in ("setup",) or self.ram:
+        if self.status is not MigrationStatus.SETUP or self.ram:
             out["ram"] = dict(self.ram)
         out["total-time"] = int((now - self.start) * 1000)
-        if self.status == "setup":
+        if self.status is MigrationStatus.SETUP:
             del out["total-time"]
         if self.disk:
             out["disk"] = dict(self.disk)
         if not self.incoming:
             out["setup-time"] = self.setup_time
-        if self.status == "active" and not self.incoming:
+        if self.status is MigrationStatus.ACTIVE and not self.incoming:
             out["expected-downtime"] = self.expected_downtime
-        if self.status == "completed" and not self.incoming:
+        if self.status is MigrationStatus.COMPLETED and not self.incoming:
             out["x-expected-downtime"] = self.expected_downtime  # the estimate the switchover went on
-        if self.status == "completed":
+        if self.status is MigrationStatus.COMPLETED:
             if self.downtime is not None:
                 out["downtime"] = self.downtime
             if self.guest_downtime is not None:
                 out["x-guest-downtime"] = self.guest_downtime
             if self.switchover:
                 out["x-switchover"] = dict(self.switchover)
-        if self.error and self.status in ("failed", "cancelled"):
+        if self.error and self.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
             out["error-desc"] = self.error
         return out
 
