@@ -2,9 +2,10 @@
 picks dirty pages within the byte budget it is granted, detects zero pages and
 hands page descriptors (never page data) to the transport writer.
 
-It is also the one producer on the writer's data socket, so that the bytes the
-coordinator wants on the wire (header, device sections, EOF) keep their place
-in the stream.
+The bytes the coordinator wants on the wire (header, device sections, EOF)
+go through it too, so that they keep their place after the pages queued
+before them; the block sender, the other producer on the writer's data
+socket, is kept in order by the coordinator waiting for its marks.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from livemig.actors.base import Client, HostConfig, Server, actor_main
 from livemig.machine.ram import PAGE_SIZE, GuestRam
 from livemig.protocol import savevm
 from livemig.protocol.messages import Message
+from livemig.protocol.ram import NORMAL_RECORD, ZERO_RECORD, ram_eos
 
 BATCH_PAGES = 2048
 # What one zero-page record costs on the wire; a normal page costs NORMAL_RECORD.
-ZERO_COST = savevm.ZERO_RECORD
-NORMAL_COST = savevm.NORMAL_RECORD
+ZERO_COST = ZERO_RECORD
+NORMAL_COST = NORMAL_RECORD
 
 
 class RamSender:
@@ -86,7 +88,7 @@ class RamSender:
         kind = savevm.SECTION_END if msg.data.get("end") else savevm.SECTION_PART
         self.emit(savevm.section_part(kind, msg.data["section_id"]))
         sent = self.send_pages(budget)
-        self.emit(savevm.ram_eos(), savevm.footer(msg.data["section_id"]))
+        self.emit(ram_eos(), savevm.footer(msg.data["section_id"]))
         out = self.status(sync=False)
         out.update(sent)
         out["mark"] = self.mark()

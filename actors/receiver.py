@@ -17,7 +17,7 @@ from livemig.block import BlockError, open_image
 from livemig.block.image import Image
 from livemig.machine.profile import profile
 from livemig.machine.ram import GuestRam
-from livemig.protocol import blockmig, savevm
+from livemig.protocol import blockmig, returnpath, savevm
 from livemig.protocol.devices import (
     DEVICES,
     DIGEST_SECTION,
@@ -27,6 +27,7 @@ from livemig.protocol.devices import (
     Device,
 )
 from livemig.protocol.messages import Message
+from livemig.protocol.ram import RamBlock, RamLoader
 from livemig.protocol.transport import Channel, Listener, TransportError, parse_uri
 
 
@@ -161,7 +162,7 @@ class Receiver:
         wanted = [*((VCPU_SECTION, SWITCHOVER_SECTION, DIGEST_SECTION) if self.profile.has_vcpus else ()),
                   *self.profile.devices]
         loaders = {name: loader_for(DEVICES[name]) for name in wanted}
-        blocks = [savevm.RamBlock(b.name, self.ram.block_pages(b)) for b in self.ram.blocks]
+        blocks = [RamBlock(b.name, self.ram.block_pages(b)) for b in self.ram.blocks]
         images: dict[str, Image] = {}
         block_loader = blockmig.BlockLoader(lambda name: self.block_target(name, images))
         self.source_listens = False
@@ -170,10 +171,10 @@ class Receiver:
             self.source_listens = True
 
         def pong(value: int) -> None:
-            channel.write(savevm.rp_message(savevm.RP_PONG, struct.pack(">I", value)))
+            channel.write(returnpath.pong(value))
 
         loader = savevm.StreamLoader(
-            savevm.RamLoader(blocks, zeroed=self.fresh), loaders, machine=self.cfg["guest"]["machine"],
+            RamLoader(blocks, zeroed=self.fresh), loaders, machine=self.cfg["guest"]["machine"],
             live={"block": block_loader}, on_return_path=listens,
             on_ping=pong if channel.has_return_path else None)
         self.fresh = False  # whatever happens to this stream, the RAM is no longer known zero
@@ -183,7 +184,7 @@ class Receiver:
             if channel.has_return_path:
                 channel.settimeout(5)
                 try:
-                    result.vmdesc = loader._trailer(reader)
+                    result.vmdesc = loader.trailer(reader)
                 finally:
                     channel.settimeout(None)
             if self.injected in ("fail", "reset"):
@@ -246,9 +247,8 @@ class Receiver:
         # Only a source that sent OPEN_RETURN_PATH reads answers (QEMU's is off by default).
         if not channel.has_return_path or not self.source_listens:
             return
-        body = struct.pack(">I", rc) + desc.encode()[:200]
         try:
-            channel.write(struct.pack(">HH", savevm.RP_SHUT, len(body)) + body)
+            channel.write(returnpath.shut(rc, desc))
         except OSError:
             pass
 

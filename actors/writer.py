@@ -8,7 +8,6 @@ write that is blocked on a stalled peer.
 
 from __future__ import annotations
 
-import struct
 import threading
 import time
 
@@ -17,9 +16,10 @@ import zmq
 
 from livemig.actors.base import ActorError, HostConfig, Notices, Server, actor_main
 from livemig.machine.ram import GuestRam
-from livemig.protocol import savevm
+from livemig.protocol import returnpath
 from livemig.protocol.devices import SWITCHOVER_GO
 from livemig.protocol.messages import Message
+from livemig.protocol.ram import PageEncoder, PageVectors
 from livemig.protocol.transport import Channel, TransportError, connect, parse_uri
 
 BATCH_PAGES = 512
@@ -33,7 +33,7 @@ class Writer:
         self.ctx = ctx
         self.cfg = cfg
         self.channel: Channel | None = None
-        self.encoder = savevm.PageEncoder(BATCH_PAGES)
+        self.encoder = PageEncoder(BATCH_PAGES)
         self.written = 0
         self.error: str | None = None
         self.lock = threading.Lock()
@@ -72,7 +72,7 @@ class Writer:
     def write(self, data) -> None:
         if self.error is not None or self.channel is None:
             return  # drop everything after a failure; the coordinator is told once
-        if isinstance(data, savevm.PageVectors):
+        if isinstance(data, PageVectors):
             self.written += self.channel.write_vectors(data.table)  # pages straight from guest RAM
         else:
             self.channel.write(data)
@@ -111,29 +111,18 @@ class Writer:
         if channel is None or not channel.has_return_path:
             raise ActorError("no return path on this channel")
         channel.settimeout(msg.data.get("timeout", 30))
-        header = bytearray()
         try:
-            while True:
-                while len(header) < 4:
-                    chunk = channel.sock.recv(4 - len(header))
-                    if not chunk:
-                        return {"shut": None, "desc": "destination closed the connection before it resumed"}
-                    header += chunk
-                mtype, length = struct.unpack(">HH", header)
-                body = b""
-                while len(body) < length:
-                    chunk = channel.sock.recv(length - len(body))
-                    if not chunk:
-                        return {"shut": None, "desc": "return path cut mid-message"}
-                    body += chunk
-                header.clear()
-                if mtype == savevm.RP_SHUT and length >= 4:
-                    return {"shut": struct.unpack(">I", body[:4])[0], "at": time.time(),
-                            "desc": body[4:].decode(errors="replace")}
+            shut = returnpath.read_shut(channel.sock.recv)
+        except returnpath.ReturnPathError as exc:
+            return {"shut": None, "desc": str(exc)}
         except TimeoutError:
             return {"shut": None, "desc": "destination did not answer on the return path in time"}
         except OSError as exc:
             return {"shut": None, "desc": f"return path failed: {exc.strerror or exc}"}
+        if shut is None:
+            return {"shut": None, "desc": "destination closed the connection before it resumed"}
+        rc, desc = shut
+        return {"shut": rc, "at": time.time(), "desc": desc}
 
     def on_confirm(self, _msg: Message) -> dict:
         """Tell a livemig destination that it may run the guest now."""

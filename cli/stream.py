@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from livemig.machine.ram import PAGE_SIZE
 from livemig.protocol import savevm
 from livemig.protocol.inspect import StreamInfo, scan
 
@@ -91,7 +92,7 @@ def _print(info: StreamInfo) -> None:
     blocks.add_column("bytes", justify="right")
     blocks.add_column("pages", justify="right")
     for name, size in info.ram_blocks:
-        blocks.add_row(name, str(size), str(size // savevm.PAGE_SIZE))
+        blocks.add_row(name, str(size), str(size // PAGE_SIZE))
     console.print(blocks)
     console.print(f"page records: {info.ram_pages.get('normal', 0)} normal, {info.ram_pages.get('zero', 0)} "
                   f"zero; EOF at offset {info.eof_offset}")

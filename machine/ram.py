@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
 FILLS = ("zero", "random", "half")
 _FILL_CHUNK = 16 << 20
 # Python 3.11's mmap module lacks these (Linux 5.14+); the values are the kernel's.

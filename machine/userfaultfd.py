@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from livemig.machine.ram import PAGE_SIZE
 
 NR_USERFAULTFD = 323  # x86_64
 USERFAULTFD_IOC_NEW = 0xAA00  # /dev/userfaultfd: _IO(0xAA, 0x00)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from livemig.machine.ram import PAGE_SIZE
 from livemig.protocol.units import parse_size
 
-PAGE_SIZE = 4096
 WORDS = PAGE_SIZE // 8
 GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

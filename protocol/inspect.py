@@ -5,9 +5,9 @@ request, the RAM it carries, one raw file per RAM block.
 FULL device sections are skipped with the field sizes that the vmdesc
 trailer gives (that is what the trailer is for), so a stream from a machine
 livemig cannot host still reads, as long as its trailer describes it. Devices
-livemig knows are decoded too. The receiver's codec (savevm.RamLoader,
-BufferedReader) does the reading, so what the tool accepts is what a livemig
-destination accepts, minus the machine check.
+livemig knows are decoded too. The receiver's codec (ram.RamLoader,
+savevm.BufferedReader) does the reading, so what the tool accepts is what
+a livemig destination accepts, minus the machine check.
 """
 
 from __future__ import annotations
@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from livemig.machine.ram import PAGE_SIZE
 from livemig.protocol import blockmig, savevm
 from livemig.protocol.devices import DEVICES
+from livemig.protocol.ram import RamBlock, RamLoader
 
 _TRAILER_HEAD = 5  # type byte + be32 length
 
@@ -147,7 +149,7 @@ class _Scanner:
         self.info = info
         self.ram_dir = ram_dir
         self.maps: list[np.memmap] = []
-        self.ram = savevm.RamLoader([], create_block=self.create_block)
+        self.ram = RamLoader([], create_block=self.create_block)
         self.devices: dict[tuple[str, int], dict] = {}
         if info.vmdesc is not None:
             for d in info.vmdesc.get("devices", []):
@@ -163,24 +165,24 @@ class _Scanner:
             self.info.drives.append(name)
         return blockmig.BlockTarget(1 << 62, lambda _o, _d: None, lambda _o, _n: None)
 
-    def create_block(self, name: str, length: int) -> savevm.RamBlock:
-        if length % savevm.PAGE_SIZE or length <= 0:
+    def create_block(self, name: str, length: int) -> RamBlock:
+        if length % PAGE_SIZE or length <= 0:
             raise savevm.StreamError(f"RAM block {name!r} of {length} bytes is not a whole number of pages")
         self.info.ram_blocks.append((name, length))
-        npages = length // savevm.PAGE_SIZE
+        npages = length // PAGE_SIZE
         if self.ram_dir is None:
             # Nothing to keep: every page lands on one scratch page (stride 0).
-            scratch = np.zeros(savevm.PAGE_SIZE, np.uint8)
-            pages = np.lib.stride_tricks.as_strided(scratch, (npages, savevm.PAGE_SIZE), (0, 1),
+            scratch = np.zeros(PAGE_SIZE, np.uint8)
+            pages = np.lib.stride_tricks.as_strided(scratch, (npages, PAGE_SIZE), (0, 1),
                                                     writeable=True)
         else:
             path = os.path.join(self.ram_dir, _block_file_name(name))
             with open(path, "wb") as f:
                 f.truncate(length)  # pages the stream never sends read as zero, as in a fresh guest
-            pages = np.memmap(path, np.uint8, "r+", shape=(npages, savevm.PAGE_SIZE))
+            pages = np.memmap(path, np.uint8, "r+", shape=(npages, PAGE_SIZE))
             self.maps.append(pages)
             self.info.ram_files[name] = path
-        return savevm.RamBlock(name, pages)
+        return RamBlock(name, pages)
 
     def scan(self, r: savevm.BufferedReader) -> None:
         info = self.info

@@ -21,9 +21,9 @@ from typing import Protocol
 import numpy as np
 import zstandard
 
+from livemig.machine.ram import PAGE_SIZE
 from livemig.protocol.transport import iovec_table
 
-PAGE_SIZE = 4096
 MAGIC = 0x11223344
 VERSION = 1
 FLAG_SYNC = 1 << 0

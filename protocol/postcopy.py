@@ -17,8 +17,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from livemig.protocol import savevm
-from livemig.protocol.savevm import PAGE_SIZE, StreamError
+from livemig.machine.ram import PAGE_SHIFT, PAGE_SIZE
+from livemig.protocol import returnpath, savevm
+from livemig.protocol.ram import (
+    NORMAL_DTYPE,
+    NORMAL_RECORD,
+    PAGE_MASK,
+    RAM_CONTINUE,
+    RAM_EOS,
+    RAM_KNOWN_FLAGS,
+    RAM_MEM_SIZE,
+    RAM_MULTIFD_FLUSH,
+    RAM_PAGE,
+    RAM_VERSION,
+    RAM_ZERO,
+)
+from livemig.protocol.savevm import StreamError
 
 CMD_ADVISE = 3
 CMD_LISTEN = 4
@@ -281,12 +295,12 @@ class IncomingPostcopy:
 def req_pages(start: int, length: int, block: str | None = None) -> bytes:
     """A page request: REQ_PAGES_ID names the block; REQ_PAGES means the same block as before."""
     if block is None:
-        return savevm.rp_message(RP_REQ_PAGES, _req.pack(start, length))
-    return savevm.rp_message(RP_REQ_PAGES_ID, _req.pack(start, length) + _name(block))
+        return returnpath.message(RP_REQ_PAGES, _req.pack(start, length))
+    return returnpath.message(RP_REQ_PAGES_ID, _req.pack(start, length) + _name(block))
 
 
 def resume_ack() -> bytes:
-    return savevm.rp_message(RP_RESUME_ACK, _be32.pack(RESUME_ACK_VALUE))
+    return returnpath.message(RP_RESUME_ACK, _be32.pack(RESUME_ACK_VALUE))
 
 
 def recv_bitmap_reply(block: str, received: np.ndarray) -> bytes:
@@ -294,7 +308,7 @@ def recv_bitmap_reply(block: str, received: np.ndarray) -> bytes:
     be64 size (a multiple of 8), the little-endian received bitmap, be64 ending."""
     bits = np.packbits(received.astype(np.bool_), bitorder="little").tobytes()
     bits += bytes(-len(bits) % 8)
-    return (savevm.rp_message(RP_RECV_BITMAP, _name(block))
+    return (returnpath.message(RP_RECV_BITMAP, _name(block))
             + _be64.pack(len(bits)) + bits + _be64.pack(RECV_BITMAP_ENDING))
 
 
@@ -358,7 +372,6 @@ class PageRequests:
 
 # --------------------------------------------------------------------------- pages while the guest runs here
 
-_NORMAL = np.dtype([("hdr", ">u8"), ("page", "u1", PAGE_SIZE)])
 Place = Callable[[str, np.ndarray, np.ndarray], None]
 """(block, page indexes, (n, PAGE_SIZE) rows): put these pages in place atomically."""
 PlaceZero = Callable[[str, np.ndarray], None]
@@ -387,24 +400,24 @@ class PostcopyRamLoader:
         return index
 
     def load(self, r: savevm.BufferedReader, version: int) -> None:
-        if version != savevm.RAM_VERSION:
-            raise StreamError(f"ram section version {version} unsupported (need {savevm.RAM_VERSION})")
+        if version != RAM_VERSION:
+            raise StreamError(f"ram section version {version} unsupported (need {RAM_VERSION})")
         while True:
             if self._bulk(r):
                 continue
             word = r.be64()
-            flags = word & savevm.PAGE_MASK
-            if flags & ~savevm.RAM_KNOWN_FLAGS:
+            flags = word & PAGE_MASK
+            if flags & ~RAM_KNOWN_FLAGS:
                 raise StreamError(f"unsupported RAM record flags {flags:#x}")
-            if flags & savevm.RAM_EOS:
+            if flags & RAM_EOS:
                 return
-            if flags & savevm.RAM_MULTIFD_FLUSH:
+            if flags & RAM_MULTIFD_FLUSH:
                 continue
-            if flags & savevm.RAM_MEM_SIZE:
+            if flags & RAM_MEM_SIZE:
                 raise StreamError("RAM block list (MEM_SIZE) after post-copy started")
-            if not flags & (savevm.RAM_PAGE | savevm.RAM_ZERO):
+            if not flags & (RAM_PAGE | RAM_ZERO):
                 raise StreamError(f"RAM record with flags {flags:#x} carries nothing")
-            if flags & savevm.RAM_CONTINUE:
+            if flags & RAM_CONTINUE:
                 if self.last is None:
                     raise StreamError("RAM page with CONTINUE but no previous block")
             else:
@@ -412,8 +425,8 @@ class PostcopyRamLoader:
                 if name not in self.pages:
                     raise StreamError(f"unknown RAM block {name!r}")
                 self.last = name
-            index = np.array([self._index(self.last, word >> savevm.PAGE_SHIFT)], np.int64)
-            if flags & savevm.RAM_PAGE:
+            index = np.array([self._index(self.last, word >> PAGE_SHIFT)], np.int64)
+            if flags & RAM_PAGE:
                 self.place(self.last, index, np.frombuffer(r.take(PAGE_SIZE), np.uint8).reshape(1, PAGE_SIZE))
                 self.normal += 1
             else:
@@ -428,22 +441,22 @@ class PostcopyRamLoader:
         """A run of CONTINUE full-page records in one call; False if the next record is not one."""
         if self.last is None:
             return False
-        if r.available() < savevm.NORMAL_RECORD:
+        if r.available() < NORMAL_RECORD:
             r.try_fill()
-            if r.available() < savevm.NORMAL_RECORD:
+            if r.available() < NORMAL_RECORD:
                 return False
-        flags = struct.unpack_from(">Q", r.buf, r.start)[0] & savevm.PAGE_MASK
-        if flags != savevm.RAM_PAGE | savevm.RAM_CONTINUE:
+        flags = struct.unpack_from(">Q", r.buf, r.start)[0] & PAGE_MASK
+        if flags != RAM_PAGE | RAM_CONTINUE:
             return False
-        n = r.available() // savevm.NORMAL_RECORD
-        recs = np.frombuffer(r.buf, _NORMAL, count=n, offset=r.start)
-        bad = np.flatnonzero((recs["hdr"] & np.uint64(savevm.PAGE_MASK)) != flags)
+        n = r.available() // NORMAL_RECORD
+        recs = np.frombuffer(r.buf, NORMAL_DTYPE, count=n, offset=r.start)
+        bad = np.flatnonzero((recs["hdr"] & np.uint64(PAGE_MASK)) != flags)
         if len(bad):
             recs = recs[:int(bad[0])]
-        index = (recs["hdr"] >> np.uint64(savevm.PAGE_SHIFT)).astype(np.int64)
+        index = (recs["hdr"] >> np.uint64(PAGE_SHIFT)).astype(np.int64)
         if int(index.max()) >= self.pages[self.last]:
             self._index(self.last, int(index.max()))
         self.place(self.last, index, recs["page"])
         self.normal += len(recs)
-        r.skip(len(recs) * savevm.NORMAL_RECORD)
+        r.skip(len(recs) * NORMAL_RECORD)
         return True

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 MAX_PENDING = 1 << 20  # an unfinished value larger than this is garbage
 MAX_DEPTH = 1024  # nesting limit, as QEMU's parser has
@@ -141,11 +140,6 @@ class JsonStream:
 
 def encode(obj: dict) -> bytes:
     return json.dumps(obj, separators=(", ", ": ")).encode() + b"\r\n"
-
-
-def timestamp() -> dict:
-    now = time.time()
-    return {"seconds": int(now), "microseconds": int(now % 1 * 1_000_000)}
 
 
 def greeting(version: tuple[int, int, int], package: str) -> dict:

@@ -7,16 +7,16 @@ handlers that the receiving actor registers with `StreamLoader`.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
+from livemig.machine.ram import PAGE_SHIFT, PAGE_SIZE
 
-from livemig.protocol.transport import iovec_table
+if TYPE_CHECKING:
+    from livemig.protocol.ram import RamLoader
 
 MAGIC = 0x5145564D  # "QEVM"
 VERSION = 3
@@ -47,28 +47,6 @@ COMMAND_NAMES = {1: "OPEN_RETURN_PATH", 2: "PING", 3: "POSTCOPY_ADVISE", 4: "POS
                  5: "POSTCOPY_RUN", 6: "POSTCOPY_RAM_DISCARD", 7: "PACKAGED", 8: "ENABLE_COLO",
                  9: "POSTCOPY_RESUME", 10: "RECV_BITMAP", 11: "SWITCHOVER_START"}
 
-# Return-path messages (destination -> source), be16 type + be16 length + data.
-RP_SHUT = 1
-RP_PONG = 2
-
-# RAM section ("ram", instance 0, version 4) record flags, in the low bits of a be64.
-RAM_VERSION = 4
-RAM_FULL = 0x01
-RAM_ZERO = 0x02
-RAM_MEM_SIZE = 0x04
-RAM_PAGE = 0x08
-RAM_EOS = 0x10
-RAM_CONTINUE = 0x20
-RAM_XBZRLE = 0x40
-RAM_HOOK = 0x80
-RAM_COMPRESS_PAGE = 0x100
-RAM_MULTIFD_FLUSH = 0x200
-RAM_KNOWN_FLAGS = RAM_ZERO | RAM_MEM_SIZE | RAM_PAGE | RAM_EOS | RAM_CONTINUE | RAM_MULTIFD_FLUSH
-
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
-PAGE_MASK = PAGE_SIZE - 1
-
 GLOBALSTATE_RUNSTATE_LEN = 100
 MAX_VMDESC = 16 << 20
 MAX_MACHINE_NAME = 256
@@ -81,7 +59,8 @@ class StreamError(ValueError):
     """A stream that is malformed or that this destination cannot accept."""
 
 
-def _idstr(name: str) -> bytes:
+def encode_idstr(name: str) -> bytes:
+    """A length-prefixed id string, as section headers and RAM records carry it."""
     raw = name.encode()
     if not 0 < len(raw) < 256:
         raise ValueError(f"id string {name!r} must be 1..255 bytes")
@@ -101,7 +80,7 @@ def configuration(machine: str) -> bytes:
 
 
 def section_start(kind: int, section_id: int, idstr: str, instance_id: int, version: int) -> bytes:
-    return (bytes([kind]) + _be32.pack(section_id) + _idstr(idstr)
+    return (bytes([kind]) + _be32.pack(section_id) + encode_idstr(idstr)
             + _be32.pack(instance_id) + _be32.pack(version))
 
 
@@ -121,11 +100,6 @@ def eof() -> bytes:
     return bytes([EOF])
 
 
-def rp_message(mtype: int, data: bytes = b"") -> bytes:
-    """A return-path message (destination -> source)."""
-    return struct.pack(">HH", mtype, len(data)) + data
-
-
 def vmdescription(desc: dict) -> bytes:
     """The JSON trailer. Padded so that no byte of its be32 length is '{':
     analyze-migration.py finds the JSON by searching for that byte."""
@@ -133,18 +107,6 @@ def vmdescription(desc: dict) -> bytes:
     while b"{" in _be32.pack(len(text)):
         text += b" "
     return bytes([VMDESCRIPTION]) + _be32.pack(len(text)) + text
-
-
-def ram_mem_size(blocks: list[tuple[str, int]]) -> bytes:
-    total = sum(size for _, size in blocks)
-    out = [_be64.pack(total | RAM_MEM_SIZE)]
-    for name, size in blocks:
-        out.append(_idstr(name) + _be64.pack(size))
-    return b"".join(out)
-
-
-def ram_eos() -> bytes:
-    return _be64.pack(RAM_EOS)
 
 
 def globalstate(runstate: str) -> bytes:
@@ -157,105 +119,6 @@ GLOBALSTATE_DESC = {
     "fields": [{"name": "size", "type": "uint32", "size": 4},
                {"name": "runstate", "type": "buffer", "size": GLOBALSTATE_RUNSTATE_LEN}],
 }
-
-# Copying page runs: up to this many runs, one slice copy each (memcpy speed);
-# beyond it one fancy-indexed copy. np.take into the strided record array is
-# the slowest of all (about a third of memcpy speed).
-MAX_RUNS = 32
-
-
-def copy_pages(dst: np.ndarray, dst_idx: np.ndarray | None, src: np.ndarray, src_idx: np.ndarray | None) -> None:
-    """dst[dst_idx] = src[src_idx] for (n, PAGE_SIZE) arrays, where exactly one
-    side is indexed (None: the whole other side, in order)."""
-    idx = src_idx if src_idx is not None else dst_idx
-    assert idx is not None
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    if len(breaks) >= MAX_RUNS:
-        if src_idx is not None:
-            dst[:] = src[src_idx]
-        else:
-            dst[dst_idx] = src
-        return
-    lo = 0
-    for hi in (*breaks.tolist(), len(idx)):
-        first = int(idx[lo])
-        if src_idx is not None:
-            dst[lo:hi] = src[first:first + hi - lo]
-        else:
-            dst[first:first + hi - lo] = src[lo:hi]
-        lo = hi
-
-
-_NORMAL = np.dtype([("hdr", ">u8"), ("page", "u1", PAGE_SIZE)])
-_ZERO = np.dtype([("hdr", ">u8"), ("fill", "u1")])
-NORMAL_RECORD = _NORMAL.itemsize
-ZERO_RECORD = _ZERO.itemsize
-
-
-class PageVectors:
-    """A run of full-page records as an iovec table: each record's header from
-    the encoder's header array, its page straight from guest RAM, so the
-    kernel copies pages to the socket without a copy of ours in between."""
-
-    def __init__(self, table: np.ndarray, ram: np.ndarray) -> None:
-        self.table = table
-        self.ram = ram  # the addresses point into it: keep it alive
-
-    def __bytes__(self) -> bytes:
-        return b"".join(ctypes.string_at(addr, n) for addr, n in self.table.tolist())
-
-
-class PageEncoder:
-    """Turns page indexes into RAM page records.
-
-    Records of one batch are grouped: full pages first, then zero pages, so that
-    the receiver sees long runs of same-sized records it can load in bulk.
-    The first record of a section for a block carries the block's idstr; later
-    ones set CONTINUE, as QEMU does.
-    """
-
-    def __init__(self, batch_pages: int) -> None:
-        self.headers = np.zeros(batch_pages, ">u8")
-        self.table = iovec_table(2 * batch_pages)
-        self.table[0::2, 0] = self.headers.ctypes.data + 8 * np.arange(batch_pages, dtype=np.uint64)
-        self.table[0::2, 1] = 8
-        self.table[1::2, 1] = PAGE_SIZE
-        self.zero = np.zeros(batch_pages, _ZERO)
-        self.last_block: str | None = None
-
-    def new_section(self) -> None:
-        self.last_block = None
-
-    def encode(self, block: str, pages: np.ndarray, block_pages: np.ndarray,
-               zero: np.ndarray) -> Iterator[PageVectors | memoryview | bytes]:
-        """`pages`: page indexes within `block_pages` (a (n, 4096) uint8 view of
-        guest RAM); `zero`: bool mask of pages found all-zero. Yields what to
-        write in order; each item stays valid only until the next is taken, as
-        the encoder's arrays are reused."""
-        if block_pages.strides != (PAGE_SIZE, 1):
-            raise ValueError("block_pages must be a contiguous (n, PAGE_SIZE) array")
-        step = len(self.headers)
-        for idx, kind in ((pages[~zero], RAM_PAGE), (pages[zero], RAM_ZERO)):
-            if not len(idx):
-                continue
-            if self.last_block != block:
-                # A record with the idstr, written on its own; the rest CONTINUE.
-                yield _be64.pack((int(idx[0]) << PAGE_SHIFT) | kind) + _idstr(block)
-                yield bytes(block_pages[idx[0]]) if kind == RAM_PAGE else b"\0"
-                self.last_block = block
-                idx = idx[1:]
-            flags = np.uint64(kind | RAM_CONTINUE)
-            for lo in range(0, len(idx), step):
-                chunk = idx[lo:lo + step].astype(np.uint64)
-                n = len(chunk)
-                if kind == RAM_PAGE:
-                    self.headers[:n] = (chunk << np.uint64(PAGE_SHIFT)) | flags
-                    self.table[1:2 * n:2, 0] = block_pages.ctypes.data + (chunk << np.uint64(PAGE_SHIFT))
-                    yield PageVectors(self.table[:2 * n], block_pages)
-                else:
-                    recs = self.zero[:n]
-                    recs["hdr"] = (chunk << np.uint64(PAGE_SHIFT)) | flags
-                    yield memoryview(recs).cast("B")
 
 
 # --------------------------------------------------------------------------- reading
@@ -341,228 +204,6 @@ class BufferedReader:
         except UnicodeDecodeError:
             raise StreamError(f"id string is not UTF-8: {raw!r}") from None
 
-
-@dataclass
-class RamBlock:
-    name: str
-    pages: np.ndarray  # (n, PAGE_SIZE) uint8 view of the block
-
-    @property
-    def size(self) -> int:
-        return self.pages.shape[0] * PAGE_SIZE
-
-
-@dataclass
-class RamLoadStats:
-    normal: int = 0
-    zero: int = 0
-    sections: int = 0
-
-
-def _beyond(block: RamBlock, page: int) -> StreamError:
-    return StreamError(f"RAM page offset {page << PAGE_SHIFT:#x} beyond block {block.name!r} of {block.size} bytes")
-
-
-class RamLoader:
-    """Loads the payload of "ram" sections (version 4) into local RAM blocks."""
-
-    def __init__(self, blocks: list[RamBlock],
-                 create_block: Callable[[str, int], RamBlock] | None = None, zeroed: bool = False) -> None:
-        """create_block: make a block the stream announces (tools that take any
-        stream). zeroed: the blocks are known to be all zero (a fresh
-        destination), so a zero page needs no write until a full page has
-        landed on it."""
-        self.create_block = create_block
-        self.blocks = {b.name: b for b in blocks}
-        self.order = [b.name for b in blocks]
-        self.last: RamBlock | None = None
-        self.sized = False
-        self.stats = RamLoadStats()
-        # Per block: True where the page is known zero. Writing zero pages over
-        # zero memory would cost a full pass over RAM for nothing.
-        self.known_zero = {b.name: np.ones(b.pages.shape[0], np.bool_) for b in blocks} if zeroed else None
-        self._steps = np.zeros(0, np.uint64)  # k << PAGE_SHIFT: the headers of a run of pages, less the first
-
-    def _block(self, r: BufferedReader, flags: int) -> RamBlock:
-        if flags & RAM_CONTINUE:
-            if self.last is None:
-                raise StreamError("RAM page with CONTINUE but no previous block")
-            return self.last
-        name = r.idstr()
-        block = self.blocks.get(name)
-        if block is None:
-            raise StreamError(f"unknown RAM block {name!r} (local blocks: {', '.join(self.order)})")
-        self.last = block
-        return block
-
-    def load(self, r: BufferedReader, version: int) -> None:
-        if version != RAM_VERSION:
-            raise StreamError(f"ram section version {version} unsupported (need {RAM_VERSION})")
-        self.stats.sections += 1
-        while True:
-            if self._bulk(r):
-                continue
-            word = r.be64()
-            flags = word & PAGE_MASK
-            addr = word & ~PAGE_MASK
-            if flags & ~RAM_KNOWN_FLAGS:
-                raise StreamError(f"unsupported RAM record flags {flags:#x}")
-            if flags & RAM_MEM_SIZE:
-                self._mem_size(r, addr)
-            elif flags & RAM_EOS:
-                return
-            elif flags & RAM_MULTIFD_FLUSH:
-                continue
-            elif flags & (RAM_PAGE | RAM_ZERO):
-                if not self.sized:
-                    raise StreamError("RAM page before the block list (MEM_SIZE)")
-                block = self._block(r, flags)
-                index = addr >> PAGE_SHIFT
-                if index >= block.pages.shape[0]:
-                    raise _beyond(block, index)
-                if flags & RAM_PAGE:
-                    block.pages[index] = np.frombuffer(r.take(PAGE_SIZE), np.uint8)
-                    self._landed(block, index)
-                    self.stats.normal += 1
-                else:
-                    fill = r.u8()
-                    known = self.known_zero.get(block.name) if self.known_zero is not None else None
-                    if fill or known is None or not known[index]:
-                        block.pages[index] = fill
-                        if fill:
-                            self._landed(block, index)
-                    self.stats.zero += 1
-            else:
-                raise StreamError(f"RAM record without a known type: flags {flags:#x}")
-
-    def _landed(self, block: RamBlock, index) -> None:
-        """Non-zero data was written to these pages of the block."""
-        known = self.known_zero.get(block.name) if self.known_zero is not None else None
-        if known is not None:
-            known[index] = False
-
-    def _mem_size(self, r: BufferedReader, total: int) -> None:
-        seen = 0
-        names = []
-        while seen < total:
-            name = r.idstr()
-            length = r.be64()
-            block = self.blocks.get(name)
-            if block is None and self.create_block is not None:
-                block = self.blocks[name] = self.create_block(name, length)
-                self.order.append(name)
-            if block is None:
-                raise StreamError(
-                    f"unknown RAM block {name!r} of {length} bytes, cannot accept migration "
-                    f"(local blocks: {', '.join(self.order)})")
-            if length != block.size:
-                raise StreamError(
-                    f"RAM block {name!r} has {length} bytes in the stream but {block.size} here")
-            names.append(name)
-            seen += length
-        if seen != total:
-            raise StreamError(f"RAM block sizes add up to {seen}, MEM_SIZE says {total}")
-        self.sized = True
-
-    def _contiguous(self, hdrs: np.ndarray, first: int) -> bool:
-        """The headers are `first`, then the same flags on each following page."""
-        n = len(hdrs)
-        if int(hdrs[n - 1]) != first + ((n - 1) << PAGE_SHIFT):
-            return False
-        if len(self._steps) < n:
-            self._steps = np.arange(n, dtype=np.uint64) << np.uint64(PAGE_SHIFT)
-        return bool(np.array_equal(hdrs, self._steps[:n] + np.uint64(first)))
-
-    def _bulk(self, r: BufferedReader) -> bool:
-        """Scatter a run of CONTINUE records of one size in one numpy step.
-        Returns False when the next record is not part of such a run."""
-        if self.last is None or r.available() < 8:
-            if r.available() < 8:
-                r.try_fill()
-            if self.last is None or r.available() < 8:
-                return False
-        word = _be64.unpack_from(r.buf, r.start)[0]
-        flags = word & PAGE_MASK
-        if flags == RAM_PAGE | RAM_CONTINUE:
-            dtype, size = _NORMAL, NORMAL_RECORD
-        elif flags == RAM_ZERO | RAM_CONTINUE:
-            dtype, size = _ZERO, ZERO_RECORD
-        else:
-            return False
-        if r.available() < size:
-            r.fill(size)
-        n = r.available() // size
-        recs = np.frombuffer(r.buf, dtype, count=n, offset=r.start)
-        hdrs = recs["hdr"]
-        if size == NORMAL_RECORD and self._contiguous(hdrs, word):
-            # The usual case: consecutive pages, one copy and no index arrays.
-            first = word >> PAGE_SHIFT
-            block = self.last
-            if first + n > block.pages.shape[0]:
-                raise _beyond(block, first + n - 1)
-            block.pages[first:first + n] = recs["page"]
-            if self.known_zero is not None:
-                self.known_zero[block.name][first:first + n] = False
-            self.stats.normal += n
-            r.skip(n * size)
-            return True
-        bad = np.flatnonzero((hdrs & PAGE_MASK) != flags)
-        if len(bad):
-            n = int(bad[0])
-            recs = recs[:n]
-            hdrs = hdrs[:n]
-        index = hdrs >> PAGE_SHIFT
-        pages = self.last.pages
-        if n and int(index.max()) >= pages.shape[0]:
-            raise _beyond(self.last, int(index.max()))
-        if size == NORMAL_RECORD:
-            copy_pages(pages, index, recs["page"], None)
-            self._landed(self.last, index)
-            self.stats.normal += n
-        else:
-            fills = recs["fill"]
-            if n and not fills.any():
-                known = self.known_zero.get(self.last.name) if self.known_zero is not None else None
-                if known is not None:
-                    index = index[~known[index]]
-                pages[index] = 0
-            else:
-                pages[index] = fills[:, None]
-                self._landed(self.last, index)
-            self.stats.zero += n
-        r.skip(n * size)
-        return n > 0
-
-
-class RamSkipper:
-    """Reads "ram" section records and drops them: for a stream that is being
-    refused anyway, so that the refusal can name the first unknown section."""
-
-    sized = True
-
-    def load(self, r: BufferedReader, version: int) -> None:
-        if version != RAM_VERSION:
-            raise StreamError(f"ram section version {version} unsupported (need {RAM_VERSION})")
-        while True:
-            word = r.be64()
-            flags = word & PAGE_MASK
-            if flags & ~RAM_KNOWN_FLAGS:
-                raise StreamError(f"unsupported RAM record flags {flags:#x}")
-            if flags & RAM_MEM_SIZE:
-                total, seen = word & ~PAGE_MASK, 0
-                for _ in range(1024):
-                    if seen >= total:
-                        break
-                    r.idstr()
-                    seen += r.be64()
-                else:
-                    raise StreamError("RAM block list too long")
-            elif flags & RAM_EOS:
-                return
-            elif flags & (RAM_PAGE | RAM_ZERO):
-                if not flags & RAM_CONTINUE:
-                    r.idstr()
-                r.take(PAGE_SIZE if flags & RAM_PAGE else 1)
 
 
 class LiveLoader(Protocol):
@@ -670,7 +311,7 @@ class StreamLoader:
         if self.ram is not None and not self.ram.sized:
             raise StreamError("stream ended without a RAM block list")
         if read_trailer:
-            result.vmdesc = self._trailer(r)
+            result.vmdesc = self.trailer(r)
         result.bytes = r.consumed
         return result
 
@@ -683,8 +324,8 @@ class StreamLoader:
             # first section this machine does not have, which says more.
             self.refusal = (f"configuration section: machine type received is {name!r} and local is "
                             f"{self.machine!r}; a {self.machine!r} guest cannot load that machine's sections")
-            if "ram" in self.live:
-                self.live["ram"] = RamSkipper()
+            if self.ram is not None:
+                self.live["ram"] = self.ram.skipper()
         return name
 
     def _command(self, r: BufferedReader, result: LoadResult) -> None:
@@ -715,7 +356,9 @@ class StreamLoader:
         if got != sid:
             raise StreamError(f"footer for section {got} where {sid} was expected")
 
-    def _trailer(self, r: BufferedReader) -> dict | None:
+    def trailer(self, r: BufferedReader) -> dict | None:
+        """The JSON trailer after EOF, or None if the stream ends there. For a
+        caller that loaded with read_trailer=False, to read it on its own terms."""
         try:
             kind = r.u8()
         except StreamError:

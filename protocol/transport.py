@@ -11,7 +11,6 @@ import ctypes
 import errno
 import os
 import select
-import shlex
 import signal
 import socket
 import stat
@@ -328,18 +327,6 @@ class Listener:
         except OSError as exc:
             raise TransportError(f"cannot accept on {self.uri}: {exc.strerror or exc}") from None
 
-    def refuse_pending(self) -> None:
-        """Refuse extra connections while a migration is in progress."""
-        if self.sock is None:
-            return
-        self.sock.settimeout(0)
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except (BlockingIOError, TimeoutError, OSError):
-                return
-            conn.close()
-
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
@@ -349,7 +336,3 @@ class Listener:
                     os.unlink(self.uri.target)
                 except OSError:
                     pass
-
-
-def quote(path: str) -> str:
-    return shlex.quote(path)

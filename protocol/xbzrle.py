@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-PAGE_SIZE = 4096
+from livemig.machine.ram import PAGE_SIZE
+
 ENCODING_FLAG_XBZRLE = 0x01
 RECORD_HEADER = 3  # u8 encoding flag + be16 length, after the 8-byte page header
 MAX_ULEB = 0x3FFF  # two uleb128 bytes

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from livemig.protocol import devices, savevm
+from livemig.protocol.ram import PageEncoder, RamBlock, RamLoader, ram_eos, ram_mem_size
 
 PAGES = 16
 
@@ -32,16 +33,16 @@ def valid_stream(rng: random.Random) -> bytes:
     two passes, vCPU, switchover and globalstate sections, EOF, vmdesc."""
     ram = np.frombuffer(rng.randbytes(PAGES * 4096), np.uint8).reshape(PAGES, 4096).copy()
     ram[rng.randrange(PAGES)::3] = 0
-    enc = savevm.PageEncoder(PAGES)
+    enc = PageEncoder(PAGES)
     out = [savevm.header(), savevm.configuration("pc"),
            savevm.section_start(savevm.SECTION_START, 2, "ram", 0, 4),
-           savevm.ram_mem_size([("pc.ram", PAGES * 4096)]), savevm.ram_eos(), savevm.footer(2)]
+           ram_mem_size([("pc.ram", PAGES * 4096)]), ram_eos(), savevm.footer(2)]
     for kind in (savevm.SECTION_PART, savevm.SECTION_END):
         enc.new_section()
         idx = np.array(sorted(rng.sample(range(PAGES), rng.randrange(1, PAGES))))
         out.append(savevm.section_part(kind, 2))
         out += [bytes(b) for b in enc.encode("pc.ram", idx, ram, ~ram[idx].any(axis=1))]
-        out += [savevm.ram_eos(), savevm.footer(2)]
+        out += [ram_eos(), savevm.footer(2)]
     sid = 3
     for name, state in ((devices.VCPU_SECTION, {"step": rng.randrange(1 << 30)}),
                         (devices.SWITCHOVER_SECTION, None), ("globalstate", "running")):
@@ -67,7 +68,7 @@ def load(data: bytes) -> bool:
     loaders = {name: (lambda dev: lambda r, _i, v: dev.load(r, v))(devices.DEVICES[name])
                for name in (devices.VCPU_SECTION, devices.SWITCHOVER_SECTION, devices.DIGEST_SECTION,
                             "globalstate")}
-    loader = savevm.StreamLoader(savevm.RamLoader([savevm.RamBlock("pc.ram", pages)]), loaders, machine="pc")
+    loader = savevm.StreamLoader(RamLoader([RamBlock("pc.ram", pages)]), loaders, machine="pc")
     try:
         loader.load(savevm.BufferedReader(read_into, capacity=1 << 20))
     except savevm.StreamError:

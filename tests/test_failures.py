@@ -10,6 +10,7 @@ import time
 import pytest
 
 from livemig.protocol import savevm
+from livemig.protocol.ram import ram_eos, ram_mem_size
 from tests.conftest import guest_args, replay_matches
 
 FAST_DIRTY = guest_args(ram="128M", workload="memtouch:rate=32M,wss=64M")
@@ -122,7 +123,7 @@ def raw_stream(*parts: bytes) -> bytes:
 def good_prefix(name="pc.ram", size=64 << 20, magic=savevm.MAGIC, version=3, machine="pc") -> bytes:
     return raw_stream(struct.pack(">II", magic, version), savevm.configuration(machine),
                       savevm.section_start(savevm.SECTION_START, 2, "ram", 0, 4),
-                      savevm.ram_mem_size([(name, size)]), savevm.ram_eos(), savevm.footer(2))
+                      ram_mem_size([(name, size)]), ram_eos(), savevm.footer(2))
 
 
 @pytest.mark.parametrize("stream, message", [

@@ -16,6 +16,19 @@ import pytest
 
 from livemig.machine.ram import PAGE_SIZE, GuestRam
 from livemig.protocol import savevm
+from livemig.protocol.ram import (
+    RAM_CONTINUE,
+    RAM_PAGE,
+    RAM_VERSION,
+    RAM_ZERO,
+    PageEncoder,
+    PageVectors,
+    RamBlock,
+    RamLoader,
+    copy_pages,
+    ram_eos,
+    ram_mem_size,
+)
 from livemig.protocol.transport import Channel, iovec_skip, iovec_table
 from livemig.tools.bench import accounting
 
@@ -33,12 +46,12 @@ def test_copy_pages_both_ways(idx):
     rng = np.random.default_rng(1)
     src = rng.integers(0, 256, (256, PAGE_SIZE), np.uint8)
     gathered = np.zeros((len(idx), PAGE_SIZE), np.uint8)
-    savevm.copy_pages(gathered, None, src, idx)
+    copy_pages(gathered, None, src, idx)
     assert np.array_equal(gathered, src[idx])
     scattered = np.zeros_like(src)
     expected = np.zeros_like(src)
     uniq = np.unique(idx, return_index=True)[1]  # duplicates: any one of them is fine to compare
-    savevm.copy_pages(scattered, idx[uniq], gathered[uniq], None)
+    copy_pages(scattered, idx[uniq], gathered[uniq], None)
     expected[idx[uniq]] = gathered[uniq]
     assert np.array_equal(scattered, expected)
 
@@ -64,15 +77,15 @@ def test_holes_are_zero_pages_that_need_no_read():
 
 
 def encode_stream(block: np.ndarray, batches: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
-    enc = savevm.PageEncoder(512)
-    out = [savevm.ram_mem_size([("pc.ram", block.nbytes)])]
+    enc = PageEncoder(512)
+    out = [ram_mem_size([("pc.ram", block.nbytes)])]
     for pages, zero in batches:
         out += [bytes(b) for b in enc.encode("pc.ram", pages.astype(np.uint32), block, zero)]
-    out.append(savevm.ram_eos())
+    out.append(ram_eos())
     return b"".join(out)
 
 
-def load(data: bytes, dest: np.ndarray, zeroed: bool, chunk: int = 5000) -> savevm.RamLoader:
+def load(data: bytes, dest: np.ndarray, zeroed: bool, chunk: int = 5000) -> RamLoader:
     chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
 
     def read_into(view: memoryview) -> int:
@@ -85,8 +98,8 @@ def load(data: bytes, dest: np.ndarray, zeroed: bool, chunk: int = 5000) -> save
             chunks.insert(0, chunk[n:])
         return n
 
-    loader = savevm.RamLoader([savevm.RamBlock("pc.ram", dest)], zeroed=zeroed)
-    loader.load(savevm.BufferedReader(read_into, 1 << 18), savevm.RAM_VERSION)
+    loader = RamLoader([RamBlock("pc.ram", dest)], zeroed=zeroed)
+    loader.load(savevm.BufferedReader(read_into, 1 << 18), RAM_VERSION)
     return loader
 
 
@@ -126,8 +139,8 @@ def test_runs_of_consecutive_pages_and_the_rest(chunk):
     expected[pages] = src[pages]
     assert np.array_equal(dest, expected) and loader.stats.normal == len(pages)
     assert list(np.flatnonzero(~loader.known_zero["pc.ram"])) == sorted(pages.tolist())
-    declared = savevm.ram_mem_size([("pc.ram", src.nbytes)])
-    smaller = savevm.ram_mem_size([("pc.ram", 120 * PAGE_SIZE)]) + stream[len(declared):]
+    declared = ram_mem_size([("pc.ram", src.nbytes)])
+    smaller = ram_mem_size([("pc.ram", 120 * PAGE_SIZE)]) + stream[len(declared):]
     with pytest.raises(savevm.StreamError, match="beyond block"):
         load(smaller, np.zeros((120, PAGE_SIZE), np.uint8), True, chunk)
 
@@ -152,16 +165,16 @@ def test_page_vectors_are_the_page_records():
     byte for byte the records QEMU's format wants."""
     rng = np.random.default_rng(3)
     block = rng.integers(0, 256, (64, PAGE_SIZE), np.uint8)
-    enc = savevm.PageEncoder(8)  # smaller than the batch: records come in several tables
+    enc = PageEncoder(8)  # smaller than the batch: records come in several tables
     pages = np.array([3, 4, 5, 20, 21, 40, 41, 42, 43, 44, 60, 1], np.uint32)
     zero = np.zeros(len(pages), np.bool_)
     zero[-1] = True
     block[1] = 0
     items = [bytes(i) for i in enc.encode("pc.ram", pages, block, zero)]
-    expected = [struct.pack(">Q", (3 << 12) | savevm.RAM_PAGE) + bytes([6]) + b"pc.ram", bytes(block[3])]
-    expected += [struct.pack(">Q", (p << 12) | savevm.RAM_PAGE | savevm.RAM_CONTINUE) + bytes(block[p])
+    expected = [struct.pack(">Q", (3 << 12) | RAM_PAGE) + bytes([6]) + b"pc.ram", bytes(block[3])]
+    expected += [struct.pack(">Q", (p << 12) | RAM_PAGE | RAM_CONTINUE) + bytes(block[p])
                  for p in pages[1:-1]]
-    expected += [struct.pack(">Q", (1 << 12) | savevm.RAM_ZERO | savevm.RAM_CONTINUE) + b"\0"]
+    expected += [struct.pack(">Q", (1 << 12) | RAM_ZERO | RAM_CONTINUE) + b"\0"]
     assert b"".join(items) == b"".join(expected)
     with pytest.raises(ValueError):
         list(enc.encode("pc.ram", pages, block[:, ::2], zero))
@@ -173,12 +186,12 @@ def test_write_vectors_survives_partial_writes(kind):
     including vectors cut in the middle."""
     rng = np.random.default_rng(4)
     block = rng.integers(0, 256, (600, PAGE_SIZE), np.uint8)
-    enc = savevm.PageEncoder(600)  # 1200 vectors: more than one writev may take
+    enc = PageEncoder(600)  # 1200 vectors: more than one writev may take
     enc.new_section()
     pages = np.arange(600, dtype=np.uint32)
     items = list(enc.encode("pc.ram", pages, block, np.zeros(600, np.bool_)))
     vectors = items[-1]
-    assert isinstance(vectors, savevm.PageVectors)
+    assert isinstance(vectors, PageVectors)
     expected = bytes(vectors)
     if kind == "socket":
         a, b = socket.socketpair()

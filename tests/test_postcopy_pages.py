@@ -19,6 +19,7 @@ from livemig.actors.postcopy import IncomingPages, Pusher
 from livemig.machine.ram import PAGE_SIZE, GuestRam, fill_ram
 from livemig.machine.userfaultfd import register_and_send
 from livemig.protocol import postcopy, savevm
+from livemig.protocol.ram import RAM_VERSION, PageEncoder, ram_eos
 
 BLOCKS = [("pc.ram", 8 << 20), ("extra", 1 << 20)]
 
@@ -66,7 +67,7 @@ def _source(src: GuestRam, dirty: np.ndarray, data: socket.socket, rp: socket.so
                 buf = buf[4 + n:]
 
     threading.Thread(target=read_rp, daemon=True).start()
-    enc = savevm.PageEncoder(64)
+    enc = PageEncoder(64)
     while True:
         pusher.wait_request(0.002)  # a slow background push: 64 pages per 2 ms
         batch = pusher.next_batch(64)
@@ -78,7 +79,7 @@ def _source(src: GuestRam, dirty: np.ndarray, data: socket.socket, rp: socket.so
         enc.new_section()
         out = [savevm.section_part(savevm.SECTION_PART, 2)]
         out += [bytes(item) for item in enc.encode(block.name, idx, pages, zero)]
-        out += [savevm.ram_eos(), savevm.footer(2)]
+        out += [ram_eos(), savevm.footer(2)]
         data.sendall(b"".join(out))
     data.shutdown(socket.SHUT_WR)
     stats.update(requests=pusher.requests, asked=pusher.requested_pages, background=pusher.background_pages)
@@ -141,7 +142,7 @@ def test_vcpu_faults_pull_pages_and_all_arrive_once(rams, tmp_path):
             except savevm.StreamError:
                 break
             assert kind == savevm.SECTION_PART and reader.be32() == 2
-            loader.load(reader, savevm.RAM_VERSION)
+            loader.load(reader, RAM_VERSION)
             assert reader.u8() == savevm.SECTION_FOOTER and reader.be32() == 2
         source.join(30)
         ctl_p.settimeout(30)

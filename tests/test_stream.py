@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from livemig.protocol import savevm
+from livemig.protocol.ram import RAM_PAGE, PageEncoder, RamBlock, RamLoader, ram_eos, ram_mem_size
 
 PAGES = 64
 
@@ -28,8 +29,8 @@ def build_stream(ram, name="pc.ram", size=None, machine="pc", version=3, magic=s
     size = PAGES * 4096 if size is None else size
     out = [struct.pack(">II", magic, version), savevm.configuration(machine),
            savevm.section_start(savevm.SECTION_START, 2, "ram", 0, 4),
-           savevm.ram_mem_size([(name, size)]), savevm.ram_eos(), savevm.footer(2)]
-    enc = savevm.PageEncoder(16)
+           ram_mem_size([(name, size)]), ram_eos(), savevm.footer(2)]
+    enc = PageEncoder(16)
     for start in range(0, PAGES, 16):
         if start % 32 == 0:
             out.append(savevm.section_part(savevm.SECTION_PART if start else savevm.SECTION_PART, 2))
@@ -38,8 +39,8 @@ def build_stream(ram, name="pc.ram", size=None, machine="pc", version=3, magic=s
         zero = ~ram[idx].any(axis=1)
         out += [bytes(b) for b in enc.encode(name, idx, ram, zero)]
         if start % 32 == 16:
-            out += [savevm.ram_eos(), savevm.footer(2)]
-    out += [savevm.section_part(savevm.SECTION_END, 2), savevm.ram_eos(), savevm.footer(2)]
+            out += [ram_eos(), savevm.footer(2)]
+    out += [savevm.section_part(savevm.SECTION_END, 2), ram_eos(), savevm.footer(2)]
     blob = msgpack.packb(regs or {"step": 5})
     out += [savevm.section_start(savevm.SECTION_FULL, 4, "livemig/vcpu", 0, 1),
             struct.pack(">I", len(blob)), blob, savevm.footer(4),
@@ -61,7 +62,7 @@ def load(data: bytes, pages=None, machine="pc"):
         got["runstate"] = savevm.read_globalstate(r, version)
 
     f = io.BytesIO(data)
-    loader = savevm.StreamLoader(savevm.RamLoader([savevm.RamBlock("pc.ram", pages)]),
+    loader = savevm.StreamLoader(RamLoader([RamBlock("pc.ram", pages)]),
                                  {"livemig/vcpu": vcpu, "globalstate": gs}, machine=machine)
     result = loader.load(savevm.BufferedReader(f.readinto, capacity=1 << 16))
     return pages, got, result
@@ -113,7 +114,7 @@ def test_every_truncation_is_refused():
 def test_page_beyond_block_is_refused():
     data = bytearray(build_stream(make_ram()))
     # a PAGE record for page 10_000 in a 64-page block
-    bad = struct.pack(">Q", (10_000 << 12) | savevm.RAM_PAGE) + b"\x06pc.ram" + bytes(4096)
+    bad = struct.pack(">Q", (10_000 << 12) | RAM_PAGE) + b"\x06pc.ram" + bytes(4096)
     pos = data.index(savevm.section_part(savevm.SECTION_END, 2))
     data[pos + 5:pos + 5] = bad
     with pytest.raises(savevm.StreamError, match="beyond block"):

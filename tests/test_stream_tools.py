@@ -13,6 +13,7 @@ import pytest
 from livemig.protocol import savevm
 from livemig.protocol.devices import DEVICES, full_section
 from livemig.protocol.inspect import find_vmdesc, scan
+from livemig.protocol.ram import PageEncoder, RamBlock, RamLoader, ram_eos, ram_mem_size
 
 BLOCK = 8 * 4096
 
@@ -27,12 +28,12 @@ def none_stream(*, config_tail: bytes = b"", commands: bytes = b"", timer_tail: 
     pages = np.zeros((BLOCK // 4096, 4096), np.uint8) if pages is None else pages
     out = [savevm.header(), savevm.configuration("none"), config_tail, commands,
            savevm.section_start(savevm.SECTION_START, 2, "ram", 0, 4),
-           savevm.ram_mem_size([("ram", BLOCK)]), savevm.ram_eos(), savevm.footer(2),
+           ram_mem_size([("ram", BLOCK)]), ram_eos(), savevm.footer(2),
            savevm.section_part(savevm.SECTION_END, 2)]
-    enc = savevm.PageEncoder(len(pages))
+    enc = PageEncoder(len(pages))
     idx = np.arange(len(pages))
     out += [bytes(b) for b in enc.encode("ram", idx, pages, ~pages.any(axis=1))]
-    out += [savevm.ram_eos(), savevm.footer(2)]
+    out += [ram_eos(), savevm.footer(2)]
     timer = DEVICES["timer"]
     out += [savevm.section_start(savevm.SECTION_FULL, 0, "timer", 0, 2),
             timer.encode({"cpu_ticks_offset": 7, "cpu_clock_offset": -3}), timer_tail, savevm.footer(0)]
@@ -51,7 +52,7 @@ def load(data: bytes, ping=None):
     def loader(name):
         return lambda r, instance, version: states.__setitem__(name, DEVICES[name].load(r, version))
 
-    sl = savevm.StreamLoader(savevm.RamLoader([savevm.RamBlock("ram", pages)]),
+    sl = savevm.StreamLoader(RamLoader([RamBlock("ram", pages)]),
                              {n: loader(n) for n in ("timer", "globalstate")}, machine="none", on_ping=ping)
     result = sl.load(savevm.BufferedReader(io.BytesIO(data).readinto))
     return result, states, pages

@@ -28,6 +28,7 @@ from livemig.protocol.devices import (
     full_section,
 )
 from livemig.protocol.messages import Message
+from livemig.protocol.ram import NORMAL_RECORD, RAM_VERSION, ram_eos, ram_mem_size
 
 WINDOW = 0.1  # rate-limit window, as QEMU's BUFFER_DELAY
 # Bandwidth unlimited: each iterate request asks for what the link moved in
@@ -107,8 +108,8 @@ class Outgoing:
             await self.fault("setup")
             status = (await ram.call("setup")).data["result"]
             await ram.call("emit", {}, frames=[
-                savevm.section_start(savevm.SECTION_START, SID_RAM, "ram", 0, savevm.RAM_VERSION),
-                savevm.ram_mem_size(blocks), savevm.ram_eos(), savevm.footer(SID_RAM)])
+                savevm.section_start(savevm.SECTION_START, SID_RAM, "ram", 0, RAM_VERSION),
+                ram_mem_size(blocks), ram_eos(), savevm.footer(SID_RAM)])
             mig.ram.update({"total": self.ram.size, "remaining": status["remaining"],
                             "dirty-sync-count": 1, "page-size": PAGE_SIZE})
             self.publish(ev.MIGRATION_PASS, {"pass": 1}, qmp=self.capabilities["events"])
@@ -273,7 +274,7 @@ class Outgoing:
                 if switchover_bw:
                     mig.expected_downtime = int((dirty_at_sync + disk_left + in_flight) / switchover_bw * 1000)
                 mig.ram["mbps"] = round(bandwidth * 8 / 1e6, 3)
-                mig.ram["pages-per-second"] = int(bandwidth / savevm.NORMAL_RECORD)
+                mig.ram["pages-per-second"] = int(bandwidth / NORMAL_RECORD)
 
     async def wire_written(self) -> int:
         """Bytes the writer has put on the wire so far in this migration."""
