@@ -25,27 +25,34 @@ __all__ = ["ActorError", "AsyncPeer", "Client", "HostConfig", "Notices", "Server
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """Ask the kernel to kill us if the host process dies, so that no actor is
-    ever left behind, even when the host is killed with SIGKILL."""
+    ever left behind, even when the host is killed with SIGKILL. If it died
+    before we asked, our parent is no longer the host: go at once."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
-    if os.getppid() == 1:
+    if os.getppid() == 1 or (parent is not None and os.getppid() != parent):
         os._exit(1)
 
 
 @dataclass
 class HostConfig:
-    """The host's config.json, written by the supervisor for its actors."""
+    """The host's configuration. The supervisor hands it to each actor on its
+    standard input (a pipe only the two of them hold), so nobody can swap it
+    between the host writing and the actor reading it; a path is read too
+    (for running an actor by hand)."""
 
     raw: dict
 
     @classmethod
     def load(cls, path: str) -> HostConfig:
-        with open(path) as f:
+        if path == "-":
+            return cls(json.load(sys.stdin))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd) as f:
             return cls(json.load(f))
 
     def __getitem__(self, key: str):
@@ -75,24 +82,63 @@ def heartbeat(endpoint: str, name: str) -> None:
         time.sleep(HEARTBEAT_INTERVAL)
 
 
+# Errors an actor meets at start-up that are the user's (a port in use, a bad
+# URI): one line to the host, no traceback. Anything else is a bug: traceback too.
+EXPECTED_ERRORS = (ActorError, OSError, zmq.ZMQError)
+
+
+def report_fatal(name: str, endpoint: str):
+    """An excepthook that tells the supervisor in one line why this actor
+    dies (it prints it: one line on the host's stderr, not a traceback per
+    actor), then exits."""
+    def hook(etype, exc, tb) -> None:
+        if not isinstance(exc, EXPECTED_ERRORS) or log.isEnabledFor(logging.DEBUG):
+            sys.__excepthook__(etype, exc, tb)
+        if isinstance(exc, ActorError):
+            desc = exc.desc
+        elif isinstance(exc, OSError) and exc.strerror:  # without the "[Errno N]"
+            desc = exc.strerror + (f": {exc.filename}" if exc.filename else "")
+        else:
+            desc = str(exc) or etype.__name__
+        try:
+            ctx = zmq.Context()
+            push = ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 1000)
+            push.connect(endpoint)
+            push.send(f"{name} {os.getpid()} fatal {desc}".encode())
+            push.close()
+            ctx.term()
+        finally:
+            os._exit(1)  # not a normal exit: it could wait on sockets still open
+    return hook
+
+
+def write_pid(rundir: str, name: str) -> None:
+    fd = os.open(os.path.join(rundir, f"{name}.pid"),
+                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+
+
 def start_actor(name: str) -> HostConfig:
     """What every actor process does first: die with the host, read the
     host's config, log with its name, leave a pid file, start heartbeats."""
     die_with_parent()
     cfg = HostConfig.load(sys.argv[1])
+    die_with_parent(cfg.raw.get("host_pid"))
     logging.basicConfig(
         level=os.environ.get("LIVEMIG_LOG", "WARNING").upper(),
         format=f"%(asctime)s {cfg['name']}/{name} %(levelname)s %(message)s")
+    sys.excepthook = report_fatal(name, cfg.endpoint("heartbeat"))
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # nothing to flush: die quietly
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when we stop
-    with open(os.path.join(cfg["rundir"], f"{name}.pid"), "w") as f:
-        f.write(str(os.getpid()))
+    write_pid(cfg["rundir"], name)
     threading.Thread(target=heartbeat, args=(cfg.endpoint("heartbeat"), name), daemon=True).start()
     return cfg
 
 
 def actor_main(name: str, run: Callable[[HostConfig, zmq.Context], None]) -> None:
-    """Entry point of an actor process: `python -m actors.X CONFIG [extra]`."""
+    """Entry point of an actor process: `python -m livemig.actors.X -|CONFIG [extra]`."""
     cfg = start_actor(name if len(sys.argv) < 3 else f"{name}{sys.argv[2]}")
     ctx = zmq.Context()
     try:

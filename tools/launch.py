@@ -25,19 +25,25 @@ class HostProcess:
     """One `livemig host` process tree, stopped for sure when closed."""
 
     def __init__(self, name: str, *args: str, pass_fds: tuple[int, ...] = (), timeout: float = 60,
-                 env: dict | None = None, prefix: tuple[str, ...] = ()) -> None:
-        """`prefix` runs the host under another command, e.g. `ip netns exec NS`."""
+                 env: dict | None = None, prefix: tuple[str, ...] = (), wait: bool = True) -> None:
+        """`prefix` runs the host under another command, e.g. `ip netns exec NS`;
+        `wait=False` returns at once (call wait_started before using it)."""
         self.name = name
         cmd = [*prefix, sys.executable, "-P", "-m", "livemig.cli.main", "host", "--name", name, "--json", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      pass_fds=pass_fds, start_new_session=True,
                                      env={**os.environ, **(env or {})})
+        if wait:
+            self.wait_started(timeout)
+
+    def wait_started(self, timeout: float = 60) -> None:
+        """Wait for the host's announcement (it comes once QMP answers)."""
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         line = self.proc.stdout.readline() if ready else b""
         if not line:
             self.close()
-            raise RuntimeError(f"host {name} did not start (exit status {self.proc.poll()})")
+            raise RuntimeError(f"host {self.name} did not start (exit status {self.proc.poll()})")
         self.info = json.loads(line)
         self.qmp_addr = self.info["qmp"]
         self.events = self.info["events"]

@@ -27,9 +27,12 @@ def actor_pids(host_pid: int) -> dict[str, int]:
         except (OSError, IndexError, ValueError):
             continue
         try:
-            module = argv[argv.index(b"-m") + 1].decode().removeprefix("livemig.actors.")
+            module = argv[argv.index(b"-m") + 1].decode()
         except (ValueError, IndexError):
             continue
+        if not module.startswith("livemig.actors."):
+            continue  # the host's reaper, a fork of the host itself
+        module = module.removeprefix("livemig.actors.")
         name = module + (argv[argv.index(b"-m") + 3].decode() if module == "vcpu" else "")
         out[name] = int(entry)
     return out
@@ -48,7 +51,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def is_guest_ram(path: str) -> bool:
-    return path.startswith("/dev/shm/livemig-") and ".ram" in path
+    """A guest RAM mapping in smaps: a host's memfd (actors/host.py) or a file in /dev/shm."""
+    return path.startswith(("/memfd:livemig-", "/dev/shm/livemig-")) and ".ram" in path
 
 
 def private_memory(pid: int) -> dict[str, int]:
