@@ -10,8 +10,8 @@ import time
 import click
 
 from livemig.cli.qmp_client import Qmp
+from livemig.machine.runstate import MIGRATION_END
 
-END_STATES = ("completed", "failed", "cancelled")
 PLAIN_EVERY = 1.0  # s between plain progress lines when stdout is not a terminal
 MiB = 1 << 20
 
@@ -47,7 +47,7 @@ def follow(mon: Qmp, timeout: float, quiet: bool = False) -> dict:
     except KeyboardInterrupt:
         mon("migrate_cancel")
         click.echo("cancel requested", err=True)
-        while (info := mon("query-migrate")).get("status") not in END_STATES:
+        while (info := mon("query-migrate")).get("status") not in MIGRATION_END:
             time.sleep(0.1)
         return info
 
@@ -67,7 +67,7 @@ def _follow_plain(mon: Qmp, deadline: float, quiet: bool) -> dict:
         if not quiet and (status != last_status or time.monotonic() - last_at >= PLAIN_EVERY):
             click.echo(plain_line(info))
             last_status, last_at = status, time.monotonic()
-        if status in END_STATES:
+        if status in MIGRATION_END:
             return info
         time.sleep(0.1)
 
@@ -93,7 +93,7 @@ def _follow_bar(mon: Qmp, deadline: float) -> dict:
                 extra += f", exp. {info['expected-downtime']} ms"
             bar.update(task, total=total, completed=max(0, done), status=status,
                        rate=rate(ram.get("mbps")) if "mbps" in ram else "", extra=extra)
-            if status in END_STATES:
+            if status in MIGRATION_END:
                 return info
             time.sleep(0.1)
 

@@ -16,9 +16,10 @@ import numpy as np
 
 from livemig.actors.host import qmp_address
 from livemig.machine.ram import fill_ram
+from livemig.machine.runstate import MIGRATION_END
 from livemig.machine.workload import WorkloadSpec, replay
 
-END = ("completed", "failed", "cancelled")
+END = MIGRATION_END
 
 
 def migration_events(mon, timeout: float = 30) -> list[dict]:

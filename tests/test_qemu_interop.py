@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from livemig.machine.ram import fill_ram
+from livemig.machine.runstate import MIGRATION_END
 from livemig.tools.launch import free_port
 from tests.conftest import replay_matches
 
@@ -70,7 +71,7 @@ class Qemu:
 
     def wait_migration(self, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
-        while (info := self.cmd("query-migrate")).get("status") not in ("completed", "failed", "cancelled"):
+        while (info := self.cmd("query-migrate")).get("status") not in MIGRATION_END:
             assert time.monotonic() < deadline, f"QEMU migration still {info.get('status')} after {timeout} s"
             time.sleep(0.05)
         return info

@@ -13,6 +13,7 @@ import sys
 import time
 
 from livemig.actors.host import qmp_address
+from livemig.machine.runstate import MIGRATION_END
 
 
 def free_port() -> int:
@@ -66,7 +67,7 @@ class HostProcess:
             raise RuntimeError(reply["error"]["desc"])
         return reply["return"]
 
-    def wait_migration(self, timeout: float = 120, states=("completed", "failed", "cancelled")) -> dict:
+    def wait_migration(self, timeout: float = 120, states=MIGRATION_END) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             info = self.cmd("query-migrate")

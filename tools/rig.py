@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import msgpack
 import zmq
 
+from livemig.machine.runstate import MIGRATION_END
 from livemig.protocol.units import parse_size
 from livemig.tools.demo import verify
 from livemig.tools.launch import HostProcess, free_port
@@ -274,7 +275,7 @@ class Rig:
         while True:
             info = src.cmd("query-migrate")
             collector.record({"t": time.time(), "kind": "query", "run": run_id, "guest": guest, "info": info})
-            if info.get("status") in ("completed", "failed", "cancelled"):
+            if info.get("status") in MIGRATION_END:
                 break
             if during is not None and time.monotonic() - start > during[0]:
                 during[1]()

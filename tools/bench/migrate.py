@@ -8,11 +8,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from livemig.machine.runstate import MIGRATION_END
 from livemig.tools.launch import HostProcess, free_port
 
 from .accounting import Watch
-
-END_STATES = ("completed", "failed", "cancelled")
 
 
 @dataclass
@@ -103,7 +102,7 @@ def migrate(guest: Guest, transport: str, workdir: str, params: dict, tag: str,
             while True:
                 if not poll:
                     event = mon.pull_event(wait=max(0.1, timeout - (time.monotonic() - t0)))
-                    if not (event and event["event"] == "MIGRATION" and event["data"]["status"] in END_STATES):
+                    if not (event and event["event"] == "MIGRATION" and event["data"]["status"] in MIGRATION_END):
                         if time.monotonic() - t0 <= timeout:
                             continue
                 info = qmp_call(mon, "query-migrate")
@@ -111,7 +110,7 @@ def migrate(guest: Guest, transport: str, workdir: str, params: dict, tag: str,
                 ram = info.get("ram", {})
                 if info.get("status") == "active":
                     samples.append((now, ram.get("remaining", 0), info.get("expected-downtime", 0)))
-                if info.get("status") in END_STATES:
+                if info.get("status") in MIGRATION_END:
                     break
                 if now > timeout:
                     qmp_call(mon, "migrate_cancel")
