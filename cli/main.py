@@ -445,30 +445,47 @@ def rig(scenario, results_dir, out_dir, loopback) -> None:
     """Run SCENARIO.toml: hosts in network namespaces joined by shaped links,
     guests, migrations (sequential, evacuations, a parameter matrix), events
     collected, a report with plots. `livemig rig report DIR` rebuilds a report."""
-    from livemig.tools.rig import Rig, RigError, Scenario, report
+    from livemig.tools.rig import Rig, RigError, Scenario
+    from livemig.tools.rig_report import PLOTS_MISSING, plots_available, report
 
     if scenario == "report":
         if not results_dir:
             raise click.UsageError("livemig rig report RESULTS_DIR")
-        click.echo(report(results_dir))
+        if not os.path.isfile(os.path.join(results_dir, "summary.json")):
+            raise click.ClickException(f"{results_dir}: not a rig results directory (no summary.json)")
+        click.echo(f"report: {report(results_dir)}")
+        if not plots_available():
+            click.echo(PLOTS_MISSING, err=True)
         return
     try:
         spec = Scenario.load(scenario)
+    except OSError as exc:
+        raise click.ClickException(f"{scenario}: {exc.strerror or exc}") from None
+    except (RigError, ValueError) as exc:
+        raise click.ClickException(f"{scenario}: {exc}") from None
+    try:
         out = out_dir or os.path.join("rig-results", f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         results = Rig(spec, out, loopback=loopback).execute()
     except (RigError, OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     path = report(out)
     for r in results:
-        rate = f"{r['rate_bps'] / 1e6:.0f} Mbit/s" if r.get("rate_bps") else "-"
-        if r["status"] == "completed":
-            note = f"downtime {r.get('downtime_ms')} ms" + (", verified" if r.get("verified") else "")
-        elif not r["converged"] and r["status"] == "cancelled":
-            note = f"not converged, expected downtime {r.get('expected_downtime_ms')} ms"
-        else:
-            note = r.get("error") or ""
-        click.echo(f"{r['run']} {r['guest']} {r['from']}->{r['to']}: {r['status']} ({note}), {rate}")
+        click.echo(rig_line(r))
     click.echo(f"report: {path}")
+    if not plots_available():
+        click.echo(PLOTS_MISSING, err=True)
+
+
+def rig_line(r: dict) -> str:
+    """One migration of a rig run, in a line: its verdict first."""
+    if not r["converged"] and r["status"] in ("cancelled", "completed"):
+        note = f"not converged in time, expected downtime {r.get('expected-downtime', '-')} ms"
+    elif r["status"] == "completed":
+        note = f"downtime {r.get('downtime', '-')} ms" + (", verified" if r.get("verified") else "")
+    else:
+        note = r.get("error-desc") or ""
+    rate = f", {r['mbps']:.0f} Mbit/s" if r.get("mbps") else ""
+    return f"{r['run']} {r['guest']} {r['from']}->{r['to']}: {r['status']} ({note}){rate}"
 
 
 main.add_command(stream)
