@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from livemig.machine.ram import PAGE_SHIFT, PAGE_SIZE
+from livemig.protocol import xbzrle
 from livemig.protocol.savevm import BufferedReader, StreamError, encode_idstr
 from livemig.protocol.transport import iovec_table
 
@@ -28,7 +29,7 @@ RAM_XBZRLE = 0x40
 RAM_HOOK = 0x80
 RAM_COMPRESS_PAGE = 0x100
 RAM_MULTIFD_FLUSH = 0x200
-RAM_KNOWN_FLAGS = RAM_ZERO | RAM_MEM_SIZE | RAM_PAGE | RAM_EOS | RAM_CONTINUE | RAM_MULTIFD_FLUSH
+RAM_KNOWN_FLAGS = RAM_ZERO | RAM_MEM_SIZE | RAM_PAGE | RAM_EOS | RAM_CONTINUE | RAM_XBZRLE | RAM_MULTIFD_FLUSH
 
 PAGE_MASK = PAGE_SIZE - 1
 
@@ -162,6 +163,7 @@ class RamBlock:
 class RamLoadStats:
     normal: int = 0
     zero: int = 0
+    xbzrle: int = 0
     sections: int = 0
 
 
@@ -223,6 +225,8 @@ class RamLoader:
                 return
             elif flags & RAM_MULTIFD_FLUSH:
                 continue
+            elif flags & RAM_XBZRLE:
+                self._xbzrle(r, flags, addr)
             elif flags & (RAM_PAGE | RAM_ZERO):
                 if not self.sized:
                     raise StreamError("RAM page before the block list (MEM_SIZE)")
@@ -244,6 +248,26 @@ class RamLoader:
                     self.stats.zero += 1
             else:
                 raise StreamError(f"RAM record without a known type: flags {flags:#x}")
+
+    def _xbzrle(self, r: BufferedReader, flags: int, addr: int) -> None:
+        """A delta against the page this destination holds (from any source,
+        with or without the capability here, as QEMU decodes it)."""
+        if flags & (RAM_PAGE | RAM_ZERO):
+            raise StreamError(f"RAM record flags {flags:#x} combine XBZRLE with another page type")
+        if not self.sized:
+            raise StreamError("RAM page before the block list (MEM_SIZE)")
+        block = self._block(r, flags)
+        index = addr >> PAGE_SHIFT
+        if index >= block.pages.shape[0]:
+            raise _beyond(block, index)
+        encoding, length = r.u8(), r.be16()
+        try:
+            xbzrle.check_record_header(encoding, length)
+            xbzrle.decode_into(block.pages[index], bytes(r.take(length)))
+        except xbzrle.XbzrleError as exc:
+            raise StreamError(f"{exc} (page {addr:#x} of block {block.name!r})") from None
+        self._landed(block, index)
+        self.stats.xbzrle += 1
 
     def _landed(self, block: RamBlock, index) -> None:
         """Non-zero data was written to these pages of the block."""
@@ -369,8 +393,16 @@ class RamSkipper:
                     raise StreamError("RAM block list too long")
             elif flags & RAM_EOS:
                 return
-            elif flags & (RAM_PAGE | RAM_ZERO):
+            elif flags & (RAM_PAGE | RAM_ZERO | RAM_XBZRLE):
                 if not flags & RAM_CONTINUE:
                     r.idstr()
-                r.take(PAGE_SIZE if flags & RAM_PAGE else 1)
+                if flags & RAM_XBZRLE:
+                    encoding, length = r.u8(), r.be16()
+                    try:
+                        xbzrle.check_record_header(encoding, length)
+                    except xbzrle.XbzrleError as exc:
+                        raise StreamError(str(exc)) from None
+                    r.take(length)
+                else:
+                    r.take(PAGE_SIZE if flags & RAM_PAGE else 1)
 

@@ -22,27 +22,40 @@ import time
 
 import numpy as np
 
-from livemig.protocol import devices, savevm
-from livemig.protocol.ram import PageEncoder, RamBlock, RamLoader, ram_eos, ram_mem_size
+from livemig.protocol import devices, savevm, xbzrle
+from livemig.protocol.ram import (
+    RAM_CONTINUE,
+    RAM_XBZRLE,
+    PageEncoder,
+    RamBlock,
+    RamLoader,
+    ram_eos,
+    ram_mem_size,
+)
 
 PAGES = 16
 
 
 def valid_stream(rng: random.Random) -> bytes:
     """A small stream as livemig writes it: RAM with normal and zero pages in
-    two passes, vCPU, switchover and globalstate sections, EOF, vmdesc."""
+    two passes (the second opening with XBZRLE deltas against what the
+    first sent), vCPU, switchover and globalstate sections, EOF, vmdesc."""
     ram = np.frombuffer(rng.randbytes(PAGES * 4096), np.uint8).reshape(PAGES, 4096).copy()
     ram[rng.randrange(PAGES)::3] = 0
     enc = PageEncoder(PAGES)
     out = [savevm.header(), savevm.configuration("pc"),
            savevm.section_start(savevm.SECTION_START, 2, "ram", 0, 4),
            ram_mem_size([("pc.ram", PAGES * 4096)]), ram_eos(), savevm.footer(2)]
+    held = np.zeros_like(ram)  # what the destination has
     for kind in (savevm.SECTION_PART, savevm.SECTION_END):
         enc.new_section()
         idx = np.array(sorted(rng.sample(range(PAGES), rng.randrange(1, PAGES))))
         out.append(savevm.section_part(kind, 2))
+        if kind == savevm.SECTION_END:
+            out += xbzrle_records(rng, held)
         out += [bytes(b) for b in enc.encode("pc.ram", idx, ram, ~ram[idx].any(axis=1))]
         out += [ram_eos(), savevm.footer(2)]
+        held[idx] = ram[idx]
     sid = 3
     for name, state in ((devices.VCPU_SECTION, {"step": rng.randrange(1 << 30)}),
                         (devices.SWITCHOVER_SECTION, None), ("globalstate", "running")):
@@ -50,6 +63,24 @@ def valid_stream(rng: random.Random) -> bytes:
         sid += 1
     out += [savevm.eof(), savevm.vmdescription({"page_size": 4096, "devices": []})]
     return b"".join(out)
+
+
+def xbzrle_records(rng: random.Random, held: np.ndarray) -> list[bytes]:
+    """XBZRLE records rewriting a few bytes of some pages the destination holds."""
+    out = []
+    for n, page in enumerate(sorted(rng.sample(range(PAGES), 3))):
+        new = held[page].copy()
+        for _ in range(rng.randrange(1, 4)):
+            at = rng.randrange(4096 - 64)
+            new[at:at + rng.randrange(1, 64)] ^= rng.randrange(1, 256)
+        delta = xbzrle.encode(held[page], new)
+        if not delta:
+            continue
+        first = n == 0
+        out.append(struct.pack(">Q", (page << 12) | RAM_XBZRLE | (0 if first else RAM_CONTINUE))
+                   + (savevm.encode_idstr("pc.ram") if first else b"") + xbzrle.record_body(delta))
+        held[page] = new
+    return out
 
 
 def load(data: bytes) -> bool:

@@ -464,3 +464,70 @@ def test_encoder_batch_equals_page_by_page():
         assert one.stats == many.stats
         assert np.array_equal(one.cache.data, many.cache.data) and np.array_equal(one.cache.addr, many.cache.addr)
     assert one.stats.pages and one.stats.cache_miss and one.stats.overflow
+
+
+# --------------------------------------------------------------------------- a livemig destination
+
+
+def crafted_stream(ram: np.ndarray, records: list[bytes]) -> bytes:
+    """A `none` stream: every page in one PART, then `records` (raw RAM
+    records) in the END section, then QEMU's timer and globalstate."""
+    from livemig.protocol import devices, savevm
+    from livemig.protocol.ram import PageEncoder, ram_eos, ram_mem_size
+
+    enc = PageEncoder(ram.shape[0])
+    idx = np.arange(ram.shape[0])
+    out = [savevm.header(), savevm.configuration("none"),
+           savevm.section_start(savevm.SECTION_START, 2, "ram", 0, 4),
+           ram_mem_size([("ram", ram.size)]), ram_eos(), savevm.footer(2),
+           savevm.section_part(savevm.SECTION_PART, 2),
+           *[bytes(b) for b in enc.encode("ram", idx, ram, ~ram.any(axis=1))], ram_eos(), savevm.footer(2),
+           savevm.section_part(savevm.SECTION_END, 2), *records, ram_eos(), savevm.footer(2)]
+    for sid, (name, state) in enumerate((("timer", None), ("globalstate", "running")), 3):
+        out += devices.full_section(sid, devices.DEVICES[name], 0, devices.DEVICES[name].encode(state))
+    out += [savevm.eof()]
+    return b"".join(out)
+
+
+def _record(page: int, body: bytes) -> bytes:
+    return struct.pack(">Q", (page * PAGE) | 0x40 | 0x20) + body
+
+
+@pytest.mark.parametrize("case", ["valid", "bad-flag", "too-long", "overrun", "zero-nzrun", "beyond-block"])
+def test_destination_decodes_xbzrle_without_the_capability_and_refuses_bad_records(hosts, tmp_path, case):
+    """XBZRLE records land on a livemig destination that never turned the
+    capability on (as on QEMU); a malformed one fails the migration with a
+    clear error and the guest is not started."""
+    rng = np.random.default_rng(5)
+    ram = rng.integers(0, 256, (1024, PAGE), dtype=np.uint8)
+    new = ram[7].copy()
+    new[100:164] ^= 0x5A
+    new[4000] ^= 1
+    delta = xbzrle.encode(ram[7], new)
+    records = {
+        "valid": [_record(7, xbzrle.record_body(delta))],
+        "bad-flag": [_record(7, b"\x02" + xbzrle.record_body(delta)[1:])],
+        "too-long": [_record(7, b"\x01\x10\x01" + bytes(4097))],
+        "overrun": [_record(7, b"\x01\x00\x04\x05\x09\xaa\xbb")],
+        "zero-nzrun": [_record(7, b"\x01\x00\x03\x05\x00\xaa")],
+        "beyond-block": [_record(1024, xbzrle.record_body(delta))],
+    }[case]
+    path = tmp_path / "crafted.mig"
+    path.write_bytes(crafted_stream(ram, records))
+    dst = hosts.start("dst", "--machine", "none", "--ram", "4M", "--incoming", f"file:{path}")
+    info = dst.wait_migration(60)
+    if case == "valid":
+        assert info["status"] == "completed", info
+        dump = tmp_path / "ram"
+        dst.cmd("pmemsave", val=0, size=ram.size, filename=str(dump))
+        got = np.fromfile(dump, np.uint8).reshape(-1, PAGE)
+        expect = ram.copy()
+        expect[7] = new
+        assert np.array_equal(got, expect)
+        return
+    message = {"bad-flag": "encoding flag 0x02", "too-long": "4097 bytes is longer than a 4096-byte page",
+               "overrun": "overruns the 4-byte encoding", "zero-nzrun": "non-zero run of length 0",
+               "beyond-block": "beyond block 'ram'"}[case]
+    assert info["status"] == "failed" and message in info["error-desc"], info
+    time.sleep(0.3)
+    assert dst.cmd("query-status")["status"] == "inmigrate"
