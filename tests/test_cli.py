@@ -157,7 +157,7 @@ def test_every_option_has_help():
 def rundir(tmp_path, monkeypatch):
     """A private run directory: `livemig list` sees only this test's hosts."""
     path = tmp_path / "run"
-    path.mkdir()
+    path.mkdir(mode=0o700)  # hosts refuse a run directory others could enter
     monkeypatch.setenv("LIVEMIG_RUNDIR", str(path))
     return path
 
