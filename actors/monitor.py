@@ -22,6 +22,7 @@ from livemig.actors.base import ActorError, AsyncPeer, HostConfig, log, start_ac
 from livemig.actors.coordinator.commands import COMMANDS, check_args
 from livemig.protocol import events as ev
 from livemig.protocol import hmp, qmp
+from livemig.protocol.transport import tcp_listener
 
 VERSION = (7, 2, 0)
 PACKAGE = "livemig 0.1.0"
@@ -227,7 +228,9 @@ class Monitor:
         if kind != "tcp":
             raise ValueError(f"QMP address must be unix:PATH or tcp:HOST:PORT, not {addr!r}")
         host, _, port = where.rpartition(":")
-        return await asyncio.start_server(self.client, host.strip("[]") or "127.0.0.1", int(port))
+        # Exactly the address named; none (tcp::PORT) is every address, as in QEMU.
+        sock = tcp_listener(host.strip("[]"), int(port))
+        return await asyncio.start_server(self.client, sock=sock)
 
     async def serve(self) -> None:
         ctx = zmq.asyncio.Context()

@@ -49,8 +49,9 @@ def parse_uri(text: str) -> Uri:
     if scheme == "tcp":
         host, _, port = rest.rpartition(":")
         host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        if ":" not in rest or not port.isdigit() or not 0 <= int(port) < 65536:
             raise TransportError(f"tcp URI {text!r} must be tcp:HOST:PORT")
+        # An empty HOST (tcp::PORT) listens on every address, as in QEMU.
         return Uri(scheme, rest, host, int(port))
     if scheme == "fd" and not rest.isdigit():
         raise TransportError(f"fd URI {text!r} must name a descriptor number")
@@ -213,6 +214,8 @@ def connect(uri: Uri, timeout: float = 10.0, tls: Handshake | None = None) -> Ch
 def _open(uri: Uri, timeout: float, two_way: bool) -> Channel:
     try:
         if uri.scheme == "tcp":
+            if not uri.host:
+                raise TransportError(f"tcp URI {uri} names no host to connect to")
             sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
             sock.settimeout(None)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -246,6 +249,24 @@ def _open(uri: Uri, timeout: float, two_way: bool) -> Channel:
         raise TransportError(f"cannot open {uri}: {exc.strerror or exc}") from None
 
 
+def tcp_listener(host: str, port: int) -> socket.socket:
+    """A socket bound to exactly the address named; none (tcp::PORT) is every
+    address, IPv4 and IPv6, as in QEMU."""
+    if not host:
+        host = "::" if socket.has_ipv6 else "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host == "::":
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class Listener:
     """The incoming side: accepts exactly one connection."""
 
@@ -255,10 +276,7 @@ class Listener:
         self.address: tuple | str | None = None
         try:
             if uri.scheme == "tcp":
-                family = socket.AF_INET6 if ":" in uri.host else socket.AF_INET
-                self.sock = socket.socket(family, socket.SOCK_STREAM)
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                self.sock.bind((uri.host, uri.port))
+                self.sock = tcp_listener(uri.host, uri.port)
                 self.sock.listen(1)
                 self.address = self.sock.getsockname()[:2]
             elif uri.scheme == "unix":

@@ -336,3 +336,23 @@ def test_bad_names_refused(run):
         assert "cannot name a directory" in line or "too long for a UNIX socket" in line, line
     assert run.left() == []
 
+
+
+def test_tcp_listeners_bind_what_was_named(run, tmp_path):
+    """tcp::PORT is every address (as in QEMU); tcp:HOST:PORT only HOST."""
+    port, qany, qone = free_port(), free_port(), free_port()
+    dst = run.start("any", *ARGS, "--incoming", f"tcp::{port}", "--qmp", f"tcp::{qany}",
+                    "--qmp", f"tcp:127.0.0.1:{qone}")
+    assert dst.cmd("x-query-host")["incoming"] in (f"tcp:[::]:{port}", f"tcp:0.0.0.0:{port}")
+    assert qmp_greets(("127.0.0.2", qany)) and qmp_greets(("127.0.0.1", qone))
+    assert not qmp_greets(("127.0.0.2", qone))  # bound to 127.0.0.1 alone
+    src = run.start("from", *ARGS)
+    src.cmd("migrate", uri=f"tcp::{port}")
+    info = src.wait_migration(30)
+    assert info["status"] == "failed" and "names no host to connect to" in info["error-desc"], info
+    src.wait_status("running", 10)
+    src.cmd("migrate", uri=f"tcp:127.0.0.2:{port}")
+    assert src.wait_migration(60)["status"] == "completed"
+    dst.wait_status("running", 30)
+    result = replay_matches(dst, tmp_path)
+    assert result["ram_equal"] and result["vcpu_equal"], result
