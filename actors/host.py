@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from livemig.machine.ram import GuestRam, fill_ram, layout
 from livemig.machine.workload import WorkloadSpec
+from livemig.protocol.transport import TransportError, parse_uri
 
 # Started in this order; the monitor only once the coordinator answers: a
 # client that meets QMP finds the guest ready (and its incoming socket
@@ -221,6 +222,17 @@ class HostSpec:
     devices: list[dict] = field(default_factory=list)  # --device: {"driver", "id"}
 
 
+def check_incoming(uri: str, fds: list[int]) -> None:
+    """Refuse a malformed --incoming before anything starts (the receiver
+    checks it again; binding is its to try)."""
+    try:
+        parsed = parse_uri(uri)
+    except TransportError as exc:
+        raise HostError(str(exc)) from None
+    if parsed.scheme == "fd" and int(parsed.target) not in fds:
+        raise HostError(f"descriptor {parsed.target} was not passed to this host (--fd)")
+
+
 class Host:
     def __init__(self, spec: HostSpec) -> None:
         workload = WorkloadSpec.parse(spec.workload)  # refuse a bad spec before creating anything
@@ -230,6 +242,8 @@ class Host:
             raise ValueError(f"workload {workload.kind} runs on one vCPU (vCPU 0 owns the drives)")
         if spec.name in ("", ".", "..") or "/" in spec.name or "\0" in spec.name:
             raise HostError(f"host name {spec.name!r} cannot name a directory")
+        if spec.incoming and spec.incoming != "defer":
+            check_incoming(spec.incoming, spec.fds)
         self.spec = spec
         self.rundir = host_dir(spec.name)
         if len(os.path.join(self.rundir, "block_sender.sock").encode()) > SOCKET_PATH_MAX:
@@ -476,7 +490,11 @@ def qmp_address(addr: str) -> str | tuple[str, int]:
 def run_host(spec: HostSpec, announce) -> int:
     """Run a host until it is told to quit. A host that cannot start says why
     in one line on stderr and returns 1, having removed what it created."""
-    host = Host(spec)
+    try:
+        host = Host(spec)
+    except HostError as exc:
+        print(f"livemig host {spec.name}: {exc}", file=sys.stderr)
+        return 1
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt

@@ -19,6 +19,10 @@ from livemig.tools.launch import HostProcess, free_port
 from tests.conftest import guest_args, replay_matches, tagged_pids
 
 ARGS = guest_args(ram="16M", workload="memtouch:rate=1M,wss=2M")
+# Errors come within 10 s; on a machine loaded far past its cores (a start-up
+# is a dozen Python processes) the same CPU time takes longer.
+LOADED = os.getloadavg()[0] > 4 * (os.cpu_count() or 1)
+WITHIN = 30 if LOADED else 10
 
 
 @pytest.fixture
@@ -40,7 +44,7 @@ def run(tmp_path, hosts):
         def host_cmd(self, name: str, *args: str) -> list[str]:
             return [sys.executable, "-P", "-m", "livemig.cli.main", "host", "--name", name, *args]
 
-        def refused(self, name: str, *args: str, timeout: float = 10) -> tuple[str, float]:
+        def refused(self, name: str, *args: str, timeout: float = 60) -> tuple[str, float]:
             """Run a host that must fail: its one line on stderr, and how long it took."""
             t0 = time.monotonic()
             done = subprocess.run(self.host_cmd(name, *args), env={**os.environ, **env}, capture_output=True,
@@ -97,7 +101,7 @@ def test_second_host_of_a_name_is_refused_and_touches_nothing(run):
     before = {p: (run.root / p).stat().st_ino for p in run.left()}
     line, took = run.refused("a", *ARGS)
     assert "a host named 'a' is already running" in line and f"pid {a.info['pid']}" in line, line
-    assert took < 10, took
+    assert took < WITHIN, took
     after = {p: (run.root / p).stat().st_ino for p in run.left()}
     assert after == before  # not one file of the running host's touched
     works(a)
@@ -148,7 +152,7 @@ def test_bad_incoming_is_one_line_and_exit_1(run, busy_port, uri, cause):
     uri = uri.format(busy=busy_port, free=free_port())
     line, took = run.refused("bad", *ARGS, "--incoming", uri)
     assert cause in line and line.startswith("livemig host bad: "), line
-    assert took < 10, took
+    assert took < WITHIN, took
     assert not [p for p in run.left() if p.startswith("bad")], run.left()
     assert shm("bad") == []
     works(other)
@@ -156,9 +160,9 @@ def test_bad_incoming_is_one_line_and_exit_1(run, busy_port, uri, cause):
 
 def test_unusable_qmp_and_events_are_one_line(run, busy_port):
     line, took = run.refused("q", *ARGS, "--qmp", f"tcp:127.0.0.1:{busy_port}")
-    assert "address already in use" in line.lower() and took < 10, line
+    assert "address already in use" in line.lower() and took < WITHIN, line
     line, took = run.refused("e", *ARGS, "--events", f"tcp://127.0.0.1:{busy_port}")
-    assert "address already in use" in line.lower() and took < 10, line
+    assert "address already in use" in line.lower() and took < WITHIN, line
     assert run.left() == []
 
 
@@ -175,13 +179,13 @@ def test_supervisor_killed_at_start_up_leaves_nothing(run, hosts, after):
     proc.wait(10)
     t0 = time.monotonic()
     while set(tagged_pids(hosts.tag)) - keep:
-        assert time.monotonic() - t0 < 10, set(tagged_pids(hosts.tag)) - keep
+        assert time.monotonic() - t0 < WITHIN, set(tagged_pids(hosts.tag)) - keep
         time.sleep(0.05)
     deadline = time.monotonic() + 5
     while "k" in run.left() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert [p for p in run.left() if p.startswith("k")] == [], run.left()
-    assert time.monotonic() - t0 < 10
+    assert time.monotonic() - t0 < WITHIN
     assert shm("k") == []
     works(other)
     # and the name is free again
@@ -245,7 +249,7 @@ def planted_host(run, tmp_path, plant) -> str:
     plant(run.root, outside)
     before = sorted(os.listdir(outside))
     line, took = run.refused("p", *ARGS)
-    assert took < 10
+    assert took < WITHIN
     assert sorted(os.listdir(outside)) == before and (outside / "victim").read_text() == "keep me"
     return line
 
