@@ -10,6 +10,7 @@ socket, is kept in order by the coordinator waiting for its marks.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ import zmq
 
 from livemig.actors.base import Client, HostConfig, Server, actor_main
 from livemig.machine.ram import PAGE_SIZE, GuestRam
-from livemig.protocol import savevm
+from livemig.protocol import postcopy, savevm
 from livemig.protocol.messages import Message
 from livemig.protocol.ram import NORMAL_RECORD, ZERO_RECORD, ram_eos
 
@@ -94,6 +95,21 @@ class RamSender:
         out["mark"] = self.mark()
         return out
 
+    def on_postcopy_discard(self, _msg: Message) -> dict:
+        """At the switch to post-copy: RAM_DISCARD for every page dirty now (the
+        destination may hold an old copy of it); returns how many pages."""
+        for b in self.ram.blocks:
+            self.emit(*postcopy.discard_pages(b.name, self.dirty[b.first_page:b.first_page + b.pages]))
+        return {"pages": int(np.count_nonzero(self.dirty))}
+
+    def on_postcopy_push(self, msg: Message) -> dict:
+        """Hand what is left to the writer, which sends it as the destination asks."""
+        self.data.send_multipart([b"postcopy", np.packbits(self.dirty, bitorder="little").tobytes(),
+                                  json.dumps(msg.data).encode()])
+        left = int(np.count_nonzero(self.dirty))
+        self.dirty[:] = False
+        return {"pages": left}
+
     def on_cleanup(self, _msg: Message) -> dict:
         self.dirty[:] = False
         return {}
@@ -112,7 +128,6 @@ class RamSender:
         normal = zeros = wire = 0
         candidates = np.flatnonzero(self.dirty)
         pos = 0
-        pages = self.ram.pages
         while pos < len(candidates) and (budget == 0 or wire < budget):
             want = BATCH_PAGES
             if budget:
@@ -124,20 +139,7 @@ class RamSender:
                 batch = batch[blocks == blocks[0]]
             pos += len(batch)
             self.dirty[batch] = False  # cleared before reading: a later write re-dirties it
-            # Holes of the RAM file are zero without a look (a look would back them).
-            is_zero = self.ram.holes(batch)
-            data = np.flatnonzero(~is_zero)
-            if len(data):
-                held = batch[data]
-                # Most non-zero pages show it in their first word; check the rest in
-                # full. A run of consecutive pages is read through a strided view.
-                first, last = int(held[0]), int(held[-1])
-                words = pages[first:last + 1, :8] if last - first + 1 == len(held) else pages[held, :8]
-                zero = words.view(np.uint64)[:, 0] == 0
-                if zero.any():
-                    idx = np.flatnonzero(zero)
-                    zero[idx] = ~pages[held[idx]].any(axis=1)
-                is_zero[data] = zero
+            is_zero = self.ram.zero_pages(batch)
             block = self.ram.blocks[int(blocks[0])]
             self.data.send_multipart(
                 [b"pages", block.name.encode(), str(block.first_page).encode(),
@@ -153,7 +155,8 @@ class RamSender:
 def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     sender = RamSender(cfg, ctx)
     server = Server(ctx, cfg.endpoint("ram_sender"), "ram_sender")
-    handlers = {"emit": sender.on_emit, "setup": sender.on_setup, "sync": sender.on_sync,
+    handlers = {"postcopy_discard": sender.on_postcopy_discard, "postcopy_push": sender.on_postcopy_push,
+                "emit": sender.on_emit, "setup": sender.on_setup, "sync": sender.on_sync,
                 "iterate": sender.on_iterate, "cleanup": sender.on_cleanup,
                 "ping": lambda _m: {}}
     while True:

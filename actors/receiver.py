@@ -5,6 +5,7 @@ source on the return path only once the coordinator says the guest resumed."""
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -12,12 +13,13 @@ import time
 
 import zmq
 
-from livemig.actors.base import ActorError, HostConfig, Notices, Server, actor_main
+from livemig.actors.base import ActorError, Client, HostConfig, Notices, Server, actor_main, log
+from livemig.actors.postcopy import IncomingPages
 from livemig.block import BlockError, open_image
 from livemig.block.image import Image
 from livemig.machine.profile import profile
-from livemig.machine.ram import GuestRam
-from livemig.protocol import blockmig, returnpath, savevm
+from livemig.machine.ram import PAGE_SIZE, GuestRam
+from livemig.protocol import blockmig, postcopy, returnpath, savevm
 from livemig.protocol.devices import (
     DEVICES,
     DIGEST_SECTION,
@@ -54,6 +56,11 @@ class Receiver:
         self.notices = Notices(ctx, "receiver")
         self.injected: str | None = None
         self.timeout = 30.0
+        self.postcopy_enabled = False  # capability postcopy-ram on this side (the coordinator sets it)
+        self.pages: IncomingPages | None = None  # while the guest runs here and pages still arrive
+        self.rp_lock = threading.Lock()  # the loader (PONG, SHUT) and the fault thread (requests) both write
+        self.vcpu_clients: dict[str, Client] = {}
+        self.package_start = 0  # reader offset where the PACKAGED blob began
 
     def notify(self, mtype: str, data: dict) -> None:
         self.notices.post(mtype, data)
@@ -75,6 +82,18 @@ class Receiver:
         self.thread = threading.Thread(target=self.incoming, daemon=True)
         self.thread.start()
         return {"uri": self.listener.actual_uri}
+
+    def on_configure(self, msg: Message) -> dict:
+        self.postcopy_enabled = bool(msg.data.get("postcopy"))
+        return {}
+
+    def on_stats(self, _msg: Message) -> dict:
+        pages = self.pages
+        return pages.stats() if pages is not None else {}
+
+    def rp_write(self, channel: Channel, data: bytes) -> None:
+        with self.rp_lock:
+            channel.write(data)
 
     def on_inject(self, msg: Message) -> dict:
         """Testing aid (x-fault on the destination): break the incoming stream."""
@@ -171,16 +190,26 @@ class Receiver:
             self.source_listens = True
 
         def pong(value: int) -> None:
-            channel.write(returnpath.pong(value))
+            self.rp_write(channel, returnpath.pong(value))
+
+        pc = postcopy.IncomingPostcopy({b.name: b.size for b in self.ram.blocks}, self.postcopy_enabled)
+
+        def command(cmd: int, data: bytes, r: savevm.BufferedReader) -> None:
+            self.postcopy_command(pc, cmd, data, r, loader, channel, states)
 
         loader = savevm.StreamLoader(
             RamLoader(blocks, zeroed=self.fresh), loaders, machine=self.cfg["guest"]["machine"],
             live={"block": block_loader}, on_return_path=listens,
-            on_ping=pong if channel.has_return_path else None)
+            on_ping=pong if channel.has_return_path else None, on_command=command)
         self.fresh = False  # whatever happens to this stream, the RAM is no longer known zero
         reader = savevm.BufferedReader(self.read_into(channel))
         try:
             result = loader.load(reader, read_trailer=not channel.has_return_path)
+            if pc.in_package:
+                raise savevm.StreamError("stream ended inside a PACKAGED blob")
+            if pc.state is postcopy.State.RUNNING:
+                self.finish_postcopy(channel, reader.consumed)
+                return
             if channel.has_return_path:
                 channel.settimeout(5)
                 try:
@@ -197,11 +226,18 @@ class Receiver:
             disk = {"transferred": block_loader.bytes, "remaining": 0,
                     "total": sum(img.size for img in images.values())} if images else None
             self.close_images(images)
-        except (savevm.StreamError, OSError, BlockError) as exc:
+        except (savevm.StreamError, OSError, BlockError, ActorError) as exc:
             self.close_images(images)
             desc = str(exc) if isinstance(exc, savevm.StreamError) else f"incoming stream failed: {exc}"
             if self.injected in ("fail", "reset"):
                 desc = f"injected fault: {self.injected} ({desc})"
+            if pc.state is postcopy.State.RUNNING:
+                # The guest runs here on a memory split between the hosts: it
+                # waits on its missing pages; nothing is lost while both live.
+                self.close_channel()
+                self.notify("postcopy-paused", {"desc": desc, "bytes": reader.consumed})
+                return
+            self.end_postcopy()
             self.reply_source(channel, 1, desc)
             self.close_channel()
             self.notify("failed", {"desc": desc, "bytes": reader.consumed})
@@ -221,6 +257,90 @@ class Receiver:
             "seconds": time.monotonic() - t0})
         self.finish.wait(300)
         self.close_channel()
+
+    # post-copy ---------------------------------------------------------------
+    def postcopy_command(self, pc: postcopy.IncomingPostcopy, cmd: int, data: bytes, r: savevm.BufferedReader,
+                         loader: savevm.StreamLoader, channel: Channel, states: dict) -> None:
+        handler = pc.handler(cmd)
+        if handler is None:
+            raise savevm.StreamError(f"unsupported stream command {cmd} ({savevm.COMMAND_NAMES[cmd]})")
+        result = handler(data)
+        if cmd == postcopy.CMD_ADVISE and result is not None:
+            # As QEMU: every page is a hole until it is received, so that a
+            # page a vCPU touches is either there or faults.
+            self.ram.discard(0, self.ram.pages.shape[0])
+            if loader.ram is not None:
+                loader.ram.known_zero = None  # zero pages must be written: a hole means "not received"
+        elif cmd == postcopy.CMD_RAM_DISCARD:
+            block = self.ram.block(result.block)
+            for start, length in result.ranges:
+                self.ram.discard(block.first_page + start // PAGE_SIZE, length // PAGE_SIZE)
+        elif cmd == postcopy.CMD_PACKAGED:
+            self.package_start = r.consumed
+        elif cmd == postcopy.CMD_LISTEN:
+            self.start_postcopy(channel)
+            assert self.pages is not None
+            loader.live["ram"] = postcopy.PostcopyRamLoader(
+                {b.name: b.pages for b in self.ram.blocks}, self.pages.place, self.pages.place_zero)
+        elif cmd == postcopy.CMD_RUN:
+            if pc.in_package:
+                pc.end_package(r.consumed - self.package_start)
+            self.notify("postcopy-run", self.guest_states(states))
+        else:
+            raise savevm.StreamError(f"{savevm.COMMAND_NAMES[cmd]} outside a post-copy recovery")
+
+    def start_postcopy(self, channel: Channel) -> None:
+        """LISTEN: the vCPUs register their mappings; faults are served from now on."""
+        if not channel.has_return_path or not self.source_listens:
+            raise savevm.StreamError("post-copy needs a return path, and the source opened none")
+        path = os.path.join(self.cfg["rundir"], "uffd.sock")
+        pages = IncomingPages(self.ram, path, lambda msg: self.rp_write(channel, msg))
+        self.pages = pages
+        clients = {f"vcpu{i}": Client(self.ctx, self.cfg.endpoint(f"vcpu{i}"), "receiver")
+                   for i in range(self.vcpus)}
+        self.vcpu_clients = clients
+
+        def register(name: str, at: str) -> None:
+            clients[name].call("postcopy_register", {"path": at, "name": name}, timeout=10)
+
+        pages.collect(list(clients), register)
+        pages.start()
+
+    def guest_states(self, states: dict) -> dict:
+        vcpu_states = states.get(VCPU_SECTION, {})
+        missing = sorted(set(range(self.vcpus)) - set(vcpu_states))
+        if self.profile.has_vcpus and missing:
+            raise savevm.StreamError(f"stream has no state for vCPUs {missing}")
+        return {"vcpus": [vcpu_states[i] for i in sorted(vcpu_states)],
+                "runstate": states.get("globalstate", {}).get(0),
+                "devices": {name: st.get(0) for name, st in states.items()
+                            if name not in (VCPU_SECTION, SWITCHOVER_SECTION, "globalstate")}}
+
+    def finish_postcopy(self, channel: Channel, consumed: int) -> None:
+        """EOF after RUN: every page is here. Tell the source (SHUT 0) and let go."""
+        assert self.pages is not None
+        stats = self.pages.stats()
+        error = self.pages.error
+        self.reply_source(channel, 0 if not error and not stats["missing"] else 1,
+                          error or (f"{stats['missing']} pages never arrived" if stats["missing"] else ""))
+        stats["bytes"] = consumed
+        if error:
+            stats["error"] = error
+        self.end_postcopy()
+        self.close_channel()
+        self.notify("postcopy-done", stats)
+
+    def end_postcopy(self) -> None:
+        pages, self.pages = self.pages, None
+        clients, self.vcpu_clients = self.vcpu_clients, {}
+        for client in clients.values():
+            try:
+                client.call("postcopy_end", timeout=5)
+            except ActorError as exc:
+                log.warning("post-copy end: %s", exc)
+            client.close()
+        if pages is not None:
+            pages.close()
 
     def block_target(self, name: str, images: dict[str, Image]) -> blockmig.BlockTarget | None:
         """Block migration writes a drive through an image the receiver opens
@@ -248,7 +368,7 @@ class Receiver:
         if not channel.has_return_path or not self.source_listens:
             return
         try:
-            channel.write(returnpath.shut(rc, desc))
+            self.rp_write(channel, returnpath.shut(rc, desc))
         except OSError:
             pass
 
@@ -261,7 +381,8 @@ class Receiver:
 def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     receiver = Receiver(cfg, ctx)
     server = Server(ctx, cfg.endpoint("receiver"), "receiver")
-    server.serve_forever({"listen": receiver.on_listen, "finish": receiver.on_finish,
+    server.serve_forever({"configure": receiver.on_configure, "stats": receiver.on_stats,
+                          "listen": receiver.on_listen, "finish": receiver.on_finish,
                           "inject": receiver.on_inject, "ping": lambda _m: {}}, receiver.notices)
 
 

@@ -17,6 +17,7 @@ from livemig.machine.dirtyrate import DirtyMeter
 from livemig.machine.disk import Disk, DriveSpec
 from livemig.machine.ram import GuestRam
 from livemig.machine.throttle import Pacer
+from livemig.machine.userfaultfd import Userfaultfd, register_and_send
 from livemig.machine.workload import Workload, WorkloadSpec
 from livemig.protocol.messages import Message
 
@@ -37,6 +38,7 @@ class Vcpu:
         if index == 0:
             for d in cfg["drives"]:
                 self.disks.append(Disk(DriveSpec(**d), inactive=bool(cfg["incoming"])))
+        self.uffd: Userfaultfd | None = None  # while post-copy serves our faults
         self.measure = DirtyMeter(self.ram.pages.shape[0])
         self.running = False
         self.pacer = Pacer(spec.steps_per_second)
@@ -162,6 +164,25 @@ class Vcpu:
             raise ActorError(f"cannot activate drives: {exc}") from None
         return {}
 
+    def postcopy_register(self, msg: Message) -> dict:
+        """Post-copy starts here: register our own mapping of the RAM with a
+        userfaultfd (a uffd serves only its creator's mm) and hand it to the
+        receiver, which places pages and wakes us when we touch a missing one."""
+        if self.uffd is not None:
+            raise ActorError("this vCPU is already registered for post-copy")
+        try:
+            self.uffd = register_and_send(msg.data["path"], self.ram.bytes.ctypes.data, self.ram.size,
+                                          msg.data["name"])
+        except OSError as exc:
+            raise ActorError(f"cannot register guest RAM for post-copy: {exc}") from None
+        return {}
+
+    def postcopy_end(self, _msg: Message) -> dict:
+        if self.uffd is not None:
+            self.uffd.close()
+            self.uffd = None
+        return {}
+
     def get_state(self, _msg: Message) -> dict:
         return self.workload.registers
 
@@ -186,6 +207,7 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
                 "drives_activate": vcpu.drives_activate, "throttle": vcpu.throttle,
                 "dirty_limit": vcpu.dirty_limit, "pace": vcpu.pace,
                 "measure_start": vcpu.measure_start, "measure_stop": vcpu.measure_stop,
+                "postcopy_register": vcpu.postcopy_register, "postcopy_end": vcpu.postcopy_end,
                 "ping": lambda _m: {"step": vcpu.workload.step}}
     while True:
         # Serve everything pending, then run the steps that are due.

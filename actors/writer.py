@@ -8,6 +8,9 @@ write that is blocked on a stalled peer.
 
 from __future__ import annotations
 
+import json
+import socket
+import struct
 import threading
 import time
 
@@ -15,14 +18,19 @@ import numpy as np
 import zmq
 
 from livemig.actors.base import ActorError, HostConfig, Notices, Server, actor_main
-from livemig.machine.ram import GuestRam
-from livemig.protocol import returnpath
+from livemig.actors.postcopy import Pusher
+from livemig.machine.ram import PAGE_SIZE, GuestRam
+from livemig.protocol import postcopy, returnpath, savevm
 from livemig.protocol.devices import SWITCHOVER_GO
 from livemig.protocol.messages import Message
-from livemig.protocol.ram import PageEncoder, PageVectors
+from livemig.protocol.ram import PageEncoder, PageVectors, ram_eos
 from livemig.protocol.transport import Channel, TransportError, connect, parse_uri
 
 BATCH_PAGES = 512
+# Post-copy: small sections and a small send buffer, so that an asked-for page
+# waits behind little background data (QEMU 7.2 shares one channel the same way).
+POSTCOPY_BATCH = 32
+POSTCOPY_SNDBUF = 256 << 10
 
 
 class Writer:
@@ -38,6 +46,11 @@ class Writer:
         self.error: str | None = None
         self.lock = threading.Lock()
         self.notices = Notices(ctx, "writer")
+        self.pusher: Pusher | None = None
+        self.postcopy_bytes = 0
+        self.rp_thread: threading.Thread | None = None
+        self.shut: dict | None = None  # the destination's SHUT, as the return-path thread read it
+        self.shut_event = threading.Event()
 
     # data thread -----------------------------------------------------------
     def data_loop(self) -> None:
@@ -58,6 +71,8 @@ class Writer:
                         self.write(p.buffer)
                 elif kind == b"pages":
                     self.write_pages(parts)
+                elif kind == b"postcopy":
+                    self.run_postcopy(parts)
                 elif kind == b"mark":
                     self.notices.post("mark", {"mark": parts[1].bytes.decode(), "bytes": self.written,
                                                "error": self.error})
@@ -85,6 +100,97 @@ class Writer:
         for item in self.encoder.encode(block.name, pages, self.ram.block_pages(block), zero):
             self.write(item)
 
+    # post-copy -------------------------------------------------------------
+    def run_postcopy(self, parts: list) -> None:
+        """Send what the destination lacks: asked-for pages first, the rest in
+        the background within max-postcopy-bandwidth, in small RAM sections."""
+        params = json.loads(parts[2].bytes)
+        dirty = np.unpackbits(np.frombuffer(parts[1].buffer, np.uint8), count=self.ram.pages.shape[0],
+                              bitorder="little").view(np.bool_)
+        pusher = Pusher(dirty, self.ram.blocks)
+        self.pusher = pusher
+        channel = self.channel
+        if channel is None or self.error is not None:
+            return
+        if channel.sock is not None and channel.sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+            channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SNDBUF)
+        self.start_return_path(channel)
+        sid, limit = params["section_id"], params.get("bandwidth", 0)
+        start, sent = time.monotonic(), 0
+        while self.error is None and self.shut is None:
+            batch = pusher.next_batch(POSTCOPY_BATCH)
+            if batch is None:
+                break
+            block, idx, asked = batch
+            before = self.written
+            self.encoder.new_section()
+            self.write(savevm.section_part(savevm.SECTION_PART, sid))
+            pages = self.ram.block_pages(block)
+            for item in self.encoder.encode(block.name, idx.astype(np.uint32), pages,
+                                            self.ram.zero_pages(idx + block.first_page)):
+                self.write(item)
+            self.write(ram_eos() + savevm.footer(sid))
+            sent += self.written - before
+            self.postcopy_bytes += self.written - before
+            if limit and not asked:
+                ahead = start + sent / limit - time.monotonic()
+                if ahead > 0:
+                    pusher.wait_request(ahead)
+        self.notices.post("postcopy-sent", self.postcopy_stats())
+
+    def postcopy_stats(self) -> dict:
+        p = self.pusher
+        if p is None:
+            return {}
+        return {"postcopy-requests": p.requests, "postcopy-bytes": self.postcopy_bytes,
+                "requested-pages": p.requested_pages, "background-pages": p.background_pages,
+                "remaining": p.remaining() * PAGE_SIZE}
+
+    def start_return_path(self, channel: Channel) -> None:
+        if self.rp_thread is None:
+            self.shut, self.shut_event = None, threading.Event()
+            self.rp_thread = threading.Thread(target=self.read_return_path, args=(channel,), daemon=True)
+            self.rp_thread.start()
+
+    def read_return_path(self, channel: Channel) -> None:
+        """The return path while post-copy runs: page requests go to the pusher
+        at once; the destination's SHUT ends it."""
+        requests = postcopy.PageRequests({b.name: b.size for b in self.ram.blocks})
+        buf = bytearray(65536 + 4)
+        view = memoryview(buf)
+        have = 0
+        try:
+            while True:
+                try:
+                    got = channel.read_into(view[have:])
+                except TimeoutError:
+                    continue  # a destination that needs nothing asks for nothing
+                if not got:
+                    raise savevm.StreamError("destination closed the return path")
+                have += got
+                while have >= 4:
+                    mtype, length = struct.unpack_from(">HH", buf)
+                    if have < 4 + length:
+                        break
+                    body = bytes(view[4:4 + length])
+                    buf[:have - 4 - length] = buf[4 + length:have]
+                    have -= 4 + length
+                    if mtype == returnpath.RP_SHUT and length >= 4:
+                        self.shut = {"shut": struct.unpack(">I", body[:4])[0], "at": time.time(),
+                                     "desc": body[4:].decode(errors="replace")}
+                        return
+                    if mtype in (postcopy.RP_REQ_PAGES, postcopy.RP_REQ_PAGES_ID) and self.pusher is not None:
+                        self.pusher.request(requests.parse(mtype, body))
+        except (OSError, savevm.StreamError) as exc:
+            desc = str(exc) if isinstance(exc, savevm.StreamError) else f"return path failed: {exc.strerror or exc}"
+            self.shut = {"shut": None, "desc": desc}
+            self.notices.post("return-path-failed", {"desc": desc})
+        finally:
+            self.shut_event.set()
+            if self.pusher is not None:
+                with self.pusher.cond:
+                    self.pusher.cond.notify_all()
+
     # control ---------------------------------------------------------------
     def on_connect(self, msg: Message) -> dict:
         if self.channel is not None:
@@ -102,6 +208,7 @@ class Writer:
         channel.settimeout(msg.data.get("timeout", 30_000) / 1000)
         with self.lock:
             self.written, self.error = 0, None
+            self.pusher, self.postcopy_bytes, self.rp_thread, self.shut = None, 0, None, None
             self.channel = channel
         return {"return_path": channel.has_return_path}
 
@@ -110,6 +217,10 @@ class Writer:
         channel = self.channel
         if channel is None or not channel.has_return_path:
             raise ActorError("no return path on this channel")
+        if self.rp_thread is not None:  # post-copy: its own thread reads the return path
+            if not self.shut_event.wait(msg.data.get("timeout", 30)):
+                return {"shut": None, "desc": "destination did not answer on the return path in time"}
+            return self.shut
         channel.settimeout(msg.data.get("timeout", 30))
         try:
             shut = returnpath.read_shut(channel.sock.recv)
@@ -163,7 +274,8 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     threading.Thread(target=writer.data_loop, daemon=True).start()
     server.serve_forever({"connect": writer.on_connect, "close": writer.on_close, "abort": writer.on_abort,
                           "await_return": writer.on_await_return, "confirm": writer.on_confirm,
-                          "stats": lambda _m: {"bytes": writer.written}, "ping": lambda _m: {}},
+                          "stats": lambda _m: {"bytes": writer.written, **writer.postcopy_stats()},
+                          "ping": lambda _m: {}},
                          writer.notices)
 
 

@@ -3,6 +3,7 @@ the guest's vCPUs and the migration actors all map."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import mmap
@@ -127,6 +128,34 @@ class GuestRam:
         hole[idx] = ~backed[pages[idx]]
         return hole
 
+    def discard(self, first: int, count: int) -> None:
+        """Punch pages [first, first+count) out of the RAM file: they read as
+        missing again (post-copy re-fetches them) and are unmapped everywhere."""
+        if first < 0 or count < 0 or first + count > self.pages.shape[0]:
+            raise ValueError(f"pages {first}+{count} beyond RAM of {self.pages.shape[0]} pages")
+        if count:
+            _punch_hole(self.fd, first * PAGE_SIZE, count * PAGE_SIZE)
+            self._backed[first:first + count] = False
+
+    def zero_pages(self, batch: np.ndarray) -> np.ndarray:
+        """Bool mask: which of these sorted page indexes hold only zeros.
+        Holes are zero without a look (a look would back them); most other
+        pages show data in their first word, and only the rest are read in
+        full. A run of consecutive pages is read through a strided view."""
+        is_zero = self.holes(batch)
+        data = np.flatnonzero(~is_zero)
+        if len(data):
+            held = batch[data]
+            first, last = int(held[0]), int(held[-1])
+            pages = self.pages
+            words = pages[first:last + 1, :8] if last - first + 1 == len(held) else pages[held, :8]
+            zero = words.view(np.uint64)[:, 0] == 0
+            if zero.any():
+                idx = np.flatnonzero(zero)
+                zero[idx] = ~pages[held[idx]].any(axis=1)
+            is_zero[data] = zero
+        return is_zero
+
     def all_holes(self) -> bool:
         """True when no page was ever written: the RAM is known to be zero."""
         return not self.data_ranges()
@@ -159,6 +188,18 @@ class GuestRam:
             self.map.close()
         except BufferError:
             pass  # a caller still holds a view; the mapping goes with the process
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot discard RAM at {offset:#x}+{length:#x}: {os.strerror(err)}")
 
 
 def fill_ram(data: np.ndarray, fill: str, seed: int) -> None:

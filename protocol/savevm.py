@@ -237,7 +237,10 @@ class StreamLoader:
                  machine: str | None = None,
                  on_return_path: Callable[[], None] | None = None,
                  live: dict[str, LiveLoader] | None = None,
-                 on_ping: Callable[[int], None] | None = None) -> None:
+                 on_ping: Callable[[int], None] | None = None,
+                 on_command: Callable[[int, bytes, BufferedReader], None] | None = None) -> None:
+        """on_command: the other commands (post-copy's), with the reader so that
+        a PACKAGED blob can be bounded; without it they are refused."""
         self.ram = ram
         self.devices = devices
         self.live: dict[str, LiveLoader] = dict(live or {})
@@ -246,6 +249,7 @@ class StreamLoader:
         self.machine = machine
         self.on_return_path = on_return_path
         self.on_ping = on_ping
+        self.on_command = on_command
         self.return_path = False  # the source asked for answers on the return path
         self.open_sections: dict[int, tuple[str, int]] = {}  # section id -> (idstr, version)
         self.refusal: str | None = None  # the stream is refused; reading on only to say more
@@ -344,6 +348,8 @@ class StreamLoader:
                 raise StreamError("PING command received with no return path open")
             if self.on_ping:
                 self.on_ping(_be32.unpack(data)[0])
+        elif self.on_command is not None and cmd in COMMAND_NAMES:
+            self.on_command(cmd, data, r)
         else:
             name = COMMAND_NAMES.get(cmd, "unknown")
             raise StreamError(f"unsupported stream command {cmd} ({name})")

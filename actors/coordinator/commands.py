@@ -264,6 +264,8 @@ class Commands:
         """Status and statistics of the current or last migration ({} before any), and what
         blocks a new one."""
         info = self.mig.info()
+        if self.mig.incoming and self.mig.status.startswith("postcopy") or self.mig.postcopy:
+            info.update(await self.postcopy_info())
         if "ram" in info:
             info["ram"] = {**dict.fromkeys(RAM_STATS, 0), **info["ram"]}
         if self.blockers and not self.mig.incoming:
@@ -325,6 +327,19 @@ class Commands:
                                  f"'{item['capability']}'")
             new[item["capability"]] = item["state"]
         self.capabilities = new
+        # The destination checks postcopy-ram when the source's ADVISE arrives.
+        await self.receiver.call("configure", {"postcopy": new["postcopy-ram"]})
+        return {}
+
+    @command("migrate-start-postcopy")
+    async def cmd_migrate_start_postcopy(self) -> dict:
+        """Switch the running migration to post-copy: the guest moves to the destination
+        at the next chance and its pages follow on demand (needs capability postcopy-ram)."""
+        if not self.capabilities.get("postcopy-ram"):
+            raise ActorError("Enable postcopy with migrate_set_capability before the start of migration")
+        if self.mig.incoming or self.mig.status == "none":
+            raise ActorError("Postcopy must be started after migration has been started")
+        self.mig.postcopy_requested = True
         return {}
 
     @command("migrate_set_speed")

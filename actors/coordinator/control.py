@@ -17,6 +17,7 @@ from livemig.actors.coordinator.faults import Faults
 from livemig.actors.coordinator.incoming import Incoming
 from livemig.actors.coordinator.options import DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS
 from livemig.actors.coordinator.outgoing import Outgoing
+from livemig.actors.coordinator.postcopy import Postcopy
 from livemig.actors.coordinator.state import MigrationState
 from livemig.machine.profile import profile
 from livemig.machine.ram import GuestRam
@@ -27,7 +28,7 @@ from livemig.protocol.messages import Message
 MIGRATION_ACTORS = ("writer", "ram_sender", "block_sender")
 
 
-class Coordinator(Commands, Outgoing, Incoming, Faults):
+class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults):
     def __init__(self, cfg: HostConfig, ctx: zmq.asyncio.Context) -> None:
         self.cfg = cfg
         self.ctx = ctx

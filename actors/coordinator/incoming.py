@@ -36,6 +36,12 @@ class Incoming:
                 self.stop_event.set()
         elif msg.type == "loaded":
             await self.finish_incoming(msg.data)
+        elif msg.type == "postcopy-run":
+            await self.postcopy_run(msg.data)
+        elif msg.type == "postcopy-done":
+            self.postcopy_done(msg.data)
+        elif msg.type == "postcopy-paused":
+            self.postcopy_paused(msg.data)
 
     async def finish_incoming(self, data: dict) -> None:
         """The whole stream is in: load vCPU state, re-read disk metadata, run."""
@@ -99,6 +105,7 @@ class Incoming:
         self.mig.set(MigrationStatus.SETUP)
         self.publish(ev.MIGRATION, {"status": MigrationStatus.SETUP.value}, qmp=True)  # QEMU emits this one ungated
         try:
+            await self.receiver.call("configure", {"postcopy": self.capabilities["postcopy-ram"]})
             reply = await self.receiver.call("listen", {"uri": uri, "timeout": self.parameters["x-transport-timeout"]})
         except ActorError as exc:
             self.mig.set(MigrationStatus.FAILED)

@@ -8,6 +8,7 @@ DEFAULT_PARAMETERS = {
     "avail-switchover-bandwidth": 0,
     # testing aids (docs/reliability.md): a fault to inject, "POINT:ACTION", and how
     # long a connected transport may make no progress before the migration fails
+    "max-postcopy-bandwidth": 0,  # bytes/s for the background push in post-copy; 0 = unlimited
     "x-fault": "",
     "x-transport-timeout": 30_000,  # ms
 }
@@ -16,4 +17,7 @@ DEFAULT_CAPABILITIES = {"events": False, "return-path": True,
                         "x-skip-invalidate": False,
                         # integrity: send digests of the final RAM, checked before the guest runs
                         "x-digest": False,
-                        "pause-before-switchover": False}
+                        "pause-before-switchover": False,
+                        # the guest switches early and fetches pages on demand (both sides)
+                        "postcopy-ram": False,
+                        "postcopy-blocktime": False}

@@ -44,6 +44,8 @@ class Outgoing:
 
     # notifications --------------------------------------------------------------
     def on_writer_notice(self, msg: Message) -> None:
+        if self.on_postcopy_notice(msg):
+            return
         if msg.type == "mark":
             self.wire_bytes = msg.data["bytes"]
             producer, _, n = msg.data["mark"].partition(":")
@@ -98,6 +100,7 @@ class Outgoing:
             head = [savevm.header(), savevm.configuration(self.guest["machine"])]
             if return_path:
                 head.append(savevm.command(savevm.CMD_OPEN_RETURN_PATH))
+            head += self.postcopy_head(return_path)
             await self.wait_mark((await ram.call("emit", {"mark": True}, frames=head)).data["result"]["mark"], 60)
             if blk:
                 # QEMU registers "block" before "ram", so its sections come first.
@@ -128,6 +131,14 @@ class Outgoing:
             await self.pause_before_switchover()
             if blk:
                 await self.block_step(0, end=True)
+            if mig.postcopy_requested:
+                package = await self.postcopy_prepare(sent_runstate, stop_at)
+                if self.guest_drives:
+                    await self.vcpus[0].call("drives_inactivate", timeout=120)
+                    inactivated = True
+                await self.postcopy_start(package, stop_at)
+                await self.postcopy_finish(stop_at)
+                return
             sync = (await ram.call("sync")).data["result"]
             self.count_pass(sync)
             mig.step("synced", stop_at)
@@ -221,6 +232,8 @@ class Outgoing:
         while True:
             if self.writer_failure:
                 raise MigrationFailed(self.writer_failure)
+            if mig.postcopy_requested and (not blk or mig.block_bulk_done):
+                return  # switch to post-copy now
             disk_left = mig.disk.get("remaining", 0) if blk else 0
             if remaining + disk_left + in_flight <= threshold and (not blk or mig.block_bulk_done):
                 sync = (await self.ram_sender.call("sync")).data["result"]

@@ -34,6 +34,9 @@ class MigrationState:
     incremental: bool = False
     # Milliseconds from the stop to each step of the switchover: where a downtime went.
     switchover: dict[str, int] = field(default_factory=dict)
+    postcopy_requested: bool = False  # migrate-start-postcopy was called
+    postcopy_at: float = 0.0  # the destination resumed the guest
+    postcopy: dict | None = None  # the destination's final post-copy figures
 
     def set(self, status: MigrationStatus) -> None:
         check_migration_transition(self.status, status)
