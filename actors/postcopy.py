@@ -17,6 +17,7 @@ from livemig.machine.ram import PAGE_SIZE, BlockLayout, GuestRam
 from livemig.machine.userfaultfd import Placer, recv_uffd
 from livemig.protocol import postcopy
 from livemig.protocol.postcopy import PageRequest
+from livemig.protocol.rpc import log
 
 SCAN = 1 << 16  # pages looked at per step when searching for the next dirty run
 
@@ -60,9 +61,10 @@ class Pusher:
     def remaining(self) -> int:
         return self.left
 
-    def next_batch(self, max_pages: int) -> tuple[BlockLayout, np.ndarray, bool] | None:
+    def next_batch(self, max_pages: int, background: bool = True) -> tuple[BlockLayout, np.ndarray, bool] | None:
         """(block, page indexes within it, asked for) to send next, already
-        taken out of `dirty`; None when everything was sent."""
+        taken out of `dirty`; None when everything was sent (or, with
+        background=False, when nothing was asked for)."""
         with self.cond:
             taken: list[int] = []
             while self.urgent and len(taken) < max_pages:
@@ -79,7 +81,7 @@ class Pusher:
                 self.requested_pages += len(taken)
                 self.left -= len(taken)
                 return self._batch(np.array(taken, np.int64), True)
-            batch = self._scan(max_pages)
+            batch = self._scan(max_pages) if background else None
             if batch is None:
                 return None
             self.dirty[batch] = False
@@ -169,6 +171,7 @@ class IncomingPages:
                     self._request(page)
             except OSError as exc:
                 self.error = f"post-copy fault handling failed: {exc}"
+                log.error("%s", self.error)
                 return
 
     def _request(self, page: int) -> None:

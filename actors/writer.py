@@ -117,11 +117,16 @@ class Writer:
         self.start_return_path(channel)
         sid, limit = params["section_id"], params.get("bandwidth", 0)
         start, sent = time.monotonic(), 0
-        while self.error is None and self.shut is None:
-            batch = pusher.next_batch(POSTCOPY_BATCH)
+        while self.error is None and self.shut is None and pusher.remaining():
+            # Asked-for pages go at once; the background keeps to max-postcopy-bandwidth.
+            wait = start + sent / limit - time.monotonic() if limit else 0
+            batch = pusher.next_batch(POSTCOPY_BATCH, background=wait <= 0)
             if batch is None:
-                break
-            block, idx, asked = batch
+                if wait <= 0:
+                    break
+                pusher.wait_request(wait)
+                continue
+            block, idx, _ = batch
             before = self.written
             self.encoder.new_section()
             self.write(savevm.section_part(savevm.SECTION_PART, sid))
@@ -132,10 +137,6 @@ class Writer:
             self.write(ram_eos() + savevm.footer(sid))
             sent += self.written - before
             self.postcopy_bytes += self.written - before
-            if limit and not asked:
-                ahead = start + sent / limit - time.monotonic()
-                if ahead > 0:
-                    pusher.wait_request(ahead)
         self.notices.post("postcopy-sent", self.postcopy_stats())
 
     def postcopy_stats(self) -> dict:

@@ -441,13 +441,14 @@ class PostcopyRamLoader:
         """A run of CONTINUE full-page records in one call; False if the next record is not one."""
         if self.last is None:
             return False
-        if r.available() < NORMAL_RECORD:
+        if r.available() < 8:  # every record has 8 bytes or more: this read never waits for too much
             r.try_fill()
-            if r.available() < NORMAL_RECORD:
+            if r.available() < 8:
                 return False
         flags = struct.unpack_from(">Q", r.buf, r.start)[0] & PAGE_MASK
         if flags != RAM_PAGE | RAM_CONTINUE:
             return False
+        r.fill(NORMAL_RECORD)  # the record it announces
         n = r.available() // NORMAL_RECORD
         recs = np.frombuffer(r.buf, NORMAL_DTYPE, count=n, offset=r.start)
         bad = np.flatnonzero((recs["hdr"] & np.uint64(PAGE_MASK)) != flags)
