@@ -337,7 +337,7 @@ class Commands:
         at the next chance and its pages follow on demand (needs capability postcopy-ram)."""
         if not self.capabilities.get("postcopy-ram"):
             raise ActorError("Enable postcopy with migrate_set_capability before the start of migration")
-        if self.mig.incoming or self.mig.status == "none":
+        if self.mig.incoming or self.mig.status is MigrationStatus.NONE:
             raise ActorError("Postcopy must be started after migration has been started")
         self.mig.postcopy_requested = True
         return {}

@@ -21,7 +21,7 @@ import time
 from livemig.actors.base import ActorError, log
 from livemig.actors.coordinator.state import SID_DEVICES, SID_RAM, MigrationFailed
 from livemig.machine.ram import PAGE_SIZE
-from livemig.machine.runstate import RunState, StateError
+from livemig.machine.runstate import MigrationStatus, RunState, StateError
 from livemig.protocol import postcopy, savevm
 from livemig.protocol.devices import DEVICES, VCPU_SECTION, full_section
 from livemig.protocol.messages import Message
@@ -75,7 +75,7 @@ class Postcopy:
         mig.go_sent = True  # RUN is out: never resume the guest here
         mig.downtime = int((time.monotonic() - stop_at) * 1000)
         mig.step("package", stop_at)
-        self.set_status("postcopy-active")
+        self.set_status(MigrationStatus.POSTCOPY_ACTIVE)
         self.postcopy_sent = asyncio.get_running_loop().create_future()
         left = (await ram.call("postcopy_push", {
             "section_id": SID_RAM, "bandwidth": self.parameters["max-postcopy-bandwidth"]})).data["result"]
@@ -107,7 +107,7 @@ class Postcopy:
         mig.end = time.monotonic()
         mig.ram["remaining"] = 0
         self.set_runstate(RunState.POSTMIGRATE)
-        self.set_status("completed")
+        self.set_status(MigrationStatus.COMPLETED)
 
     def postcopy_account(self, stats: dict) -> None:
         ram = self.mig.ram
@@ -125,7 +125,7 @@ class Postcopy:
                 fut.set_result(msg.data)
             return True
         if msg.type == "return-path-failed":
-            if self.mig.status == "postcopy-active":
+            if self.mig.status is MigrationStatus.POSTCOPY_ACTIVE:
                 self.writer_failure = msg.data["desc"]
             return True
         return False
@@ -145,7 +145,7 @@ class Postcopy:
                 await self.vcpus[0].call("drives_activate", {
                     "skip_invalidate": self.capabilities["x-skip-invalidate"]}, timeout=60)
             mig.postcopy_at = time.monotonic()
-            self.set_status("postcopy-active")
+            self.set_status(MigrationStatus.POSTCOPY_ACTIVE)
             if self.cfg["autostart"] and data.get("runstate") == "running":
                 await self.set_running(True)
             else:
@@ -154,7 +154,7 @@ class Postcopy:
             # The source will not resume the guest: say so, loudly.
             log.error("post-copy: cannot run the guest here: %s", exc)
             mig.error = f"post-copy: cannot run the migrated guest: {exc}; the guest is lost"
-            self.set_status("failed")
+            self.set_status(MigrationStatus.FAILED)
 
     def postcopy_done(self, data: dict) -> None:
         mig = self.mig
@@ -164,14 +164,14 @@ class Postcopy:
         mig.end = time.monotonic()
         if data.get("error") or data.get("missing"):
             mig.error = data.get("error") or f"{data['missing']} pages never arrived"
-            self.set_status("failed")
-        elif mig.status == "postcopy-active":
-            self.set_status("completed")
+            self.set_status(MigrationStatus.FAILED)
+        elif mig.status is MigrationStatus.POSTCOPY_ACTIVE:
+            self.set_status(MigrationStatus.COMPLETED)
 
     def postcopy_paused(self, data: dict) -> None:
         self.mig.error = data["desc"]
         log.warning("post-copy paused: %s", data["desc"])
-        self.set_status("postcopy-paused")
+        self.set_status(MigrationStatus.POSTCOPY_PAUSED)
 
     async def postcopy_info(self) -> dict:
         """The destination's post-copy figures for query-migrate: QEMU's blocktime
