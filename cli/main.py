@@ -432,7 +432,7 @@ def demo(ram, workload, uri, seed, vcpus, disk, keep, as_json) -> None:
     if as_json:
         click.echo(json.dumps(result))
     v = result["verify"]
-    ok = result["status"] == "completed" and v["ram_equal"] and v["vcpu_equal"] and v.get("disk_equal", True)
+    ok = result["status"] == "completed" and v["ram-equal"] and v["vcpu-equal"] and v.get("disk-equal", True)
     sys.exit(0 if ok else 1)
 
 

@@ -4,6 +4,7 @@ e.g. one written by `migrate exec:cat > FILE` or `migrate file:FILE`."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import click
@@ -59,58 +60,66 @@ def extract(path: str, ram_dir: str, as_json: bool) -> None:
         sys.exit(1)
 
 
-def _print(info: StreamInfo) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def _table(rows: list[tuple], right: set[int]) -> list[str]:
+    """Plain aligned columns (a header row first): no borders to wrap, no cell split."""
+    cells = [[_text(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths,
+                                                                                           strict=True))).rstrip()
+            for r in cells]
 
-    console = Console()
+
+def _text(value) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def _clip(line: str, width: int) -> str:
+    return line if len(line) <= width else line[:width - 3] + "..."
+
+
+def _print(info: StreamInfo) -> None:
+    width = shutil.get_terminal_size().columns
+    echo = click.echo
     config = info.configuration
     machine = config.get("machine", "(no configuration section)")
     extra = ", ".join(f"{k} {v}" for k, v in config.items() if k != "machine")
-    console.print(f"[bold]{info.path}[/]: savevm v{savevm.VERSION}, {info.size} bytes, machine "
-                  f"[bold]{machine}[/]{f' ({extra})' if extra else ''}")
+    echo(f"{info.path}:")
+    echo(f"  savevm v{savevm.VERSION}, {info.size} bytes, machine {machine}" + (f" ({extra})" if extra else ""))
     for c in info.commands:
-        label = f"{c['name']} ({c['command']})"
-        console.print(f"command at offset {c['offset']}: {label} ({c['length']} bytes of data)")
+        echo(f"command at offset {c['offset']}: {c['name']} ({c['command']}), {c['length']} bytes of data")
 
-    table = Table(title="sections")
-    numbers = {"id": 3, "inst": 4, "ver": 3, "offset": len(str(info.size)), "bytes": len(str(info.size))}
-    for col in ("id", "section", "inst", "ver", "kind", "pieces", "offset", "bytes", "state"):
-        table.add_column(col, justify="right" if col in numbers else "left", min_width=numbers.get(col),
-                         overflow="fold")
-    for s in info.sections:
-        pieces = "+".join(k if v == 1 else f"{k}x{v}" for k, v in s.pieces.items())
-        state = "" if s.state is None else json.dumps(s.state)
-        if len(state) > 120:
-            state = state[:117] + "..."
-        table.add_row(str(s.section_id), s.name, str(s.instance), str(s.version), s.kind, pieces,
-                      str(s.offset), str(s.bytes), state)
-    console.print(table)
+    echo("\nsections:")
+    rows: list[tuple] = [("id", "section", "inst", "ver", "kind", "pieces", "offset", "bytes")]
+    for sec in info.sections:
+        pieces = "+".join(k if v == 1 else f"{k}x{v}" for k, v in sec.pieces.items())
+        rows.append((sec.section_id, sec.name, sec.instance, sec.version, sec.kind, pieces, sec.offset, sec.bytes))
+    for line in _table(rows, {0, 2, 3, 6, 7}):
+        echo(f"  {line}")
+    states = [(sec.name, sec.instance, sec.state) for sec in info.sections if sec.state is not None]
+    if states:
+        echo("\nsection state (--json has all of it):")
+        for name, inst, state in states:
+            echo(_clip(f"  {name} {inst}: {json.dumps(state)}", width))
 
-    blocks = Table(title="RAM blocks")
-    blocks.add_column("block")
-    blocks.add_column("bytes", justify="right")
-    blocks.add_column("pages", justify="right")
-    for name, size in info.ram_blocks:
-        blocks.add_row(name, str(size), str(size // PAGE_SIZE))
-    console.print(blocks)
-    console.print(f"page records: {info.ram_pages.get('normal', 0)} normal, {info.ram_pages.get('zero', 0)} "
-                  f"zero; EOF at offset {info.eof_offset}")
+    echo("\nRAM blocks:")
+    rows = [("block", "bytes", "pages")] + [(n, size, size // PAGE_SIZE) for n, size in info.ram_blocks]
+    for line in _table(rows, {1, 2}):
+        echo(f"  {line}")
+    echo(f"page records: {info.ram_pages.get('normal', 0)} normal, {info.ram_pages.get('zero', 0)} zero; "
+         f"EOF at offset {info.eof_offset}")
     if info.drives:
-        console.print(f"block migration of drives: {', '.join(info.drives)}")
+        echo(f"block migration of drives: {', '.join(info.drives)}")
 
     if info.vmdesc is None:
-        console.print("no vmdesc trailer")
+        echo("no vmdesc trailer")
         return
-    desc = Table(title=f"vmdesc trailer at offset {info.vmdesc_offset} (page_size "
-                       f"{info.vmdesc.get('page_size')})")
-    for col in ("device", "inst", "ver", "fields", "field bytes", "subsections"):
-        desc.add_column(col, no_wrap=col != "subsections")
+    echo(f"\nvmdesc trailer at offset {info.vmdesc_offset} (page size {_text(info.vmdesc.get('page_size'))}):")
+    rows = [("device", "inst", "ver", "fields", "field bytes", "subsections")]
     for d in info.vmdesc.get("devices", []):
         fields = d.get("fields", [])
         size = sum(int(f.get("size", 0)) * int(f.get("array_len", 1)) for f in fields)
-        subs = ", ".join(s.get("vmsd_name", "?") for s in d.get("subsections", []))
-        desc.add_row(str(d.get("name")), str(d.get("instance_id")), str(d.get("version")), str(len(fields)),
-                     str(size), subs)
-    console.print(desc)
-    console.print("(livemig stream inspect --json prints the whole vmdesc)")
+        subs = ", ".join(sub.get("vmsd_name", "?") for sub in d.get("subsections", []))
+        rows.append((d.get("name"), d.get("instance_id"), d.get("version"), len(fields), size, subs))
+    for line in _table(rows, {1, 2, 3, 4}):
+        echo(_clip(f"  {line}", width))
+    echo("(livemig stream inspect --json prints the whole vmdesc)")

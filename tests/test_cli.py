@@ -10,6 +10,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import struct
 import subprocess
 import sys
@@ -242,3 +243,37 @@ def test_cancel_says_so(hosts, rundir, port):
     code, out, err = livemig("info", "-H", dst.name)
     assert code == 0, err
     assert "transferred 0.0 MiB" not in out and "RAM: 0 MiB" not in out and "None" not in out, out
+
+
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="qemu-system-x86_64 is not installed")
+@pytest.mark.parametrize("tty", [False, True])
+def test_stream_inspect_of_a_qemu_pc_stream_fits(tmp_path, tty):
+    """QEMU's own full-PC stream (30-odd sections): whole words, no None, 80 columns."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    sock, stream = tmp_path / "qmp.sock", tmp_path / "pc.stream"
+    qemu = subprocess.Popen(["qemu-system-x86_64", "-M", "pc", "-m", "64M", "-S", "-nodefaults", "-display", "none",
+                             "-qmp", f"unix:{sock},server=on,wait=off"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "LIVEMIG_TEST_TAG": TAG})
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        mon = QEMUMonitorProtocol(str(sock))
+        mon.connect()
+        mon.cmd("migrate", uri=f"exec:cat > {stream}")
+        while mon.cmd("query-migrate").get("status") not in ("completed", "failed"):
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.05)
+        mon.close()
+    finally:
+        qemu.kill()
+        qemu.wait(10)
+    code, out, err = livemig("stream", "inspect", str(stream), tty=tty)
+    assert code == 0, err
+    fits(out)
+    assert "None" not in out
+    text = " ".join(screen_lines(out))
+    for name in ("globalstate", "cpu_common", "timer", "/rom@etc/acpi/tables", "apic"):
+        assert re.search(rf"(^|\s){re.escape(name)}\s", text), name

@@ -71,4 +71,4 @@ def test_demo_runs_beside_folders_named_like_the_rooms(tmp_path):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
-    assert result["status"] == "completed" and result["verify"]["ram_equal"], result
+    assert result["status"] == "completed" and result["verify"]["ram-equal"], result

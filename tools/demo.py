@@ -31,10 +31,10 @@ def compare_disks(image: str, replay_path: str) -> dict:
             if a.read(offset, 4 << 20) != b.read(offset, 4 << 20):
                 equal = False
                 break
-    out = {"disk_equal": equal, "disk_image": image, "replay_image": replay_path}
+    out = {"disk-equal": equal, "disk-image": image, "replay-image": replay_path}
     if shutil.which("qemu-img"):
         check = subprocess.run(["qemu-img", "check", image], capture_output=True, timeout=120)
-        out["disk_check_clean"] = check.returncode == 0
+        out["disk-check-clean"] = check.returncode == 0
     return out
 
 
@@ -59,10 +59,10 @@ def verify(dst: HostProcess, src_regs: list[dict], ram_size: int, fill: str, see
     fill_ram(fresh, fill, seed)
     steps = [r["step"] for r in regs]
     replayed = replay(fresh.reshape(-1, 4096), WorkloadSpec.parse(workload), seed, vcpus, steps, disks)
-    out = {"ram_equal": bool(np.array_equal(migrated, fresh)), "vcpu_equal": replayed == regs,
-           "steps_source": sum(r["step"] for r in src_regs),
-           "steps_destination": sum(steps) - sum(r["step"] for r in src_regs),
-           "steps_total": sum(steps)}
+    out = {"ram-equal": bool(np.array_equal(migrated, fresh)), "vcpu-equal": replayed == regs,
+           "steps-source": sum(r["step"] for r in src_regs),
+           "steps-destination": sum(steps) - sum(r["step"] for r in src_regs),
+           "steps-total": sum(steps)}
     for d in disks:
         d.close()
         out.update(compare_disks(image, d.spec.file))
@@ -102,13 +102,10 @@ def _run_demo(ram, workload, uri, seed, vcpus, quiet, image, workdir) -> dict:
             mon.close()
         if not quiet:
             print_summary(info)
-        result = {"status": info.get("status"), "total_time_ms": info.get("total-time"),
-                  "setup_time_ms": info.get("setup-time"), "downtime_ms": info.get("downtime"),
-                  "guest_downtime_ms": info.get("x-guest-downtime"),
-                  "passes": info.get("ram", {}).get("dirty-sync-count"), "ram": info.get("ram", {})}
+        # The source's final query-migrate, as `migrate --json` prints it, and the verdict.
+        result = dict(info)
         if info.get("status") != "completed":
-            result["error"] = info.get("error-desc")
-            result["verify"] = {"ram_equal": False, "vcpu_equal": False}
+            result["verify"] = {"ram-equal": False, "vcpu-equal": False}
             return result
         src_regs = src.cmd("x-query-vcpus")
         dst.wait_status("running", 30)
@@ -116,13 +113,13 @@ def _run_demo(ram, workload, uri, seed, vcpus, quiet, image, workdir) -> dict:
         result["verify"] = verify(dst, src_regs, ram, "random", seed, workload, vcpus, image, workdir)
         if not quiet:
             v = result["verify"]
-            ok = v["ram_equal"] and v["vcpu_equal"] and v.get("disk_equal", True)
-            if "disk_equal" in v:
-                print(f"disk: {'equal' if v['disk_equal'] else 'DIFFERENT'} to the replay image "
-                      f"({v['disk_image']} vs {v['replay_image']})")
-            print(f"verify by replay: RAM {'equal' if v['ram_equal'] else 'DIFFERENT'}, vCPU state "
-                  f"{'equal' if v['vcpu_equal'] else 'DIFFERENT'} after {v['steps_total']} steps "
-                  f"({v['steps_source']} on the source, {v['steps_destination']} on the destination)"
+            ok = v["ram-equal"] and v["vcpu-equal"] and v.get("disk-equal", True)
+            if "disk-equal" in v:
+                print(f"disk: {'equal' if v['disk-equal'] else 'DIFFERENT'} to the replay image "
+                      f"({v['disk-image']} vs {v['replay-image']})")
+            print(f"verify by replay: RAM {'equal' if v['ram-equal'] else 'DIFFERENT'}, vCPU state "
+                  f"{'equal' if v['vcpu-equal'] else 'DIFFERENT'} after {v['steps-total']} steps "
+                  f"({v['steps-source']} on the source, {v['steps-destination']} on the destination)"
                   f" -> {'VERIFIED' if ok else 'NOT VERIFIED'}")
         return result
     finally:

@@ -312,7 +312,7 @@ class Rig:
                 time.sleep(0.2)
                 v = verify(dst, src_regs, int(parse_size(spec.ram)), spec.fill, spec.seed, spec.workload, spec.vcpus)
                 dst.cmd("cont")
-                result["verified"] = v["ram_equal"] and v["vcpu_equal"]
+                result["verified"] = v["ram-equal"] and v["vcpu-equal"]
             src.close()
             self.guests[guest] = (target, dst)
         else:
