@@ -153,6 +153,19 @@ class Receiver:
 
     # data thread -----------------------------------------------------------
     def incoming(self) -> None:
+        """The data thread: whatever goes wrong in it ends as a failed
+        migration with its cause, so the host takes a new migrate-incoming."""
+        try:
+            self.load_incoming()
+        except Exception as exc:  # a bug or a resource (MemoryError, ...): never a wedged receiver
+            log.exception("incoming migration")
+            try:
+                self.close_channel()
+            finally:
+                self.notify("failed", {"desc": f"incoming migration failed: {type(exc).__name__}: {exc}",
+                                       "bytes": 0})
+
+    def load_incoming(self) -> None:
         assert self.listener is not None
         listener = self.listener
         try:
@@ -226,9 +239,15 @@ class Receiver:
             disk = {"transferred": block_loader.bytes, "remaining": 0,
                     "total": sum(img.size for img in images.values())} if images else None
             self.close_images(images)
-        except (savevm.StreamError, OSError, BlockError, ActorError) as exc:
-            self.close_images(images)
+        except Exception as exc:
             desc = str(exc) if isinstance(exc, savevm.StreamError) else f"incoming stream failed: {exc}"
+            if not isinstance(exc, (savevm.StreamError, OSError, BlockError, ActorError)):
+                log.exception("loading the incoming stream")
+                desc = f"incoming stream failed: {type(exc).__name__}: {exc}"
+            try:
+                self.close_images(images)
+            except (OSError, BlockError) as cleanup:  # a full disk fails its flush too
+                desc += f" (and closing the images: {cleanup})"
             if self.injected in ("fail", "reset"):
                 desc = f"injected fault: {self.injected} ({desc})"
             if pc.state is postcopy.State.RUNNING:

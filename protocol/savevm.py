@@ -378,6 +378,8 @@ class StreamLoader:
             return json.loads(bytes(r.take(n)))
         except ValueError as exc:
             raise StreamError(f"vmdesc is not JSON: {exc}") from None
+        except RecursionError:  # the decoder counts its depth: nothing grows past the limit
+            raise StreamError("vmdesc nests deeper than any machine description") from None
 
 
 # Subsections of QEMU's configuration section (vmstate "configuration").
