@@ -131,7 +131,10 @@ class Receiver:
             if channel is not None:
                 self.reply_source(channel, rc, msg.data.get("desc", ""))
                 if rc == 0:
-                    go = not (self.handshake and channel.has_return_path) or self.await_go(channel)
+                    # A source that did not open the return path sends no go-ahead:
+                    # run after EOF, as QEMU does.
+                    waits = self.handshake and channel.has_return_path and self.source_listens
+                    go = not waits or self.await_go(channel)
         finally:
             self.finish.set()
         return {"go": go}
