@@ -15,8 +15,8 @@ import numpy as np
 
 from livemig.machine.ram import PAGE_SIZE, BlockLayout, GuestRam
 from livemig.machine.userfaultfd import Placer, recv_uffd
-from livemig.protocol import postcopy
-from livemig.protocol.postcopy import PageRequest
+from livemig.protocol import returnpath
+from livemig.protocol.returnpath import PageRequest
 from livemig.protocol.rpc import log
 
 SCAN = 1 << 16  # pages looked at per step when searching for the next dirty run
@@ -178,7 +178,7 @@ class IncomingPages:
         b = self.blocks[int(self.block_of_page[page])]
         start = (page - b.first_page) * PAGE_SIZE
         name = None if b.name == self.last_block else b.name
-        self.send(postcopy.req_pages(start, PAGE_SIZE, name))
+        self.send(returnpath.req_pages(start, PAGE_SIZE, name))
         self.last_block = b.name
         self.requests += 1
 

@@ -20,7 +20,7 @@ import zmq
 from livemig.actors.base import ActorError, HostConfig, Notices, Server, actor_main
 from livemig.actors.postcopy import Pusher
 from livemig.machine.ram import PAGE_SIZE, GuestRam
-from livemig.protocol import postcopy, returnpath, savevm
+from livemig.protocol import returnpath, savevm
 from livemig.protocol.devices import SWITCHOVER_GO
 from livemig.protocol.messages import Message
 from livemig.protocol.ram import PageEncoder, PageVectors, ram_eos
@@ -156,7 +156,7 @@ class Writer:
     def read_return_path(self, channel: Channel) -> None:
         """The return path while post-copy runs: page requests go to the pusher
         at once; the destination's SHUT ends it."""
-        requests = postcopy.PageRequests({b.name: b.size for b in self.ram.blocks})
+        requests = returnpath.PageRequests({b.name: b.size for b in self.ram.blocks})
         buf = bytearray(65536 + 4)
         view = memoryview(buf)
         have = 0
@@ -180,7 +180,7 @@ class Writer:
                         self.shut = {"shut": struct.unpack(">I", body[:4])[0], "at": time.time(),
                                      "desc": body[4:].decode(errors="replace")}
                         return
-                    if mtype in (postcopy.RP_REQ_PAGES, postcopy.RP_REQ_PAGES_ID) and self.pusher is not None:
+                    if mtype in (returnpath.RP_REQ_PAGES, returnpath.RP_REQ_PAGES_ID) and self.pusher is not None:
                         self.pusher.request(requests.parse(mtype, body))
         except (OSError, savevm.StreamError) as exc:
             desc = str(exc) if isinstance(exc, savevm.StreamError) else f"return path failed: {exc.strerror or exc}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from livemig.machine.ram import PAGE_SHIFT, PAGE_SIZE
-from livemig.protocol import returnpath, savevm
+from livemig.protocol import savevm
 from livemig.protocol.ram import (
     NORMAL_DTYPE,
     NORMAL_RECORD,
@@ -32,6 +32,7 @@ from livemig.protocol.ram import (
     RAM_VERSION,
     RAM_ZERO,
 )
+from livemig.protocol.returnpath import block_name, check_range
 from livemig.protocol.savevm import StreamError
 
 CMD_ADVISE = 3
@@ -42,28 +43,14 @@ CMD_PACKAGED = 7
 CMD_RESUME = 9
 CMD_RECV_BITMAP = 10
 
-RP_REQ_PAGES_ID = 3
-RP_REQ_PAGES = 4
-RP_RECV_BITMAP = 5
-RP_RESUME_ACK = 6
-RESUME_ACK_VALUE = 1
 
 DISCARD_VERSION = 0
 MAX_DISCARD_RANGES = 12  # per RAM_DISCARD command, as QEMU sends them
 MAX_PACKAGED = 1 << 24  # QEMU's limit on a PACKAGED blob
-RECV_BITMAP_ENDING = 0x0123456789ABCDEF
 
 _be64 = struct.Struct(">Q")
 _be32 = struct.Struct(">I")
 _range = struct.Struct(">QQ")
-_req = struct.Struct(">QI")
-
-
-def _name(name: str) -> bytes:
-    raw = name.encode()
-    if not 0 < len(raw) < 256:
-        raise ValueError(f"RAM block name {name!r} must be 1..255 bytes")
-    return bytes([len(raw)]) + raw
 
 
 # --------------------------------------------------------------------------- commands: writing
@@ -88,7 +75,7 @@ def resume() -> bytes:
 
 def recv_bitmap(block: str) -> bytes:
     """The source asks for the destination's received bitmap of one block (recovery)."""
-    return savevm.command(CMD_RECV_BITMAP, _name(block))
+    return savevm.command(CMD_RECV_BITMAP, block_name(block))
 
 
 def packaged(blob: bytes) -> bytes:
@@ -108,7 +95,7 @@ def ram_discard(block: str, ranges: Iterable[tuple[int, int]]) -> list[bytes]:
     """RAM_DISCARD commands for byte ranges (start, length) of one block, at
     most MAX_DISCARD_RANGES per command: u8 version 0, u8 length, name, NUL,
     then be64 start/length pairs."""
-    head = bytes([DISCARD_VERSION]) + _name(block) + b"\0"
+    head = bytes([DISCARD_VERSION]) + block_name(block) + b"\0"
     ranges = list(ranges)
     return [savevm.command(CMD_RAM_DISCARD, head + b"".join(_range.pack(s, n) for s, n in
                                                              ranges[i:i + MAX_DISCARD_RANGES]))
@@ -200,17 +187,6 @@ def parse_packaged(data: bytes) -> int:
     return length
 
 
-def check_range(blocks: dict[str, int], block: str, start: int, length: int, what: str) -> None:
-    """A byte range of a block: known block, page aligned, not empty, inside it."""
-    size = blocks.get(block)
-    if size is None:
-        raise StreamError(f"{what}: unknown RAM block {block!r}")
-    if start % PAGE_SIZE or length % PAGE_SIZE or not length:
-        raise StreamError(f"{what}: range {start:#x}+{length:#x} of {block!r} is not whole pages")
-    if start + length > size:
-        raise StreamError(f"{what}: range {start:#x}+{length:#x} beyond RAM block {block!r} of {size} bytes")
-
-
 class IncomingPostcopy:
     """Validates post-copy commands on the destination in the order QEMU sends them.
 
@@ -287,87 +263,6 @@ class IncomingPostcopy:
         return {CMD_ADVISE: self.on_advise, CMD_RAM_DISCARD: self.on_discard, CMD_PACKAGED: self.on_packaged,
                 CMD_LISTEN: self.on_listen, CMD_RUN: self.on_run, CMD_RECV_BITMAP: self.on_recv_bitmap,
                 CMD_RESUME: self.on_resume}.get(cmd)
-
-
-# --------------------------------------------------------------------------- return path
-
-
-def req_pages(start: int, length: int, block: str | None = None) -> bytes:
-    """A page request: REQ_PAGES_ID names the block; REQ_PAGES means the same block as before."""
-    if block is None:
-        return returnpath.message(RP_REQ_PAGES, _req.pack(start, length))
-    return returnpath.message(RP_REQ_PAGES_ID, _req.pack(start, length) + _name(block))
-
-
-def resume_ack() -> bytes:
-    return returnpath.message(RP_RESUME_ACK, _be32.pack(RESUME_ACK_VALUE))
-
-
-def recv_bitmap_reply(block: str, received: np.ndarray) -> bytes:
-    """RECV_BITMAP message (u8 length + name) and, after it outside the framing,
-    be64 size (a multiple of 8), the little-endian received bitmap, be64 ending."""
-    bits = np.packbits(received.astype(np.bool_), bitorder="little").tobytes()
-    bits += bytes(-len(bits) % 8)
-    return (returnpath.message(RP_RECV_BITMAP, _name(block))
-            + _be64.pack(len(bits)) + bits + _be64.pack(RECV_BITMAP_ENDING))
-
-
-def parse_recv_bitmap_header(data: bytes) -> str:
-    if not data or len(data) != data[0] + 1:
-        raise StreamError(f"RECV_BITMAP reply header of {len(data)} bytes does not hold one block name")
-    return data[1:].decode(errors="replace")
-
-
-def read_recv_bitmap(read_exact: Callable[[int], bytes], pages: int) -> np.ndarray:
-    """The trailer of a RECV_BITMAP reply for a block of `pages` pages: a bool per page."""
-    size = _be64.unpack(read_exact(8))[0]
-    want = -(-pages // 8)
-    want += -want % 8
-    if size != want:
-        raise StreamError(f"received bitmap of {size} bytes for a block of {pages} pages (expected {want})")
-    bits = np.unpackbits(np.frombuffer(read_exact(size), np.uint8), bitorder="little")[:pages].astype(np.bool_)
-    ending = _be64.unpack(read_exact(8))[0]
-    if ending != RECV_BITMAP_ENDING:
-        raise StreamError(f"received bitmap ends with {ending:#018x}, expected {RECV_BITMAP_ENDING:#018x}")
-    return bits
-
-
-def parse_resume_ack(data: bytes) -> None:
-    if len(data) != 4 or _be32.unpack(data)[0] != RESUME_ACK_VALUE:
-        raise StreamError(f"RESUME_ACK carries {data.hex() or 'nothing'} (expected {RESUME_ACK_VALUE})")
-
-
-@dataclass(frozen=True)
-class PageRequest:
-    block: str
-    start: int  # bytes
-    length: int
-
-
-class PageRequests:
-    """Validates page requests on the source against its RAM blocks."""
-
-    def __init__(self, blocks: dict[str, int]) -> None:
-        self.blocks = blocks
-        self.last: str | None = None
-
-    def parse(self, mtype: int, data: bytes) -> PageRequest:
-        if mtype == RP_REQ_PAGES_ID:
-            if len(data) < _req.size + 1 or len(data) != _req.size + 1 + data[_req.size]:
-                raise StreamError(f"REQ_PAGES_ID of {len(data)} bytes is malformed")
-            block = data[_req.size + 1:].decode(errors="replace")
-            self.last = block
-        elif mtype == RP_REQ_PAGES:
-            if len(data) != _req.size:
-                raise StreamError(f"REQ_PAGES of {len(data)} bytes (expected {_req.size})")
-            if self.last is None:
-                raise StreamError("REQ_PAGES with no block named by an earlier REQ_PAGES_ID")
-            block = self.last
-        else:
-            raise StreamError(f"return-path message {mtype} is not a page request")
-        start, length = _req.unpack_from(data)
-        check_range(self.blocks, block, start, length, "page request")
-        return PageRequest(block, start, length)
 
 
 # --------------------------------------------------------------------------- pages while the guest runs here

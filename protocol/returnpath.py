@@ -10,13 +10,47 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from livemig.machine.ram import PAGE_SIZE
+from livemig.protocol.savevm import StreamError
 
 RP_SHUT = 1
 RP_PONG = 2
+# Post-copy's (protocol/postcopy.py has its commands on the main stream).
+RP_REQ_PAGES_ID = 3  # be64 start, be32 length, u8 name length, name
+RP_REQ_PAGES = 4  # be64 start, be32 length: the block of the last REQ_PAGES_ID
+RP_RECV_BITMAP = 5
+RP_RESUME_ACK = 6
+RESUME_ACK_VALUE = 1
+RECV_BITMAP_ENDING = 0x0123456789ABCDEF
 MAX_SHUT_DESC = 200  # bytes of the reason a SHUT carries
 
 _header = struct.Struct(">HH")
 _be32 = struct.Struct(">I")
+_be64 = struct.Struct(">Q")
+_req = struct.Struct(">QI")
+
+
+def block_name(name: str) -> bytes:
+    """A RAM block's name as post-copy frames it: u8 length, then the name."""
+    raw = name.encode()
+    if not 0 < len(raw) < 256:
+        raise ValueError(f"RAM block name {name!r} must be 1..255 bytes")
+    return bytes([len(raw)]) + raw
+
+
+def check_range(blocks: dict[str, int], block: str, start: int, length: int, what: str) -> None:
+    """A byte range of a block: known block, page aligned, not empty, inside it."""
+    size = blocks.get(block)
+    if size is None:
+        raise StreamError(f"{what}: unknown RAM block {block!r}")
+    if start % PAGE_SIZE or length % PAGE_SIZE or not length:
+        raise StreamError(f"{what}: range {start:#x}+{length:#x} of {block!r} is not whole pages")
+    if start + length > size:
+        raise StreamError(f"{what}: range {start:#x}+{length:#x} beyond RAM block {block!r} of {size} bytes")
 
 
 class ReturnPathError(Exception):
@@ -60,3 +94,84 @@ def read_shut(recv: Callable[[int], bytes]) -> tuple[int, str] | None:
             raise ReturnPathError("return path cut mid-message")
         if mtype == RP_SHUT and length >= 4:
             return _be32.unpack(body[:4])[0], body[4:].decode(errors="replace")
+
+
+# --------------------------------------------------------------------------- post-copy
+
+
+def req_pages(start: int, length: int, block: str | None = None) -> bytes:
+    """A page request: REQ_PAGES_ID names the block; REQ_PAGES means the same block as before."""
+    if block is None:
+        return message(RP_REQ_PAGES, _req.pack(start, length))
+    return message(RP_REQ_PAGES_ID, _req.pack(start, length) + block_name(block))
+
+
+def resume_ack() -> bytes:
+    return message(RP_RESUME_ACK, _be32.pack(RESUME_ACK_VALUE))
+
+
+def recv_bitmap_reply(block: str, received: np.ndarray) -> bytes:
+    """RECV_BITMAP message (u8 length + name) and, after it outside the framing,
+    be64 size (a multiple of 8), the little-endian received bitmap, be64 ending."""
+    bits = np.packbits(received.astype(np.bool_), bitorder="little").tobytes()
+    bits += bytes(-len(bits) % 8)
+    return (message(RP_RECV_BITMAP, block_name(block))
+            + _be64.pack(len(bits)) + bits + _be64.pack(RECV_BITMAP_ENDING))
+
+
+def parse_recv_bitmap_header(data: bytes) -> str:
+    if not data or len(data) != data[0] + 1:
+        raise StreamError(f"RECV_BITMAP reply header of {len(data)} bytes does not hold one block name")
+    return data[1:].decode(errors="replace")
+
+
+def read_recv_bitmap(read_exact: Callable[[int], bytes], pages: int) -> np.ndarray:
+    """The trailer of a RECV_BITMAP reply for a block of `pages` pages: a bool per page."""
+    size = _be64.unpack(read_exact(8))[0]
+    want = -(-pages // 8)
+    want += -want % 8
+    if size != want:
+        raise StreamError(f"received bitmap of {size} bytes for a block of {pages} pages (expected {want})")
+    bits = np.unpackbits(np.frombuffer(read_exact(size), np.uint8), bitorder="little")[:pages].astype(np.bool_)
+    ending = _be64.unpack(read_exact(8))[0]
+    if ending != RECV_BITMAP_ENDING:
+        raise StreamError(f"received bitmap ends with {ending:#018x}, expected {RECV_BITMAP_ENDING:#018x}")
+    return bits
+
+
+def parse_resume_ack(data: bytes) -> None:
+    if len(data) != 4 or _be32.unpack(data)[0] != RESUME_ACK_VALUE:
+        raise StreamError(f"RESUME_ACK carries {data.hex() or 'nothing'} (expected {RESUME_ACK_VALUE})")
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    block: str
+    start: int  # bytes
+    length: int
+
+
+class PageRequests:
+    """Validates page requests on the source against its RAM blocks."""
+
+    def __init__(self, blocks: dict[str, int]) -> None:
+        self.blocks = blocks
+        self.last: str | None = None
+
+    def parse(self, mtype: int, data: bytes) -> PageRequest:
+        if mtype == RP_REQ_PAGES_ID:
+            if len(data) < _req.size + 1 or len(data) != _req.size + 1 + data[_req.size]:
+                raise StreamError(f"REQ_PAGES_ID of {len(data)} bytes is malformed")
+            block = data[_req.size + 1:].decode(errors="replace")
+            self.last = block
+        elif mtype == RP_REQ_PAGES:
+            if len(data) != _req.size:
+                raise StreamError(f"REQ_PAGES of {len(data)} bytes (expected {_req.size})")
+            if self.last is None:
+                raise StreamError("REQ_PAGES with no block named by an earlier REQ_PAGES_ID")
+            block = self.last
+        else:
+            raise StreamError(f"return-path message {mtype} is not a page request")
+        start, length = _req.unpack_from(data)
+        check_range(self.blocks, block, start, length, "page request")
+        return PageRequest(block, start, length)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from tests.conftest import guest_args, replay_matches
 
 LINK = 4 << 20  # bytes/s: max-bandwidth, and max-postcopy-bandwidth for the push
@@ -62,3 +64,32 @@ def test_postcopy_completes_a_guest_dirtying_4x_the_link(hosts, tmp_path, port):
     assert result["ram_equal"] and result["vcpu_equal"], result
     print(f"\npost-copy downtime {final['downtime']} ms, requests {final['ram']['postcopy-requests']}, "
           f"destination {pc}")
+
+
+def test_destination_without_postcopy_refuses_and_source_runs_on(hosts, port):
+    uri = f"tcp:127.0.0.1:{port}"
+    src = hosts.start("src", *GUEST)
+    dst = hosts.start("dst", *GUEST, "--incoming", uri)
+    src.cmd("migrate-set-capabilities", capabilities=POSTCOPY)  # the destination lacks it
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": LINK})
+    time.sleep(0.3)
+    src.cmd("migrate", uri=uri)
+    info = src.wait_migration(60)
+    assert info["status"] == "failed", info
+    dinfo = dst.wait_migration(30)
+    assert dinfo["status"] == "failed"
+    assert "the source advises post-copy but capability postcopy-ram is not set here" in dinfo["error-desc"]
+    # Before RUN nothing is lost: the source guest runs on.
+    src.wait_status("running", 30)
+    before = src.cmd("x-query-vcpus")[0]["step"]
+    time.sleep(0.3)
+    assert src.cmd("x-query-vcpus")[0]["step"] > before
+
+
+def test_start_postcopy_needs_the_capability_and_a_migration(hosts):
+    src = hosts.start("src", *GUEST)
+    with pytest.raises(RuntimeError, match="Enable postcopy with migrate_set_capability"):
+        src.cmd("migrate-start-postcopy")
+    src.cmd("migrate-set-capabilities", capabilities=POSTCOPY)
+    with pytest.raises(RuntimeError, match="Postcopy must be started after migration has been started"):
+        src.cmd("migrate-start-postcopy")

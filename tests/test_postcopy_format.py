@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from livemig.protocol import postcopy as pc
+from livemig.protocol import returnpath as rp
 from livemig.protocol.savevm import StreamError
 
 BLOCKS = {"pc.ram": 64 << 20, "extra": 1 << 20}
@@ -153,26 +154,26 @@ def test_packaged_limits():
 
 
 def test_page_requests_round_trip_and_refusals():
-    reqs = pc.PageRequests(BLOCKS)
-    mtype, data, rest = _rp(pc.req_pages(0x5000, 0x2000, "extra"))
-    assert mtype == pc.RP_REQ_PAGES_ID and not rest
+    reqs = rp.PageRequests(BLOCKS)
+    mtype, data, rest = _rp(rp.req_pages(0x5000, 0x2000, "extra"))
+    assert mtype == rp.RP_REQ_PAGES_ID and not rest
     assert data == struct.pack(">QI", 0x5000, 0x2000) + b"\x05extra"
-    assert reqs.parse(mtype, data) == pc.PageRequest("extra", 0x5000, 0x2000)
-    mtype, data, _ = _rp(pc.req_pages(0x9000, 0x1000))
-    assert mtype == pc.RP_REQ_PAGES and len(data) == 12
-    assert reqs.parse(mtype, data) == pc.PageRequest("extra", 0x9000, 0x1000)  # same block as the last
+    assert reqs.parse(mtype, data) == rp.PageRequest("extra", 0x5000, 0x2000)
+    mtype, data, _ = _rp(rp.req_pages(0x9000, 0x1000))
+    assert mtype == rp.RP_REQ_PAGES and len(data) == 12
+    assert reqs.parse(mtype, data) == rp.PageRequest("extra", 0x9000, 0x1000)  # same block as the last
     with pytest.raises(StreamError, match="page request: range 0x100000\\+0x1000 beyond RAM block 'extra'"):
-        reqs.parse(*_rp(pc.req_pages(1 << 20, 4096))[:2])
+        reqs.parse(*_rp(rp.req_pages(1 << 20, 4096))[:2])
     with pytest.raises(StreamError, match="unknown RAM block 'x'"):
-        reqs.parse(*_rp(pc.req_pages(0, 4096, "x"))[:2])
+        reqs.parse(*_rp(rp.req_pages(0, 4096, "x"))[:2])
     with pytest.raises(StreamError, match="not whole pages"):
-        reqs.parse(*_rp(pc.req_pages(10, 4096, "pc.ram"))[:2])
+        reqs.parse(*_rp(rp.req_pages(10, 4096, "pc.ram"))[:2])
     with pytest.raises(StreamError, match="no block named"):
-        pc.PageRequests(BLOCKS).parse(*_rp(pc.req_pages(0, 4096))[:2])
+        rp.PageRequests(BLOCKS).parse(*_rp(rp.req_pages(0, 4096))[:2])
     with pytest.raises(StreamError, match="REQ_PAGES_ID of 14 bytes is malformed"):
-        reqs.parse(pc.RP_REQ_PAGES_ID, struct.pack(">QI", 0, 4096) + b"\x05x")
+        reqs.parse(rp.RP_REQ_PAGES_ID, struct.pack(">QI", 0, 4096) + b"\x05x")
     with pytest.raises(StreamError, match="REQ_PAGES of 11 bytes"):
-        reqs.parse(pc.RP_REQ_PAGES, bytes(11))
+        reqs.parse(rp.RP_REQ_PAGES, bytes(11))
     with pytest.raises(StreamError, match="not a page request"):
         reqs.parse(2, bytes(4))
 
@@ -181,32 +182,32 @@ def test_page_requests_round_trip_and_refusals():
 def test_recv_bitmap_reply_round_trip(pages):
     rng = np.random.default_rng(pages)
     received = rng.random(pages) < 0.3
-    msg = pc.recv_bitmap_reply("pc.ram", received)
+    msg = rp.recv_bitmap_reply("pc.ram", received)
     mtype, data, trailer = _rp(msg)
-    assert mtype == pc.RP_RECV_BITMAP and pc.parse_recv_bitmap_header(data) == "pc.ram"
+    assert mtype == rp.RP_RECV_BITMAP and rp.parse_recv_bitmap_header(data) == "pc.ram"
     size = struct.unpack_from(">Q", trailer)[0]
     assert size % 8 == 0 and len(trailer) == 8 + size + 8
     # Little-endian bitmap: page i is bit i % 8 of byte i // 8.
     for i in np.flatnonzero(received)[:20]:
         assert trailer[8 + i // 8] >> (i % 8) & 1
     src = io.BytesIO(trailer)
-    assert np.array_equal(pc.read_recv_bitmap(src.read, pages), received)
+    assert np.array_equal(rp.read_recv_bitmap(src.read, pages), received)
 
 
 def test_recv_bitmap_reply_refusals():
-    _, _, trailer = _rp(pc.recv_bitmap_reply("pc.ram", np.ones(100, np.bool_)))
+    _, _, trailer = _rp(rp.recv_bitmap_reply("pc.ram", np.ones(100, np.bool_)))
     with pytest.raises(StreamError, match="for a block of 200 pages"):
-        pc.read_recv_bitmap(io.BytesIO(trailer).read, 200)
+        rp.read_recv_bitmap(io.BytesIO(trailer).read, 200)
     bad = trailer[:-1] + b"\x00"
     with pytest.raises(StreamError, match="received bitmap ends with"):
-        pc.read_recv_bitmap(io.BytesIO(bad).read, 100)
+        rp.read_recv_bitmap(io.BytesIO(bad).read, 100)
     with pytest.raises(StreamError, match="does not hold one block name"):
-        pc.parse_recv_bitmap_header(b"\x09pc.ram")
+        rp.parse_recv_bitmap_header(b"\x09pc.ram")
 
 
 def test_resume_ack():
-    mtype, data, _ = _rp(pc.resume_ack())
-    assert mtype == pc.RP_RESUME_ACK
-    pc.parse_resume_ack(data)
+    mtype, data, _ = _rp(rp.resume_ack())
+    assert mtype == rp.RP_RESUME_ACK
+    rp.parse_resume_ack(data)
     with pytest.raises(StreamError, match="expected 1"):
-        pc.parse_resume_ack(struct.pack(">I", 2))
+        rp.parse_resume_ack(struct.pack(">I", 2))

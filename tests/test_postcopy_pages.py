@@ -18,7 +18,7 @@ import pytest
 from livemig.actors.postcopy import IncomingPages, Pusher
 from livemig.machine.ram import PAGE_SIZE, GuestRam, fill_ram
 from livemig.machine.userfaultfd import register_and_send
-from livemig.protocol import postcopy, savevm
+from livemig.protocol import postcopy, returnpath, savevm
 from livemig.protocol.ram import RAM_VERSION, PageEncoder, ram_eos
 
 BLOCKS = [("pc.ram", 8 << 20), ("extra", 1 << 20)]
@@ -50,7 +50,7 @@ def _vcpu(path: str, sock_path: str, touch: list[int], out: socket.socket) -> No
 
 def _source(src: GuestRam, dirty: np.ndarray, data: socket.socket, rp: socket.socket, stats: dict) -> None:
     pusher = Pusher(dirty, src.blocks)
-    requests = postcopy.PageRequests({b.name: b.size for b in src.blocks})
+    requests = returnpath.PageRequests({b.name: b.size for b in src.blocks})
 
     def read_rp() -> None:
         buf = b""

@@ -388,6 +388,9 @@ class Commands:
         if val < 0 or size < 0 or val + size > self.ram.size:
             raise ActorError(f"Invalid parameter: range {val:#x}+{size:#x} is outside guest RAM "
                              f"(0x0+{self.ram.size:#x})")
+        if self.mig.incoming and self.mig.status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED):
+            # Reading a page not yet placed would allocate it here: the guest's copy would be lost.
+            raise ActorError("guest RAM is still arriving in post-copy: pmemsave after it completes")
 
         def save() -> None:
             with open(filename, "wb") as f:

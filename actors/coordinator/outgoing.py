@@ -337,6 +337,9 @@ class Outgoing:
         if self.mig.go_sent:
             resume = inactivated = False
             desc += "; the destination was told to run the guest, so the source stays paused"
+            if self.mig.postcopy_requested:
+                desc += (" (post-copy: the guest's memory was split between the hosts; "
+                         "if the destination host is lost, so is the guest)")
         try:
             await self.writer.call("abort", timeout=5)
             await self.ram_sender.call("cleanup", timeout=120)
