@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 import struct
 
+import pytest
+
 from livemig.protocol import savevm
 from livemig.tools.bench.accounting import actor_pids, private_memory
 from tests.conftest import guest_args, replay_matches
@@ -44,3 +46,20 @@ def test_deep_vmdesc_fails_and_the_next_migration_completes(hosts, tmp_path, por
     dst.wait_status("running", 30)
     result = replay_matches(dst, tmp_path)
     assert result["ram_equal"] and result["vcpu_equal"]
+
+
+def test_parameters_that_would_do_nothing_are_refused(hosts):
+    """An x-fault with a typo ran a normal migration; x-transport-timeout 0
+    made the socket non-blocking. Both are refused, and nothing changes."""
+    h = hosts.start("p", *guest_args(ram="16M"))
+    for value, cause in [("pass:kil", "no action 'kil'"), ("pas:kill", "no fault point 'pas'"),
+                         ("pass:fail-writer", "only kill and stall name an actor"),
+                         ("pass:kill-nobody", "no actor 'nobody'")]:
+        with pytest.raises(RuntimeError, match=cause):
+            h.cmd("migrate-set-parameters", **{"x-fault": value})
+    with pytest.raises(RuntimeError, match="'x-transport-timeout' must be at least 1 ms"):
+        h.cmd("migrate-set-parameters", **{"x-transport-timeout": 0})
+    params = h.cmd("query-migrate-parameters")
+    assert params["x-fault"] == "" and params["x-transport-timeout"] == 30_000
+    h.cmd("migrate-set-parameters", **{"x-fault": "block-bulk:kill-block_sender", "x-transport-timeout": 1})
+    assert h.cmd("query-migrate-parameters")["x-fault"] == "block-bulk:kill-block_sender"

@@ -13,6 +13,7 @@ import typing
 from collections.abc import Callable
 
 from livemig.actors.base import ActorError, log
+from livemig.actors.coordinator.faults import check_fault
 from livemig.machine.runstate import MigrationStatus, RunState, StateError
 from livemig.protocol import events as ev
 from livemig.protocol.transport import TransportError, parse_uri
@@ -294,6 +295,10 @@ class Commands:
             if key == "downtime-limit" and value > MAX_DOWNTIME_MS:
                 raise ActorError(f"Parameter 'downtime_limit' expects an integer in the range of 0 to "
                                  f"{MAX_DOWNTIME_MS} milliseconds")
+            if key == "x-transport-timeout" and value == 0:
+                raise ActorError("Parameter 'x-transport-timeout' must be at least 1 ms")
+            if key == "x-fault":
+                check_fault(value)
             new[key] = value
         self.parameters = new
         return {}

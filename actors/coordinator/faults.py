@@ -5,14 +5,35 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 
-from livemig.actors.base import log
+from livemig.actors.base import ActorError, log
 from livemig.actors.coordinator.state import MigrationFailed
+from livemig.actors.host import ACTORS
 
 SOURCE_FAULT_POINTS = ("connect", "setup", "pass", "block-bulk", "before-stop", "after-stop", "after-eof")
 DEST_FAULT_POINTS = ("incoming", "after-eof")
 FAULT_ACTIONS = ("fail", "kill", "stall", "reset", "slow", "cancel")
+TARGETED = ("kill", "stall")  # the actions that take -ACTOR
+
+
+def check_fault(spec: str) -> None:
+    """Refuse an x-fault that names no point or action there is: a typo
+    must not run a migration that only looks tested."""
+    if not spec:
+        return
+    point, _, rest = spec.partition(":")
+    action, dash, target = rest.partition("-")
+    points = dict.fromkeys((*SOURCE_FAULT_POINTS, *DEST_FAULT_POINTS))
+    if point not in points:
+        raise ActorError(f"x-fault {spec!r}: no fault point {point!r} (points: {', '.join(points)})")
+    if action not in FAULT_ACTIONS:
+        raise ActorError(f"x-fault {spec!r}: no action {action!r} (actions: {', '.join(FAULT_ACTIONS)})")
+    if dash and action not in TARGETED:
+        raise ActorError(f"x-fault {spec!r}: only {' and '.join(TARGETED)} name an actor")
+    if dash and target not in (*ACTORS, "monitor") and not re.fullmatch(r"vcpu\d+", target):
+        raise ActorError(f"x-fault {spec!r}: no actor {target!r}")
 
 
 class Faults:
