@@ -220,6 +220,7 @@ class HostSpec:
     fds: list[int] = field(default_factory=list)
     drives: list[dict] = field(default_factory=list)  # machine.disk.DriveSpec fields
     devices: list[dict] = field(default_factory=list)  # --device: {"driver", "id"}
+    objects: list[dict] = field(default_factory=list)  # --object: object-add's arguments
 
 
 def check_incoming(uri: str, fds: list[int]) -> None:
@@ -295,6 +296,7 @@ class Host:
             "incoming": self.spec.incoming, "autostart": self.spec.autostart, "qmp": qmp,
             "events": self.spec.events or f"ipc://{self.rundir}/events.sock",
             "fds": self.spec.fds, "drives": self.spec.drives, "devices": self.spec.devices,
+            "objects": self.spec.objects,
         }
         self.cfg_bytes = json.dumps(cfg).encode()
         return cfg

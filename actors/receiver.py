@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -29,8 +30,48 @@ from livemig.protocol.devices import (
     Device,
 )
 from livemig.protocol.messages import Message
+from livemig.protocol.objects import ObjectError, create
 from livemig.protocol.ram import RamBlock, RamLoader
+from livemig.protocol.tls import Authz, Tls, X509Creds, server_tls, tls_info
 from livemig.protocol.transport import Channel, Listener, TransportError, parse_uri
+
+
+def incoming_tls(spec: dict | None) -> Tls | None:
+    """The destination's TLS from the coordinator's objects (their properties)."""
+    if not spec:
+        return None
+    authz = create(spec["authz"]) if spec.get("authz") else None
+    assert authz is None or isinstance(authz, Authz)
+    creds = create(spec["creds"])
+    assert isinstance(creds, X509Creds)
+    return server_tls(creds, authz)
+
+
+class ProgressDeadline:
+    """x-transport-timeout as one deadline on progress, from the connection
+    on (its TLS handshake included): every PROGRESS bytes the loader takes
+    earn another `timeout`, so bytes that trickle in, one now and then, do
+    not hold the destination."""
+
+    PROGRESS = 64 << 10
+
+    def __init__(self, timeout: float, progress: Callable[[], int], since: float) -> None:
+        self.timeout = timeout
+        self.progress = progress
+        self.mark = 0
+        self.deadline = since + timeout
+
+    def left(self) -> float:
+        now, done = time.monotonic(), self.progress()
+        if done >= self.mark + self.PROGRESS:
+            self.mark, self.deadline = done, now + self.timeout
+        if now >= self.deadline:
+            raise self.expired()
+        return self.deadline - now
+
+    def expired(self) -> TimeoutError:
+        return TimeoutError(f"no progress for {self.timeout:g} s (x-transport-timeout): "
+                            f"{self.progress() - self.mark} bytes since byte {self.mark}")
 
 
 class Receiver:
@@ -61,6 +102,7 @@ class Receiver:
         self.rp_lock = threading.Lock()  # the loader (PONG, SHUT) and the fault thread (requests) both write
         self.vcpu_clients: dict[str, Client] = {}
         self.package_start = 0  # reader offset where the PACKAGED blob began
+        self.tls: Tls | None = None
 
     def notify(self, mtype: str, data: dict) -> None:
         self.notices.post(mtype, data)
@@ -73,8 +115,9 @@ class Receiver:
         if uri.scheme == "fd" and int(uri.target) not in self.cfg["fds"]:
             raise ActorError(f"descriptor {uri.target} was not passed to this host (--fd)")
         try:
+            self.tls = incoming_tls(msg.data.get("tls"))
             self.listener = Listener(uri)
-        except TransportError as exc:
+        except (TransportError, ObjectError) as exc:
             raise ActorError(str(exc)) from None
         self.finish.clear()
         self.injected = None
@@ -111,12 +154,16 @@ class Receiver:
             raise ActorError(f"cannot inject {action!r} into the receiver")
         return {}
 
-    def read_into(self, channel: Channel):
+    def read_into(self, channel: Channel, deadline: ProgressDeadline):
         def read(buf: memoryview) -> int:
+            channel.settimeout(deadline.left())
             if self.injected == "slow":  # a slow destination: the source feels back-pressure
                 time.sleep(0.005)
-                return channel.read_into(buf[:65536])
-            return channel.read_into(buf)
+                buf = buf[:65536]
+            try:
+                return channel.read_into(buf)
+            except TimeoutError:
+                raise deadline.expired() from None
         return read
 
     def on_finish(self, msg: Message) -> dict:
@@ -146,7 +193,7 @@ class Receiver:
         try:
             got = b""
             while len(got) < len(SWITCHOVER_GO):
-                chunk = channel.sock.recv(len(SWITCHOVER_GO) - len(got))
+                chunk = channel.recv(len(SWITCHOVER_GO) - len(got))
                 if not chunk:
                     return False
                 got += chunk
@@ -171,8 +218,11 @@ class Receiver:
     def load_incoming(self) -> None:
         assert self.listener is not None
         listener = self.listener
+        def refused(why: str) -> None:
+            self.notify("refused", {"desc": why})
+
         try:
-            channel = listener.accept()
+            channel = listener.accept(tls=self.tls, handshake_timeout=self.timeout, on_refused=refused)
         except (OSError, TransportError) as exc:
             listener.close()
             self.notify("failed", {"desc": f"incoming connection failed: {exc}"})
@@ -182,7 +232,7 @@ class Receiver:
             listener.close()
         self.channel = channel
         channel.settimeout(self.timeout)  # a source that stops sending fails the migration
-        self.notify("started", {})
+        self.notify("started", {"tls": tls_info(channel)})
         t0 = time.monotonic()
         states: dict[str, dict[int, object]] = {}
 
@@ -218,7 +268,8 @@ class Receiver:
             live={"block": block_loader}, on_return_path=listens,
             on_ping=pong if channel.has_return_path else None, on_command=command)
         self.fresh = False  # whatever happens to this stream, the RAM is no longer known zero
-        reader = savevm.BufferedReader(self.read_into(channel))
+        deadline = ProgressDeadline(self.timeout, lambda: reader.consumed, channel.opened)
+        reader = savevm.BufferedReader(self.read_into(channel, deadline))
         try:
             result = loader.load(reader, read_trailer=not channel.has_return_path)
             if pc.in_package:

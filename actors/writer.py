@@ -23,14 +23,25 @@ from livemig.machine.ram import PAGE_SIZE, GuestRam
 from livemig.protocol import returnpath, savevm
 from livemig.protocol.devices import SWITCHOVER_GO
 from livemig.protocol.messages import Message
+from livemig.protocol.objects import ObjectError, create
 from livemig.protocol.ram import PageEncoder, PageVectors, ram_eos
-from livemig.protocol.transport import Channel, TransportError, connect, parse_uri
+from livemig.protocol.tls import Tls, X509Creds, client_tls, tls_info
+from livemig.protocol.transport import Channel, TransportError, Uri, connect, parse_uri
 
 BATCH_PAGES = 512
 # Post-copy: small sections and a small send buffer, so that an asked-for page
 # waits behind little background data (QEMU 7.2 shares one channel the same way).
 POSTCOPY_BATCH = 32
 POSTCOPY_SNDBUF = 256 << 10
+
+
+def outgoing_tls(spec: dict | None, uri: Uri) -> Tls | None:
+    """The source's TLS from the coordinator's objects (their properties)."""
+    if not spec:
+        return None
+    creds = create(spec["creds"])
+    assert isinstance(creds, X509Creds)
+    return client_tls(creds, uri, spec.get("hostname", ""))
 
 
 class Writer:
@@ -201,17 +212,18 @@ class Writer:
             # An fd: URI names a descriptor the host was given at start.
             if int(uri.target) not in self.cfg["fds"]:
                 raise ActorError(f"descriptor {uri.target} was not passed to this host (--fd)")
+        timeout = msg.data.get("timeout", 30_000) / 1000
         try:
-            channel = connect(uri)
-        except TransportError as exc:
+            channel = connect(uri, timeout=timeout, tls=outgoing_tls(msg.data.get("tls"), uri))
+        except (TransportError, ObjectError) as exc:
             raise ActorError(str(exc)) from None
         # A peer that takes nothing for this long fails the migration.
-        channel.settimeout(msg.data.get("timeout", 30_000) / 1000)
+        channel.settimeout(timeout)
         with self.lock:
             self.written, self.error = 0, None
             self.pusher, self.postcopy_bytes, self.rp_thread, self.shut = None, 0, None, None
             self.channel = channel
-        return {"return_path": channel.has_return_path}
+        return {"return_path": channel.has_return_path, "tls": tls_info(channel)}
 
     def on_await_return(self, msg: Message) -> dict:
         """Wait for the destination's SHUT on the return path."""
@@ -224,7 +236,7 @@ class Writer:
             return self.shut
         channel.settimeout(msg.data.get("timeout", 30))
         try:
-            shut = returnpath.read_shut(channel.sock.recv)
+            shut = returnpath.read_shut(channel.recv)
         except returnpath.ReturnPathError as exc:
             return {"shut": None, "desc": str(exc)}
         except TimeoutError:

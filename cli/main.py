@@ -20,6 +20,7 @@ from livemig.machine.profile import PROFILES, profile
 from livemig.machine.ram import FILLS
 from livemig.machine.workload import WorkloadSpec
 from livemig.protocol import units
+from livemig.protocol.objects import ObjectError, ObjectStore, parse_option
 from livemig.protocol.units import parse_size
 
 
@@ -39,6 +40,17 @@ def size_arg(_ctx, _param, value):
         return parse_size(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def object_arg(_ctx, _param, values):
+    """--object as QEMU's -object, each checked as object-add would."""
+    store = ObjectStore()
+    try:
+        for value in values:
+            store.add(parse_option(value))
+    except ObjectError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return store.query()
 
 
 def device_arg(_ctx, _param, values):
@@ -108,9 +120,14 @@ def main(verbose: int, log_level: str | None) -> None:
 @click.option("--device", "devices", multiple=True, metavar="DRIVER,id=ID", callback=device_arg,
               help="A guest device; no-migrate,id=X cannot be migrated and blocks migration "
                    "until device_del X.")
+@click.option("--object", "objects", multiple=True, callback=object_arg,
+              metavar="TYPE,id=ID[,PROP=VALUE...]|JSON",
+              help="An object as QEMU's -object: tls-creds-x509,id=tls0,dir=DIR,endpoint=server "
+                   "(or client), authz-simple,id=auth0,identity=O=livemig,,CN=client, authz-list "
+                   "(JSON, or rules.0.match=...); see docs/security.md.")
 @click.option("--json", "as_json", is_flag=True, help="Announce readiness as one JSON line.")
 def host(name, machine, ram, ram_block, fill, seed, vcpus, workload, incoming, paused, qmp, events, fds,
-         drives, devices, as_json) -> None:
+         drives, devices, objects, as_json) -> None:
     """Run a host with one guest until it is told to quit (or Ctrl-C)."""
     machine_profile = profile(machine)
     if not machine_profile.has_vcpus:
@@ -139,7 +156,8 @@ def host(name, machine, ram, ram_block, fill, seed, vcpus, workload, incoming, p
         raise click.BadParameter(str(exc), param_hint="--drive") from None
     spec = HostSpec(name=name, machine=machine, blocks=[(ram_block, ram)], fill=fill, seed=seed,
                     vcpus=vcpus, workload=workload, incoming=incoming, autostart=not paused,
-                    qmp=list(qmp), events=events, fds=list(fds), drives=drive_specs, devices=devices)
+                    qmp=list(qmp), events=events, fds=list(fds), drives=drive_specs, devices=devices,
+                    objects=objects)
 
     def announce(cfg: dict) -> None:
         info = {"name": name, "qmp": cfg["qmp"][0], "events": cfg["events"], "pid": os.getpid()}

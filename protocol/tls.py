@@ -395,6 +395,16 @@ def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
+def tls_info(channel: Channel) -> dict | None:
+    """What a channel's TLS session is, for query-migrate (None for plaintext)."""
+    if not isinstance(channel, TlsChannel):
+        return None
+    info = {"version": channel.version, "cipher": channel.cipher}
+    if channel.peer_dn:
+        info["peer"] = channel.peer_dn
+    return info
+
+
 class TlsChannel(Channel):
     """A Channel whose bytes go through a TLS session over the raw channel's
     descriptors (a socket, or an exec command's stdout and stdin)."""
@@ -492,9 +502,28 @@ class TlsChannel(Channel):
                         view = view[os.write(self.fd, view):]
                     except BlockingIOError:
                         _wait(self.fd, select.POLLOUT, deadline)
+            except (BrokenPipeError, ConnectionResetError):
+                if not best_effort:
+                    raise TlsError(self._why_closed()) from None
             except OSError:
                 if not best_effort:
                     raise
+
+    def _why_closed(self) -> str:
+        """The peer shut the session while we wrote: its alert, if one came, says why."""
+        peer = "source" if self.tls.server_side else "destination"
+        try:
+            n = os.readv(self.rfd, [self._rbuf])
+            with self._lock:
+                self._in.write(memoryview(self._rbuf)[:n])
+                self._ssl.read(1)
+        except ssl.SSLError as exc:
+            if exc.reason and not isinstance(exc, ssl.SSLEOFError):
+                return f"TLS session failed: {_why(exc, self.tls.server_side)}"
+        except OSError:
+            pass
+        return (f"the {peer} closed the TLS session (if it refused this host's certificate or "
+                f"its tls-authz denied it, the {peer} says which)")
 
     # Channel ---------------------------------------------------------------
     def settimeout(self, seconds: float | None) -> None:
@@ -562,10 +591,6 @@ class TlsChannel(Channel):
             finally:
                 self._wlock.release()
         return got
-
-    def shutdown_write(self) -> None:
-        self._close_notify()
-        super().shutdown_write()
 
     def _close_notify(self) -> None:
         if not self._wlock.acquire(timeout=CLOSE_WAIT):

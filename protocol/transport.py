@@ -15,6 +15,7 @@ import signal
 import socket
 import stat
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -117,6 +118,7 @@ class Channel:
         self.proc = proc
         self.owns_fd = owns_fd
         self.closed = False
+        self.opened = time.monotonic()  # a deadline over the whole connection starts here
 
     @property
     def has_return_path(self) -> bool:
@@ -135,6 +137,11 @@ class Channel:
         if self.sock is not None:
             return self.sock.recv_into(buf)
         return os.readv(self.fd, [buf])
+
+    def recv(self, n: int) -> bytes:
+        """Up to n bytes (b"" at the end), for small messages such as the return path's."""
+        buf = bytearray(n)
+        return bytes(buf[:self.read_into(memoryview(buf))])
 
     def write_vectors(self, table: np.ndarray) -> int:
         """Write every vector of an iovec table (see iovec_table) in order;

@@ -16,6 +16,8 @@ from livemig.actors.base import ActorError, log
 from livemig.actors.coordinator.faults import check_fault
 from livemig.machine.runstate import MigrationStatus, RunState, StateError
 from livemig.protocol import events as ev
+from livemig.protocol.objects import ObjectError, ObjectStore, describe
+from livemig.protocol.tls import TlsError, client_tls, server_tls
 from livemig.protocol.transport import TransportError, parse_uri
 
 MAX_DOWNTIME_MS = 2_000_000
@@ -226,6 +228,7 @@ class Commands:
             parse_uri(uri)
         except TransportError as exc:
             raise ActorError(str(exc)) from None
+        self.tls_out = self.tls_spec(uri, server=False)
         self.start_migration(uri, blk, inc)
         return {}
 
@@ -260,6 +263,61 @@ class Commands:
         self.switchover_gate.set()
         return {}
 
+    @command("object-add")
+    async def cmd_object_add(self, **props) -> dict:
+        """Create an object as QEMU does: qom-type tls-creds-x509 (id, dir, endpoint
+        client|server, verify-peer, sanity-check; files ca-cert.pem, server-cert.pem,
+        server-key.pem, client-cert.pem, client-key.pem, ca-crl.pem), authz-simple
+        (identity, a DN such as O=livemig,CN=client) or authz-list (rules of match,
+        policy allow|deny, format exact|glob; policy for the rest, deny by default)."""
+        try:
+            self.objects.add(props)
+        except ObjectError as exc:
+            raise ActorError(str(exc)) from None
+        return {}
+
+    @command("object-del")
+    async def cmd_object_del(self, id: str) -> dict:
+        """Delete the object ID (a migration already under way keeps what it took)."""
+        try:
+            self.objects.delete(id)
+        except ObjectError as exc:
+            raise ActorError(str(exc)) from None
+        return {}
+
+    @command("query-objects")
+    async def cmd_query_objects(self) -> list:
+        """Every object made by object-add or --object: qom-type, id and its properties."""
+        return self.objects.query()
+
+    def init_objects(self, objects: list[dict]) -> None:
+        self.objects = ObjectStore()
+        self.tls_out: dict | None = None
+        for props in objects:
+            self.objects.add(props)
+
+    def tls_spec(self, uri: str, server: bool) -> dict | None:
+        """The TLS a channel actor needs (objects as their properties), checked
+        now so that a mistake is refused before anything starts."""
+        name = self.parameters["tls-creds"]
+        if not name:
+            return None
+        authz_id = self.parameters["tls-authz"] if server else ""
+        try:
+            target = parse_uri(uri)
+            if target.scheme == "file":
+                raise TlsError("TLS does not apply to file: migrations")
+            creds = self.objects.creds(name)
+            authz = self.objects.authz(authz_id) if authz_id else None
+            if server:
+                server_tls(creds, authz)
+            else:
+                client_tls(creds, target, self.parameters["tls-hostname"])
+        except (ObjectError, TransportError) as exc:
+            raise ActorError(str(exc)) from None
+        return {"creds": describe(creds), "authz": describe(authz) if authz else None,
+                "hostname": self.parameters["tls-hostname"]}
+
     @command("query-migrate")
     async def cmd_query_migrate(self) -> dict:
         """Status and statistics of the current or last migration ({} before any), and what
@@ -288,10 +346,12 @@ class Commands:
             if key not in new:
                 raise ActorError(f"Parameter '{key}' is unexpected")
             expected = type(new[key])
-            if not type_ok(expected, value):
+            if not type_ok(expected, value) and not (key.startswith("tls-") and value is None):
                 raise invalid_type(key, expected)
             if expected is int and value < 0:
                 raise ActorError(f"Parameter '{key}' expects a non-negative integer")
+            if key.startswith("tls-") and value is None:
+                value = ""  # QEMU's StrOrNull: null turns it off
             if key == "downtime-limit" and value > MAX_DOWNTIME_MS:
                 raise ActorError(f"Parameter 'downtime_limit' expects an integer in the range of 0 to "
                                  f"{MAX_DOWNTIME_MS} milliseconds")

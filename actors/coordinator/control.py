@@ -55,6 +55,7 @@ class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults):
         self.incoming_uri: str | None = None
         self.exit_on_error = False  # quit when an incoming migration fails (QEMU's default)
         self.init_devices(cfg.raw.get("devices", []))
+        self.init_objects(cfg.raw.get("objects", []))
 
     async def connect_workers(self) -> None:
         ep = self.cfg.endpoint

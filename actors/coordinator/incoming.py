@@ -22,6 +22,7 @@ class Incoming:
     async def on_receiver_notice(self, msg: Message) -> None:
         if msg.type == "started":
             self.mig.start = time.monotonic()
+            self.mig.tls = msg.data.get("tls")
             self.set_status(MigrationStatus.ACTIVE)
             if not self.parameters["x-fault"].endswith(":slow"):
                 await asyncio.sleep(0.2)  # so that a fault strikes mid-stream
@@ -34,6 +35,9 @@ class Incoming:
             self.set_status(MigrationStatus.FAILED)
             if self.exit_on_error:
                 self.stop_event.set()
+        elif msg.type == "refused":  # a connection that failed its TLS handshake; still listening
+            log.warning("incoming migration: refused a connection: %s", msg.data["desc"])
+            self.mig.refused.append(msg.data["desc"])
         elif msg.type == "loaded":
             await self.finish_incoming(msg.data)
         elif msg.type == "postcopy-run":
@@ -100,13 +104,15 @@ class Incoming:
             parse_uri(uri)
         except TransportError as exc:
             raise ActorError(str(exc)) from None
+        tls = self.tls_spec(uri, server=True)
         # The state first: the receiver may report "started" before it answers.
         self.mig = MigrationState(start=time.monotonic(), incoming=True)
         self.mig.set(MigrationStatus.SETUP)
         self.publish(ev.MIGRATION, {"status": MigrationStatus.SETUP.value}, qmp=True)  # QEMU emits this one ungated
         try:
             await self.receiver.call("configure", {"postcopy": self.capabilities["postcopy-ram"]})
-            reply = await self.receiver.call("listen", {"uri": uri, "timeout": self.parameters["x-transport-timeout"]})
+            reply = await self.receiver.call("listen", {"uri": uri, "tls": tls,
+                                                        "timeout": self.parameters["x-transport-timeout"]})
         except ActorError as exc:
             self.mig.set(MigrationStatus.FAILED)
             self.mig.error = str(exc)

@@ -11,6 +11,12 @@ DEFAULT_PARAMETERS = {
     "max-postcopy-bandwidth": 0,  # bytes/s for the background push in post-copy; 0 = unlimited
     "x-fault": "",
     "x-transport-timeout": 30_000,  # ms
+    # TLS (docs/security.md): the id of a tls-creds-x509 object ("" = plaintext), the name
+    # the destination's certificate must carry (default: the tcp host), and on the
+    # destination the id of an authz-simple / authz-list object for client DNs
+    "tls-creds": "",
+    "tls-hostname": "",
+    "tls-authz": "",
 }
 DEFAULT_CAPABILITIES = {"events": False, "return-path": True,
                         # testing aid: the destination keeps stale image metadata (the seed's bug)

@@ -93,8 +93,10 @@ class Outgoing:
         ram = self.ram_sender
         try:
             await self.fault("connect")
-            reply = await self.writer.call("connect", {"uri": uri, "timeout": self.parameters["x-transport-timeout"]},
-                                           timeout=30)
+            timeout = self.parameters["x-transport-timeout"]
+            reply = await self.writer.call("connect", {"uri": uri, "timeout": timeout, "tls": self.tls_out},
+                                           timeout=timeout / 1000 + 30)  # the TLS handshake has `timeout`
+            mig.tls = reply.data["result"].get("tls")
             return_path = reply.data["result"]["return_path"] and self.capabilities["return-path"]
             blocks = [(b.name, b.size) for b in self.ram.blocks]
             head = [savevm.header(), savevm.configuration(self.guest["machine"])]

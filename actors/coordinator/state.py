@@ -37,6 +37,8 @@ class MigrationState:
     postcopy_requested: bool = False  # migrate-start-postcopy was called
     postcopy_at: float = 0.0  # the destination resumed the guest
     postcopy: dict | None = None  # the destination's final post-copy figures
+    refused: list[str] = field(default_factory=list)  # incoming connections refused, and why
+    tls: dict | None = None  # the session's version, cipher and (on a destination) peer DN
 
     def set(self, status: MigrationStatus) -> None:
         check_migration_transition(self.status, status)
@@ -70,6 +72,10 @@ class MigrationState:
                 out["x-guest-downtime"] = self.guest_downtime
             if self.switchover:
                 out["x-switchover"] = dict(self.switchover)
+        if self.tls:
+            out["x-tls"] = dict(self.tls)
+        if self.refused:
+            out["x-refused"] = self.refused[-10:]
         if self.error and self.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
             out["error-desc"] = self.error
         return out

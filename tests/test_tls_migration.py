@@ -1,0 +1,203 @@
+"""Migrations over TLS between real hosts on loopback, checked by replay:
+QEMU's objects and parameters, client certificates and tls-authz, the
+refusals (each naming its cause, nothing started, the destination still
+ready), and one connection with one deadline."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from tests.conftest import guest_args, replay_matches
+from tests.tls_certs import make_pki
+
+RUNNING = guest_args(workload="memtouch:rate=4M,wss=8M")
+AUTHZ = "authz-simple,id=auth0,identity=O=livemig,,CN=client"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def x509(path, endpoint: str, *extra: str) -> tuple[str, str]:
+    return ("--object", ",".join([f"tls-creds-x509,id=tls0,dir={path},endpoint={endpoint}", *extra]))
+
+
+def uri_for(transport: str, tmp_path, port: int) -> str:
+    return f"tcp:127.0.0.1:{port}" if transport == "tcp" else f"unix:{tmp_path}/mig-{time.monotonic_ns()}.sock"
+
+
+def tls_destination(hosts, pki, uri: str, authz: bool = True, timeout: int | None = None):
+    dst = hosts.start("dst", *RUNNING, "--incoming", "defer", *x509(pki.server, "server"),
+                      *(("--object", AUTHZ) if authz else ()))
+    params = {"tls-creds": "tls0", **({"tls-authz": "auth0"} if authz else {})}
+    if timeout:
+        params["x-transport-timeout"] = timeout
+    dst.cmd("migrate-set-parameters", **params)
+    dst.cmd("migrate-incoming", uri=uri)
+    return dst
+
+
+def tls_source(hosts, creds_dir, uri: str, name: str = "src", *extra: str):
+    src = hosts.start(name, *RUNNING, *x509(creds_dir, "client", *extra))
+    params = {"tls-creds": "tls0", "max-bandwidth": 0}
+    if uri.startswith("unix:"):
+        params["tls-hostname"] = "localhost"  # a unix socket has no host name to check
+    src.cmd("migrate-set-parameters", **params)
+    return src
+
+
+def completes(src, dst, tmp_path, uri: str) -> dict:
+    src.cmd("migrate", uri=uri)
+    info = src.wait_migration(120)
+    assert info["status"] == "completed", info
+    got = dst.wait_migration(60)
+    assert got["status"] == "completed", got
+    dst.wait_status("running", 30)
+    result = replay_matches(dst, tmp_path)
+    assert result["ram_equal"] and result["vcpu_equal"], result
+    return got
+
+
+def fails_and_runs_on(src, uri: str) -> str:
+    """The source's migration fails, and its guest runs on."""
+    src.cmd("migrate", uri=uri)
+    info = src.wait_migration(60)
+    assert info["status"] == "failed", info
+    src.wait_status("running", 30)
+    return info["error-desc"]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_running_guest_over_tls(hosts, pki, tmp_path, port, transport):
+    uri = uri_for(transport, tmp_path, port)
+    dst = tls_destination(hosts, pki, uri)
+    src = tls_source(hosts, pki.client, uri)
+    got = completes(src, dst, tmp_path, uri)
+    assert got["x-tls"]["peer"] == "O=livemig,CN=client"
+    assert got["x-tls"]["version"] == "TLSv1.3" and got["x-tls"]["cipher"].startswith("TLS_AES_")
+    assert src.cmd("query-migrate")["x-tls"]["cipher"] == got["x-tls"]["cipher"]
+
+
+def test_denied_dn_is_refused_then_the_right_source_migrates(hosts, pki, tmp_path, port):
+    uri = f"tcp:127.0.0.1:{port}"
+    dst = tls_destination(hosts, pki, uri)
+    intruder = tls_source(hosts, pki.client_other, uri, "intruder")
+    desc = fails_and_runs_on(intruder, uri)
+    # Under TLS 1.3 the source only sees the door shut after its handshake.
+    assert "the destination closed the TLS session" in desc, desc
+    info = dst.cmd("query-migrate")
+    assert info["status"] == "setup", info  # still listening; nothing loaded, nothing runs
+    assert info["x-refused"] == ["TLS client 'O=livemig,CN=intruder' is not allowed by authz-simple 'auth0'"]
+    assert dst.cmd("query-status")["status"] == "inmigrate"
+    completes(tls_source(hosts, pki.client, uri), dst, tmp_path, uri)
+
+
+def test_rogue_plaintext_and_rogue_certificate_first(hosts, pki, tmp_path, port):
+    """Both connect before the real source; both are refused, each with its
+    cause, and the real migration then completes."""
+    uri = f"tcp:127.0.0.1:{port}"
+    dst = tls_destination(hosts, pki, uri, authz=False)
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(b"QEVM\0\0\0\x03")  # a plaintext stream
+        deadline = time.monotonic() + 10
+        while not dst.cmd("query-migrate").get("x-refused"):
+            assert time.monotonic() < deadline, "the plaintext connection was not refused"
+            time.sleep(0.05)
+    rogue = tls_source(hosts, pki.client_rogue, uri, "rogue", "sanity-check=off")
+    fails_and_runs_on(rogue, uri)
+    refused = dst.cmd("query-migrate")["x-refused"]
+    assert refused[0] == "TLS handshake failed: the source does not speak TLS (a plaintext migration?)"
+    assert refused[1] == ("TLS handshake failed: the source's client certificate was refused: "
+                          "unable to get local issuer certificate")
+    completes(tls_source(hosts, pki.client, uri), dst, tmp_path, uri)
+
+
+@pytest.mark.parametrize("side, creds, error", [
+    ("source", "client_wrong_ca", "the destination's certificate was refused: self-signed certificate in certificate chain"),
+    ("source", "hostname", "Hostname mismatch, certificate is not valid for 'other.example'"),
+    ("source", "plaintext-destination", "the destination closed the connection during the TLS handshake"),
+    ("destination", "server_expired", "the destination's certificate was refused: certificate has expired"),
+])
+def test_refusals_name_the_cause_and_leave_both_sides_ready(hosts, pki, tmp_path, port, side, creds, error):
+    uri = f"tcp:127.0.0.1:{port}"
+    if creds == "plaintext-destination":
+        dst = hosts.start("dst", *RUNNING, "--incoming", uri)
+    elif creds == "server_expired":
+        dst = hosts.start("dst", *RUNNING, "--incoming", "defer",
+                          *x509(pki.server_expired, "server", "sanity-check=off"))
+        dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+        dst.cmd("migrate-incoming", uri=uri)
+    else:
+        dst = tls_destination(hosts, pki, uri, authz=False)
+    src = tls_source(hosts, pki.client if creds in ("hostname", "plaintext-destination", "server_expired")
+                     else getattr(pki, creds), uri)
+    if creds == "hostname":
+        src.cmd("migrate-set-parameters", **{"tls-hostname": "other.example"})
+    assert error in fails_and_runs_on(src, uri)
+    # Nothing started on the destination, which waits on (or, for a plaintext one
+    # fed a ClientHello, has failed and takes a new migrate-incoming).
+    assert dst.cmd("query-status")["status"] == "inmigrate"
+    if creds != "plaintext-destination":
+        assert dst.cmd("query-migrate")["status"] == "setup"
+
+
+def test_configuration_mistakes_are_refused_before_anything_starts(hosts, pki, tmp_path):
+    src = hosts.start("src", *RUNNING, *x509(pki.client, "client"))
+    src.cmd("migrate-set-parameters", **{"tls-creds": "nosuch"})
+    with pytest.raises(RuntimeError, match="No TLS credentials with id 'nosuch'"):
+        src.cmd("migrate", uri="tcp:127.0.0.1:1")
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    with pytest.raises(RuntimeError, match="No hostname for certificate validation"):
+        src.cmd("migrate", uri=f"unix:{tmp_path}/x.sock")
+    with pytest.raises(RuntimeError, match="TLS does not apply to file: migrations"):
+        src.cmd("migrate", uri=f"file:{tmp_path}/x.stream")
+    assert src.cmd("query-migrate") == {}  # nothing started
+    src.wait_status("running", 10)
+    src.cmd("object-del", id="tls0")
+    src.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": str(pki.server),
+                             "endpoint": "server"})
+    with pytest.raises(RuntimeError, match="a migration source needs endpoint=client"):
+        src.cmd("migrate", uri="tcp:127.0.0.1:1")
+    assert [o["id"] for o in src.cmd("query-objects")] == ["tls0"]
+    with pytest.raises(RuntimeError, match="not supported: it needs Python >= 3.13"):
+        src.cmd("object-add", **{"qom-type": "tls-creds-psk", "id": "psk0", "dir": str(tmp_path),
+                                 "endpoint": "client"})
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+def test_byte_drip_is_cut_off(hosts, pki, tmp_path, port, tls):
+    """A peer that sends a byte every 0.5 s is cut off x-transport-timeout
+    after it connected, and the destination takes a new migrate-incoming."""
+    uri = f"tcp:127.0.0.1:{port}"
+    if tls:
+        dst = tls_destination(hosts, pki, uri, authz=False, timeout=3000)
+    else:
+        dst = hosts.start("dst", *RUNNING, "--incoming", "defer")
+        dst.cmd("migrate-set-parameters", **{"x-transport-timeout": 3000})
+        dst.cmd("migrate-incoming", uri=uri)
+    stream = (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" if tls  # the start of a ClientHello
+              else b"QEVM\0\0\0\x03\x07\0\0\0\x02pc") + b"\x01" * 100
+    with socket.create_connection(("127.0.0.1", port)) as drip:
+        t0 = time.monotonic()
+        for b in stream:
+            info = dst.cmd("query-migrate")
+            if info["status"] == "failed" or info.get("x-refused") or time.monotonic() - t0 > 10:
+                break
+            try:
+                drip.send(bytes([b]))
+            except OSError:
+                pass
+            time.sleep(0.5)
+        cut = time.monotonic() - t0
+    if tls:  # the handshake never finished: refused, and still listening
+        assert info["status"] == "setup" and "did not complete it within 3 s" in info["x-refused"][0], info
+    else:
+        assert info["status"] == "failed" and "no progress for 3 s (x-transport-timeout)" in info["error-desc"], info
+    assert 3 <= cut < 3 + 1 + 0.6, cut  # one drip period of slack for noticing
+    assert dst.cmd("query-status")["status"] == "inmigrate"
+    if not tls:
+        dst.cmd("migrate-incoming", uri=uri)  # ready for the next one
