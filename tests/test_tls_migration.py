@@ -201,3 +201,24 @@ def test_byte_drip_is_cut_off(hosts, pki, tmp_path, port, tls):
     assert dst.cmd("query-status")["status"] == "inmigrate"
     if not tls:
         dst.cmd("migrate-incoming", uri=uri)  # ready for the next one
+
+
+def test_fd_socketpair_over_tls(hosts, pki, tmp_path):
+    """fd: has no host name either: tls-hostname names the certificate to expect."""
+    a, b = socket.socketpair()
+    try:
+        dst = hosts.start("dst", *RUNNING, "--incoming", "defer", "--fd", str(b.fileno()),
+                          *x509(pki.server, "server"), "--object", AUTHZ, pass_fds=(b.fileno(),))
+        dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-authz": "auth0"})
+        dst.cmd("migrate-incoming", uri=f"fd:{b.fileno()}")
+        src = hosts.start("src", *RUNNING, "--fd", str(a.fileno()), *x509(pki.client, "client"),
+                          pass_fds=(a.fileno(),))
+        uri = f"fd:{a.fileno()}"
+        with pytest.raises(RuntimeError, match="No hostname for certificate validation"):
+            src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"}) or src.cmd("migrate", uri=uri)
+        src.cmd("migrate-set-parameters", **{"tls-hostname": "migration.test", "max-bandwidth": 0})
+        got = completes(src, dst, tmp_path, uri)
+        assert got["x-tls"]["peer"] == "O=livemig,CN=client"
+    finally:
+        a.close()
+        b.close()
