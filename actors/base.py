@@ -12,14 +12,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import zmq
 import zmq.asyncio
 
+from livemig.machine.ram import GuestRam
 from livemig.protocol.rpc import ActorError, AsyncPeer, Client, Notices, Server, log
 
-__all__ = ["ActorError", "AsyncPeer", "Client", "HostConfig", "Notices", "Server", "actor_main",
+__all__ = ["ActorError", "AsyncPeer", "Client", "GuestConfig", "HostConfig", "Notices", "Server", "actor_main",
            "log", "start_actor"]
 
 PR_SET_PDEATHSIG = 1
@@ -38,28 +39,63 @@ def die_with_parent(parent: int | None = None) -> None:
         os._exit(1)
 
 
-@dataclass
+@dataclass(frozen=True)
+class GuestConfig:
+    """What the guest is made of: the same on both hosts of a migration."""
+
+    machine: str
+    blocks: tuple[tuple[str, int], ...]
+    fill: str
+    seed: int
+    vcpus: int
+    workload: str
+
+
+@dataclass(frozen=True)
 class HostConfig:
     """The host's configuration. The supervisor hands it to each actor on its
     standard input (a pipe only the two of them hold), so nobody can swap it
     between the host writing and the actor reading it; a path is read too
     (for running an actor by hand)."""
 
-    raw: dict
+    name: str
+    rundir: str
+    ram_path: str
+    host_pid: int
+    guest: GuestConfig
+    incoming: str | None = None
+    autostart: bool = True
+    qmp: tuple[str, ...] = ()
+    events: str = ""
+    fds: tuple[int, ...] = ()
+    drives: tuple[dict, ...] = ()  # machine.disk.DriveSpec fields
+    devices: tuple[dict, ...] = ()  # --device: {"driver", "id"}
+    objects: tuple[dict, ...] = ()  # --object: QOM-style properties (tls-creds-x509, authz-*)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HostConfig:
+        guest = GuestConfig(**{**d["guest"], "blocks": tuple((n, int(s)) for n, s in d["guest"]["blocks"])})
+        return cls(**{**d, "guest": guest, "qmp": tuple(d["qmp"]), "fds": tuple(d["fds"]),
+                      "drives": tuple(d["drives"]), "devices": tuple(d["devices"]),
+                      "objects": tuple(d.get("objects", ()))})
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
 
     @classmethod
     def load(cls, path: str) -> HostConfig:
         if path == "-":
-            return cls(json.load(sys.stdin))
+            return cls.from_dict(json.load(sys.stdin))
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd) as f:
-            return cls(json.load(f))
-
-    def __getitem__(self, key: str):
-        return self.raw[key]
+            return cls.from_dict(json.load(f))
 
     def endpoint(self, name: str) -> str:
-        return f"ipc://{self.raw['rundir']}/{name}.sock"
+        return f"ipc://{self.rundir}/{name}.sock"
+
+    def map_ram(self) -> GuestRam:
+        """This host's guest RAM, mapped into the calling process."""
+        return GuestRam(self.ram_path, list(self.guest.blocks))
 
 
 HEARTBEAT_INTERVAL = 0.1
@@ -125,14 +161,14 @@ def start_actor(name: str) -> HostConfig:
     host's config, log with its name, leave a pid file, start heartbeats."""
     die_with_parent()
     cfg = HostConfig.load(sys.argv[1])
-    die_with_parent(cfg.raw.get("host_pid"))
+    die_with_parent(cfg.host_pid)
     logging.basicConfig(
         level=os.environ.get("LIVEMIG_LOG", "WARNING").upper(),
-        format=f"%(asctime)s {cfg['name']}/{name} %(levelname)s %(message)s")
+        format=f"%(asctime)s {cfg.name}/{name} %(levelname)s %(message)s")
     sys.excepthook = report_fatal(name, cfg.endpoint("heartbeat"))
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # nothing to flush: die quietly
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when we stop
-    write_pid(cfg["rundir"], name)
+    write_pid(cfg.rundir, name)
     threading.Thread(target=heartbeat, args=(cfg.endpoint("heartbeat"), name), daemon=True).start()
     return cfg
 

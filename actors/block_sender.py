@@ -35,7 +35,7 @@ class Drive:
 
 class BlockSender:
     def __init__(self, cfg: HostConfig, ctx: zmq.Context) -> None:
-        self.vcpu = Client(ctx, cfg.endpoint("vcpu0"), "block_sender") if cfg["drives"] else None
+        self.vcpu = Client(ctx, cfg.endpoint("vcpu0"), "block_sender") if cfg.drives else None
         self.data = ctx.socket(zmq.PUSH)
         self.data.setsockopt(zmq.SNDHWM, 8)
         self.data.setsockopt(zmq.LINGER, 0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -21,8 +20,9 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
+from livemig.actors.base import GuestConfig, HostConfig
 from livemig.machine.ram import GuestRam, fill_ram, layout
 from livemig.machine.workload import WorkloadSpec
 from livemig.protocol.transport import TransportError, parse_uri
@@ -285,20 +285,20 @@ class Host:
         fill_ram(self.ram.bytes, self.spec.fill, self.spec.seed)
         return ram_path
 
-    def prepare(self) -> dict:
+    def prepare(self) -> HostConfig:
         self.take_rundir()
         ram_path = self.create_ram()
         qmp = self.spec.qmp or [f"unix:{os.path.join(self.rundir, 'qmp.sock')}"]
-        cfg = {
-            "name": self.spec.name, "rundir": self.rundir, "ram_path": ram_path, "host_pid": os.getpid(),
-            "guest": {"machine": self.spec.machine, "blocks": self.spec.blocks, "fill": self.spec.fill,
-                      "seed": self.spec.seed, "vcpus": self.spec.vcpus, "workload": self.spec.workload},
-            "incoming": self.spec.incoming, "autostart": self.spec.autostart, "qmp": qmp,
-            "events": self.spec.events or f"ipc://{self.rundir}/events.sock",
-            "fds": self.spec.fds, "drives": self.spec.drives, "devices": self.spec.devices,
-            "objects": self.spec.objects,
-        }
-        self.cfg_bytes = json.dumps(cfg).encode()
+        cfg = HostConfig(
+            name=self.spec.name, rundir=self.rundir, ram_path=ram_path, host_pid=os.getpid(),
+            guest=GuestConfig(machine=self.spec.machine, blocks=tuple(map(tuple, self.spec.blocks)),
+                              fill=self.spec.fill, seed=self.spec.seed, vcpus=self.spec.vcpus,
+                              workload=self.spec.workload),
+            incoming=self.spec.incoming, autostart=self.spec.autostart, qmp=tuple(qmp),
+            events=self.spec.events or f"ipc://{self.rundir}/events.sock",
+            fds=tuple(self.spec.fds), drives=tuple(self.spec.drives), devices=tuple(self.spec.devices),
+            objects=tuple(self.spec.objects))
+        self.cfg_bytes = cfg.to_json()
         return cfg
 
     def spawn(self, name: str) -> subprocess.Popen:
@@ -316,6 +316,8 @@ class Host:
         return proc
 
     def start(self) -> dict:
+        """Start every actor; returns what the host announces (its configuration
+        and the address it really listens on)."""
         import zmq
 
         cfg = self.prepare()
@@ -330,15 +332,15 @@ class Host:
         deadline = time.monotonic() + READY_TIMEOUT
         for name in [f"vcpu{i}" for i in range(self.spec.vcpus)] + list(ACTORS):
             self.procs[name] = self.spawn(name)
-        cfg["incoming_uri"] = self.wait_coordinator(deadline).get("incoming")
+        incoming_uri = self.wait_coordinator(deadline).get("incoming")
         self.procs["monitor"] = self.spawn("monitor")
-        for addr in cfg["qmp"]:
+        for addr in cfg.qmp:
             while not qmp_greets(qmp_address(addr)):
                 self.check_children()
                 if time.monotonic() > deadline:
                     raise HostError(f"its monitor did not come up on {addr} within {READY_TIMEOUT:.0f} s")
                 time.sleep(0.05)
-        return cfg
+        return {**asdict(cfg), "incoming_uri": incoming_uri}
 
     def wait_coordinator(self, deadline: float) -> dict:
         """Ask the coordinator for x-query-host: it answers once every actor

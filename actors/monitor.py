@@ -185,7 +185,7 @@ class Monitor:
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.RECONNECT_IVL, 20)  # the coordinator may bind after we start
         watch = sub.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        sub.connect(self.cfg["events"])
+        sub.connect(self.cfg.events)
         try:
             await asyncio.wait_for(watch.recv_multipart(), SUBSCRIBE_TIMEOUT)
         except TimeoutError:
@@ -236,7 +236,7 @@ class Monitor:
         ctx = zmq.asyncio.Context()
         self.coordinator = AsyncPeer(ctx, self.cfg.endpoint("coordinator"), "monitor")
         sub = await self.subscribe(ctx)
-        self.servers = [await self.listen(addr) for addr in self.cfg["qmp"]]
+        self.servers = [await self.listen(addr) for addr in self.cfg.qmp]
         await self.events(sub)
 
 

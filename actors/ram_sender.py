@@ -17,7 +17,7 @@ import numpy as np
 import zmq
 
 from livemig.actors.base import Client, HostConfig, Server, actor_main
-from livemig.machine.ram import PAGE_SIZE, GuestRam
+from livemig.machine.ram import PAGE_SIZE
 from livemig.protocol import postcopy, savevm
 from livemig.protocol.messages import Message
 from livemig.protocol.ram import NORMAL_RECORD, ZERO_RECORD, ram_eos
@@ -30,12 +30,12 @@ NORMAL_COST = NORMAL_RECORD
 
 class RamSender:
     def __init__(self, cfg: HostConfig, ctx: zmq.Context) -> None:
-        guest = cfg["guest"]
-        self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
+        guest = cfg.guest
+        self.ram = cfg.map_ram()
         self.ram.populate(write=False)  # map what holds data now: no fault per page later
         self.npages = self.ram.pages.shape[0]
         self.dirty = np.zeros(self.npages, np.bool_)
-        self.vcpus = [Client(ctx, cfg.endpoint(f"vcpu{i}"), "ram_sender") for i in range(guest["vcpus"])]
+        self.vcpus = [Client(ctx, cfg.endpoint(f"vcpu{i}"), "ram_sender") for i in range(guest.vcpus)]
         self.data = ctx.socket(zmq.PUSH)
         self.data.setsockopt(zmq.SNDHWM, 2)
         self.data.setsockopt(zmq.LINGER, 0)

@@ -19,7 +19,7 @@ from livemig.actors.postcopy import IncomingPages
 from livemig.block import BlockError, open_image
 from livemig.block.image import Image
 from livemig.machine.profile import profile
-from livemig.machine.ram import PAGE_SIZE, GuestRam
+from livemig.machine.ram import PAGE_SIZE
 from livemig.protocol import blockmig, postcopy, returnpath, savevm
 from livemig.protocol.devices import (
     DEVICES,
@@ -76,18 +76,18 @@ class ProgressDeadline:
 
 class Receiver:
     def __init__(self, cfg: HostConfig, ctx: zmq.Context) -> None:
-        guest = cfg["guest"]
+        guest = cfg.guest
         self.cfg = cfg
         self.ctx = ctx
-        self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
+        self.ram = cfg.map_ram()
         # A RAM file without data is all zero; then zero pages need no write.
         self.fresh = self.ram.all_holes()
-        if cfg["incoming"]:
+        if cfg.incoming:
             # Back and map the RAM here, in the process that writes it, before
             # any stream arrives: a fault per page would cap the receive rate.
             self.ram.populate(write=True)
-        self.vcpus = guest["vcpus"]
-        self.profile = profile(guest["machine"])
+        self.vcpus = guest.vcpus
+        self.profile = profile(guest.machine)
         self.listener: Listener | None = None
         self.channel: Channel | None = None
         self.thread: threading.Thread | None = None
@@ -112,7 +112,7 @@ class Receiver:
         if self.thread is not None and self.thread.is_alive():
             raise ActorError("an incoming migration is already in progress")
         uri = parse_uri(msg.data["uri"])
-        if uri.scheme == "fd" and int(uri.target) not in self.cfg["fds"]:
+        if uri.scheme == "fd" and int(uri.target) not in self.cfg.fds:
             raise ActorError(f"descriptor {uri.target} was not passed to this host (--fd)")
         try:
             self.tls = incoming_tls(msg.data.get("tls"))
@@ -264,7 +264,7 @@ class Receiver:
             self.postcopy_command(pc, cmd, data, r, loader, channel, states)
 
         loader = savevm.StreamLoader(
-            RamLoader(blocks, zeroed=self.fresh), loaders, machine=self.cfg["guest"]["machine"],
+            RamLoader(blocks, zeroed=self.fresh), loaders, machine=self.cfg.guest.machine,
             live={"block": block_loader}, on_return_path=listens,
             on_ping=pong if channel.has_return_path else None, on_command=command)
         self.fresh = False  # whatever happens to this stream, the RAM is no longer known zero
@@ -420,7 +420,7 @@ class Receiver:
         active for the length of the stream; vCPU 0's inactive open re-reads
         the metadata when it is activated afterwards."""
         if name not in images:
-            spec = next((d for d in self.cfg["drives"] if d["id"] == name), None)
+            spec = next((d for d in self.cfg.drives if d["id"] == name), None)
             if spec is None:
                 return None
             try:

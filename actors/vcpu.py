@@ -15,7 +15,6 @@ from livemig.actors.base import ActorError, HostConfig, Server, actor_main
 from livemig.block import BlockError
 from livemig.machine.dirtyrate import DirtyMeter
 from livemig.machine.disk import Disk, DriveSpec
-from livemig.machine.ram import GuestRam
 from livemig.machine.throttle import Pacer
 from livemig.machine.userfaultfd import Userfaultfd, register_and_send
 from livemig.machine.workload import Workload, WorkloadSpec
@@ -27,17 +26,17 @@ SLICE_SECONDS = 0.01
 
 class Vcpu:
     def __init__(self, cfg: HostConfig, index: int) -> None:
-        guest = cfg["guest"]
-        self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
-        spec = WorkloadSpec.parse(guest["workload"])
-        self.workload = Workload(spec, guest["seed"], index, guest["vcpus"], self.ram.pages.shape[0])
+        guest = cfg.guest
+        self.ram = cfg.map_ram()
+        spec = WorkloadSpec.parse(guest.workload)
+        self.workload = Workload(spec, guest.seed, index, guest.vcpus, self.ram.pages.shape[0])
         self.dirty = np.zeros(self.ram.pages.shape[0], np.bool_)
         # vCPU 0 owns the guest's drives; an incoming guest opens them inactive,
         # reading their metadata now as QEMU's incoming side does.
         self.disks: list[Disk] = []
         if index == 0:
-            for d in cfg["drives"]:
-                self.disks.append(Disk(DriveSpec(**d), inactive=bool(cfg["incoming"])))
+            for d in cfg.drives:
+                self.disks.append(Disk(DriveSpec(**d), inactive=bool(cfg.incoming)))
         self.uffd: Userfaultfd | None = None  # while post-copy serves our faults
         self.measure = DirtyMeter(self.ram.pages.shape[0])
         self.running = False

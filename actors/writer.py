@@ -19,7 +19,7 @@ import zmq
 
 from livemig.actors.base import ActorError, HostConfig, Notices, Server, actor_main
 from livemig.actors.postcopy import Pusher
-from livemig.machine.ram import PAGE_SIZE, GuestRam
+from livemig.machine.ram import PAGE_SIZE
 from livemig.protocol import returnpath, savevm
 from livemig.protocol.devices import SWITCHOVER_GO
 from livemig.protocol.messages import Message
@@ -46,8 +46,7 @@ def outgoing_tls(spec: dict | None, uri: Uri) -> Tls | None:
 
 class Writer:
     def __init__(self, cfg: HostConfig, ctx: zmq.Context) -> None:
-        guest = cfg["guest"]
-        self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
+        self.ram = cfg.map_ram()
         self.ram.populate(write=False)  # map what holds data now: no fault per page later
         self.ctx = ctx
         self.cfg = cfg
@@ -210,7 +209,7 @@ class Writer:
         uri = parse_uri(msg.data["uri"])
         if uri.scheme == "fd":
             # An fd: URI names a descriptor the host was given at start.
-            if int(uri.target) not in self.cfg["fds"]:
+            if int(uri.target) not in self.cfg.fds:
                 raise ActorError(f"descriptor {uri.target} was not passed to this host (--fd)")
         timeout = msg.data.get("timeout", 30_000) / 1000
         try:

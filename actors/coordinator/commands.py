@@ -11,6 +11,7 @@ import os
 import types
 import typing
 from collections.abc import Callable
+from dataclasses import asdict
 
 from livemig.actors.base import ActorError, log
 from livemig.actors.coordinator.faults import check_fault
@@ -474,5 +475,5 @@ class Commands:
     @command("x-query-host")
     async def cmd_query_host(self) -> dict:
         """livemig: this host's name, guest description, endpoints and incoming URI."""
-        return {"name": self.name, "guest": self.guest, "events": self.cfg["events"],
+        return {"name": self.name, "guest": asdict(self.guest), "events": self.cfg.events,
                 "incoming": self.incoming_uri, "pid": os.getppid()}

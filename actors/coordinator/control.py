@@ -20,7 +20,6 @@ from livemig.actors.coordinator.outgoing import Outgoing
 from livemig.actors.coordinator.postcopy import Postcopy
 from livemig.actors.coordinator.state import MigrationState
 from livemig.machine.profile import profile
-from livemig.machine.ram import GuestRam
 from livemig.machine.runstate import MigrationStatus, RunState, StateError, check_transition
 from livemig.protocol import events as ev
 from livemig.protocol.messages import Message
@@ -32,13 +31,12 @@ class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults):
     def __init__(self, cfg: HostConfig, ctx: zmq.asyncio.Context) -> None:
         self.cfg = cfg
         self.ctx = ctx
-        guest = cfg["guest"]
-        self.guest = guest
-        self.profile = profile(guest["machine"])
-        self.guest_drives: list[dict] = cfg["drives"]
+        self.guest = cfg.guest
+        self.profile = profile(cfg.guest.machine)
+        self.guest_drives = cfg.drives
         self.device_state: dict[str, object] = {}  # device states last loaded from a stream
-        self.name = cfg["name"]
-        self.ram = GuestRam(cfg["ram_path"], [tuple(b) for b in guest["blocks"]])
+        self.name = cfg.name
+        self.ram = cfg.map_ram()
         self.runstate = RunState.PRELAUNCH
         self.parameters = dict(DEFAULT_PARAMETERS)
         self.capabilities = dict(DEFAULT_CAPABILITIES)
@@ -51,15 +49,15 @@ class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults):
         self.marks_reached: dict[str, int] = {}  # producer -> highest mark the writer passed
         self.stop_event = asyncio.Event()
         self.pub = ctx.socket(zmq.PUB)
-        self.pub.bind(cfg["events"])
+        self.pub.bind(cfg.events)
         self.incoming_uri: str | None = None
         self.exit_on_error = False  # quit when an incoming migration fails (QEMU's default)
-        self.init_devices(cfg.raw.get("devices", []))
-        self.init_objects(cfg.raw.get("objects", []))
+        self.init_devices(cfg.devices)
+        self.init_objects(cfg.objects)
 
     async def connect_workers(self) -> None:
         ep = self.cfg.endpoint
-        self.vcpus = [AsyncPeer(self.ctx, ep(f"vcpu{i}"), "coordinator") for i in range(self.guest["vcpus"])]
+        self.vcpus = [AsyncPeer(self.ctx, ep(f"vcpu{i}"), "coordinator") for i in range(self.guest.vcpus)]
         self.ram_sender = AsyncPeer(self.ctx, ep("ram_sender"), "coordinator")
         self.block_sender = AsyncPeer(self.ctx, ep("block_sender"), "coordinator")
         self.writer = AsyncPeer(self.ctx, ep("writer"), "coordinator", self.on_writer_notice)
@@ -73,11 +71,11 @@ class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults):
                 except ActorError:
                     if time.monotonic() > deadline:
                         raise
-        if self.cfg["incoming"]:
+        if self.cfg.incoming:
             self.runstate = RunState.INMIGRATE
-            if self.cfg["incoming"] != "defer":
-                await self.start_incoming(self.cfg["incoming"])
-        elif self.cfg["autostart"]:
+            if self.cfg.incoming != "defer":
+                await self.start_incoming(self.cfg.incoming)
+        elif self.cfg.autostart:
             await self.set_running(True)
 
     # events ------------------------------------------------------------------

@@ -54,7 +54,7 @@ class Faults:
             raise MigrationFailed(f"injected fault: {action} at {point}")
         if action in ("kill", "stall"):
             actor = target or ("receiver" if incoming else "writer")
-            with open(os.path.join(self.cfg["rundir"], f"{actor}.pid")) as f:
+            with open(os.path.join(self.cfg.rundir, f"{actor}.pid")) as f:
                 os.kill(int(f.read()), signal.SIGKILL if action == "kill" else signal.SIGSTOP)
             if not incoming:
                 await asyncio.sleep(30)  # the supervisor notices and the migration is failed

@@ -92,10 +92,10 @@ class Incoming:
                 except ActorError as cleanup:
                     log.warning("after a failed incoming migration: %s", cleanup)
             return
-        if self.cfg["autostart"] and data.get("runstate") == "running":
+        if self.cfg.autostart and data.get("runstate") == "running":
             await self.set_running(True)
         else:
-            self.set_runstate(RunState.PRELAUNCH if not self.cfg["autostart"] else RunState.PAUSED)
+            self.set_runstate(RunState.PRELAUNCH if not self.cfg.autostart else RunState.PAUSED)
         self.mig.end = time.monotonic()
         self.set_status(MigrationStatus.COMPLETED)
 

@@ -99,7 +99,7 @@ class Outgoing:
             mig.tls = reply.data["result"].get("tls")
             return_path = reply.data["result"]["return_path"] and self.capabilities["return-path"]
             blocks = [(b.name, b.size) for b in self.ram.blocks]
-            head = [savevm.header(), savevm.configuration(self.guest["machine"])]
+            head = [savevm.header(), savevm.configuration(self.guest.machine)]
             if return_path:
                 head.append(savevm.command(savevm.CMD_OPEN_RETURN_PATH))
             head += self.postcopy_head(return_path)
