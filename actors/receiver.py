@@ -366,7 +366,7 @@ class Receiver:
         """LISTEN: the vCPUs register their mappings; faults are served from now on."""
         if not channel.has_return_path or not self.source_listens:
             raise savevm.StreamError("post-copy needs a return path, and the source opened none")
-        path = os.path.join(self.cfg["rundir"], "uffd.sock")
+        path = os.path.join(self.cfg.rundir, "uffd.sock")
         pages = IncomingPages(self.ram, path, lambda msg: self.rp_write(channel, msg))
         self.pages = pages
         clients = {f"vcpu{i}": Client(self.ctx, self.cfg.endpoint(f"vcpu{i}"), "receiver")

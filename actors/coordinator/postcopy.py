@@ -146,7 +146,7 @@ class Postcopy:
                     "skip_invalidate": self.capabilities["x-skip-invalidate"]}, timeout=60)
             mig.postcopy_at = time.monotonic()
             self.set_status(MigrationStatus.POSTCOPY_ACTIVE)
-            if self.cfg["autostart"] and data.get("runstate") == "running":
+            if self.cfg.autostart and data.get("runstate") == "running":
                 await self.set_running(True)
             else:
                 self.set_runstate(RunState.PAUSED)
