@@ -47,6 +47,10 @@ class RamSender:
         self.period_start = time.monotonic()
         self.period_dirty = 0
         self.dirty_rate = 0
+        # The dirty-sync count (XBZRLE's cache age) and whether the first full
+        # pass is done: only then may a page go as an XBZRLE delta.
+        self.age = 0
+        self.after_first_pass = False
 
     def emit(self, *chunks: bytes) -> None:
         self.data.send_multipart([b"bytes", *chunks], copy=False)
@@ -76,11 +80,14 @@ class RamSender:
     def on_setup(self, _msg: Message) -> dict:
         self.harvest()  # start the vCPUs' logs afresh: everything is dirty anyway
         self.dirty[:] = True
+        self.age, self.after_first_pass = 1, False
         self.period_start, self.period_dirty = time.monotonic(), 0
         return self.status(sync=True)
 
     def on_sync(self, _msg: Message) -> dict:
         self.period_dirty += self.harvest()
+        self.age += 1
+        self.after_first_pass = True
         return self.status(sync=True)
 
     def on_iterate(self, msg: Message) -> dict:
@@ -88,7 +95,7 @@ class RamSender:
         budget = msg.data["budget"]
         kind = savevm.SECTION_END if msg.data.get("end") else savevm.SECTION_PART
         self.emit(savevm.section_part(kind, msg.data["section_id"]))
-        sent = self.send_pages(budget)
+        sent = self.send_pages(budget, last_stage=bool(msg.data.get("end")))
         self.emit(ram_eos(), savevm.footer(msg.data["section_id"]))
         out = self.status(sync=False)
         out.update(sent)
@@ -124,7 +131,7 @@ class RamSender:
         out["dirty_pages_rate"] = self.dirty_rate
         return out
 
-    def send_pages(self, budget: int) -> dict:
+    def send_pages(self, budget: int, last_stage: bool = False) -> dict:
         normal = zeros = wire = 0
         candidates = np.flatnonzero(self.dirty)
         pos = 0
@@ -143,7 +150,9 @@ class RamSender:
             block = self.ram.blocks[int(blocks[0])]
             self.data.send_multipart(
                 [b"pages", block.name.encode(), str(block.first_page).encode(),
-                 (batch - block.first_page).astype(np.uint32).tobytes(), is_zero.tobytes()],
+                 (batch - block.first_page).astype(np.uint32).tobytes(), is_zero.tobytes(),
+                 # for XBZRLE: the cache age (0 before the first full pass), the last stage
+                 str(self.age if self.after_first_pass else 0).encode(), b"1" if last_stage else b"0"],
                 copy=False)
             nz = int(is_zero.sum())
             zeros += nz

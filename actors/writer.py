@@ -19,14 +19,16 @@ import zmq
 
 from livemig.actors.base import ActorError, HostConfig, Notices, Server, actor_main
 from livemig.actors.postcopy import Pusher
-from livemig.machine.ram import PAGE_SIZE
-from livemig.protocol import returnpath, savevm
+from livemig.machine.ram import PAGE_SHIFT, PAGE_SIZE
+from livemig.protocol import ram, returnpath, savevm, xbzrle
 from livemig.protocol.devices import SWITCHOVER_GO
 from livemig.protocol.messages import Message
 from livemig.protocol.objects import ObjectError, create
 from livemig.protocol.ram import PageEncoder, PageVectors, ram_eos
+from livemig.protocol.savevm import encode_idstr
 from livemig.protocol.tls import Tls, X509Creds, client_tls, tls_info
 from livemig.protocol.transport import Channel, TransportError, Uri, connect, parse_uri
+from livemig.protocol.xbzrle import XbzrleEncoder
 
 BATCH_PAGES = 512
 # Post-copy: small sections and a small send buffer, so that an asked-for page
@@ -53,6 +55,10 @@ class Writer:
         self.channel: Channel | None = None
         self.encoder = PageEncoder(BATCH_PAGES)
         self.written = 0
+        self.saved = 0  # bytes fewer than the RAM sender counted on: what XBZRLE saved
+        self.sent_pages = self.rate_pages = self.rate_age = 0
+        self.rate_time = 0.0
+        self.xbzrle: XbzrleEncoder | None = None
         self.error: str | None = None
         self.lock = threading.Lock()
         self.notices = Notices(ctx, "writer")
@@ -107,6 +113,11 @@ class Writer:
         block = self.ram.block(parts[1].bytes.decode())
         pages = np.frombuffer(parts[3].buffer, np.uint32)
         zero = np.frombuffer(parts[4].buffer, np.bool_)
+        age = int(parts[5].bytes)
+        self.sent_pages += len(pages)
+        if self.xbzrle is not None and age:
+            self.write_xbzrle(block, pages, zero, age, parts[6].bytes == b"1")
+            return
         for item in self.encoder.encode(block.name, pages, self.ram.block_pages(block), zero):
             self.write(item)
 
@@ -202,7 +213,56 @@ class Writer:
                 with self.pusher.cond:
                     self.pusher.cond.notify_all()
 
+    def write_xbzrle(self, block, pages: np.ndarray, zero: np.ndarray, age: int, last_stage: bool) -> None:
+        """After the first full pass: each non-zero page as QEMU's
+        save_xbzrle_page decides (a delta, whole from the cache's copy, or
+        nothing); zero pages as before, refreshing their cache slots."""
+        enc = self.xbzrle
+        assert enc is not None
+        if age != self.rate_age:
+            self.update_rates(age)
+        block_pages = self.ram.block_pages(block)
+        held = pages[~zero]
+        base = block.first_page * PAGE_SIZE
+        chunks: list = []
+        for page, (kind, payload) in zip(held.tolist(), enc.batch(
+                base + held.astype(np.int64) * PAGE_SIZE, block_pages[held], age, last_stage), strict=True):
+            if kind == xbzrle.SKIP:
+                continue
+            flags = ram.RAM_XBZRLE if kind == xbzrle.DELTA else ram.RAM_PAGE
+            name = b""
+            if self.encoder.last_block != block.name:
+                name = encode_idstr(block.name)
+                self.encoder.last_block = block.name
+                if kind == xbzrle.DELTA:
+                    enc.stats.bytes += len(name)  # QEMU counts the block name in
+            else:
+                flags |= ram.RAM_CONTINUE
+            chunks.append(struct.pack(">Q", (page << PAGE_SHIFT) | flags) + name)
+            chunks.append(xbzrle.record_body(payload) if kind == xbzrle.DELTA else memoryview(payload))
+        blob = b"".join(chunks)
+        self.write(blob)
+        self.saved += len(held) * ram.NORMAL_RECORD - len(blob)
+        gone = pages[zero]
+        if len(gone):
+            for item in self.encoder.encode(block.name, gone, block_pages, np.ones(len(gone), np.bool_)):
+                self.write(item)
+            for page in gone.tolist():
+                enc.zero_page(base + page * PAGE_SIZE, age)
+
+    def update_rates(self, age: int) -> None:
+        """QEMU's per-period rates, at a dirty sync at least a second after the last."""
+        now = time.monotonic()
+        self.rate_age = age
+        if self.xbzrle is not None and now - self.rate_time >= 1.0:
+            self.xbzrle.stats.update_rates(self.sent_pages - self.rate_pages)
+            self.rate_time, self.rate_pages = now, self.sent_pages
+
     # control ---------------------------------------------------------------
+    def stats(self) -> dict:
+        return {"bytes": self.written, "saved": self.saved, **self.postcopy_stats(),
+                "xbzrle": self.xbzrle.stats.to_qmp() if self.xbzrle is not None else None}
+
     def on_connect(self, msg: Message) -> dict:
         if self.channel is not None:
             raise ActorError("migration channel already open")
@@ -221,6 +281,10 @@ class Writer:
         with self.lock:
             self.written, self.error = 0, None
             self.pusher, self.postcopy_bytes, self.rp_thread, self.shut = None, 0, None, None
+            self.saved = self.sent_pages = self.rate_pages = self.rate_age = 0
+            self.rate_time = time.monotonic()
+            size = msg.data.get("xbzrle_cache_size", 0)
+            self.xbzrle = XbzrleEncoder(size) if size else None
             self.channel = channel
         return {"return_path": channel.has_return_path, "tls": tls_info(channel)}
 
@@ -286,8 +350,7 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     threading.Thread(target=writer.data_loop, daemon=True).start()
     server.serve_forever({"connect": writer.on_connect, "close": writer.on_close, "abort": writer.on_abort,
                           "await_return": writer.on_await_return, "confirm": writer.on_confirm,
-                          "stats": lambda _m: {"bytes": writer.written, **writer.postcopy_stats()},
-                          "ping": lambda _m: {}},
+                          "stats": lambda _m: writer.stats(), "ping": lambda _m: {}},
                          writer.notices)
 
 

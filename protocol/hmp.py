@@ -197,6 +197,15 @@ def format_migrate(info: dict) -> str:
         out += [f"transferred disk: {disk.get('transferred', 0) >> 10} kbytes",
                 f"remaining disk: {disk.get('remaining', 0) >> 10} kbytes",
                 f"total disk: {disk.get('total', 0) >> 10} kbytes"]
+    cache = info.get("xbzrle-cache")
+    if cache is not None:
+        out += [f"cache size: {cache['cache-size']} bytes",
+                f"xbzrle transferred: {cache['bytes'] >> 10} kbytes",
+                f"xbzrle pages: {cache['pages']} pages",
+                f"xbzrle cache miss: {cache['cache-miss']} pages",
+                f"xbzrle cache miss rate: {cache['cache-miss-rate']:0.2f}",
+                f"xbzrle encoding rate: {cache['encoding-rate']:0.2f}",
+                f"xbzrle overflow: {cache['overflow']}"]
     if "cpu-throttle-percentage" in info:
         out.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
     return "".join(f"{line}\n" for line in out)

@@ -20,6 +20,7 @@ from livemig.protocol import events as ev
 from livemig.protocol.objects import ObjectError, ObjectStore, describe
 from livemig.protocol.tls import TlsError, client_tls, server_tls
 from livemig.protocol.transport import TransportError, parse_uri
+from livemig.protocol.xbzrle import check_cache_size
 
 MAX_DOWNTIME_MS = 2_000_000
 # MigrationStats members that QEMU always reports; the engine fills what it measures.
@@ -360,6 +361,11 @@ class Commands:
                 raise ActorError("Parameter 'x-transport-timeout' must be at least 1 ms")
             if key == "x-fault":
                 check_fault(value)
+            if key == "xbzrle-cache-size":
+                try:
+                    check_cache_size(value)
+                except ValueError as exc:
+                    raise ActorError(str(exc)) from None
             new[key] = value
         self.parameters = new
         return {}

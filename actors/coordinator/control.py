@@ -46,6 +46,7 @@ class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults):
         self.actor_failure: str | None = None  # set when a migration actor died or hung
         self.marks: dict[int, asyncio.Future] = {}
         self.wire_bytes = 0
+        self.wire_real = 0
         self.marks_reached: dict[str, int] = {}  # producer -> highest mark the writer passed
         self.stop_event = asyncio.Event()
         self.pub = ctx.socket(zmq.PUB)

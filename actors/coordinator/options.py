@@ -5,6 +5,7 @@ from __future__ import annotations
 DEFAULT_PARAMETERS = {
     "max-bandwidth": 128 << 20,  # bytes/s, QEMU's default since 5.2; 0 = unlimited
     "downtime-limit": 300,  # ms
+    "xbzrle-cache-size": 64 << 20,  # bytes, a power of two of at least one page
     "avail-switchover-bandwidth": 0,
     # testing aids (docs/reliability.md): a fault to inject, "POINT:ACTION", and how
     # long a connected transport may make no progress before the migration fails
@@ -18,7 +19,10 @@ DEFAULT_PARAMETERS = {
     "tls-hostname": "",
     "tls-authz": "",
 }
-DEFAULT_CAPABILITIES = {"events": False, "return-path": True,
+DEFAULT_CAPABILITIES = {  # in QEMU's order
+                        # re-dirtied pages as deltas against the copy sent before
+                        "xbzrle": False,
+                        "events": False, "return-path": True,
                         # testing aid: the destination keeps stale image metadata (the seed's bug)
                         "x-skip-invalidate": False,
                         # integrity: send digests of the final RAM, checked before the guest runs

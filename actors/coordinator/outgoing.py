@@ -29,6 +29,7 @@ from livemig.protocol.devices import (
 )
 from livemig.protocol.messages import Message
 from livemig.protocol.ram import NORMAL_RECORD, RAM_VERSION, ram_eos, ram_mem_size
+from livemig.protocol.xbzrle import XbzrleStats
 
 WINDOW = 0.1  # rate-limit window, as QEMU's BUFFER_DELAY
 # Bandwidth unlimited: each iterate request asks for what the link moved in
@@ -94,7 +95,10 @@ class Outgoing:
         try:
             await self.fault("connect")
             timeout = self.parameters["x-transport-timeout"]
-            reply = await self.writer.call("connect", {"uri": uri, "timeout": timeout, "tls": self.tls_out},
+            cache = self.parameters["xbzrle-cache-size"] if self.capabilities["xbzrle"] else 0
+            mig.xbzrle = XbzrleStats(cache_size=cache).to_qmp() if cache else None
+            reply = await self.writer.call("connect", {"uri": uri, "timeout": timeout, "tls": self.tls_out,
+                                                       "xbzrle_cache_size": cache},
                                            timeout=timeout / 1000 + 30)  # the TLS handshake has `timeout`
             mig.tls = reply.data["result"].get("tls")
             return_path = reply.data["result"]["return_path"] and self.capabilities["return-path"]
@@ -177,6 +181,8 @@ class Outgoing:
                     await self.writer.call("confirm", timeout=10)
                 mig.guest_downtime = int((time.monotonic() - stop_at) * 1000)
             await self.writer.call("close", timeout=40)
+            if mig.xbzrle is not None:
+                await self.wire_written()  # the final statistics
             mig.downtime = int((time.monotonic() - stop_at) * 1000)
             mig.end = time.monotonic()
             mig.ram["remaining"] = 0
@@ -227,6 +233,7 @@ class Outgoing:
         threshold = 0.0
         window_start, window_bytes = time.monotonic(), 0
         written_start = window_written = await self.wire_written()
+        real_start = self.wire_real
         queued_total = 0
         bandwidth = 0.0  # bytes/s
         dirty_at_sync = remaining
@@ -278,6 +285,8 @@ class Outgoing:
                 elapsed = now - window_start
             if elapsed >= WINDOW:
                 written = await self.wire_written()
+                real_bandwidth = (self.wire_real - real_start) / elapsed
+                real_start = self.wire_real
                 bandwidth = (written - window_written) / elapsed
                 in_flight = max(0, queued_total - (written - written_start))
                 window_written = written
@@ -288,12 +297,19 @@ class Outgoing:
                 threshold = switchover_bw * self.parameters["downtime-limit"] / 1000
                 if switchover_bw:
                     mig.expected_downtime = int((dirty_at_sync + disk_left + in_flight) / switchover_bw * 1000)
-                mig.ram["mbps"] = round(bandwidth * 8 / 1e6, 3)
+                mig.ram["mbps"] = round(real_bandwidth * 8 / 1e6, 3)
                 mig.ram["pages-per-second"] = int(bandwidth / NORMAL_RECORD)
 
     async def wire_written(self) -> int:
-        """Bytes the writer has put on the wire so far in this migration."""
-        return (await self.writer.call("stats", timeout=10)).data["result"]["bytes"]
+        """Bytes the writer has put on the wire so far in this migration, as
+        the RAM sender counts them (a page sent as an XBZRLE delta or skipped
+        counts as a whole page), so that they compare with what was queued;
+        the real count goes to self.wire_real."""
+        stats = (await self.writer.call("stats", timeout=10)).data["result"]
+        self.wire_real = stats["bytes"]
+        if stats["xbzrle"] is not None:
+            self.mig.xbzrle = stats["xbzrle"]
+        return stats["bytes"] + stats["saved"]
 
     def count_pass(self, sync: dict) -> None:
         ram = self.mig.ram

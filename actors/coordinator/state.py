@@ -30,6 +30,7 @@ class MigrationState:
     committed: bool = False  # EOF sent: too late to cancel
     go_sent: bool = False  # the destination was told it may run the guest
     disk: dict = field(default_factory=dict)
+    xbzrle: dict | None = None  # XBZRLECacheStats, with the capability on
     block_bulk_done: bool = False
     incremental: bool = False
     # Milliseconds from the stop to each step of the switchover: where a downtime went.
@@ -59,6 +60,8 @@ class MigrationState:
             del out["total-time"]
         if self.disk:
             out["disk"] = dict(self.disk)
+        if self.xbzrle is not None:
+            out["xbzrle-cache"] = dict(self.xbzrle)
         if not self.incoming:
             out["setup-time"] = self.setup_time
         if self.status is MigrationStatus.ACTIVE and not self.incoming:
