@@ -19,15 +19,15 @@ DEFAULT_PARAMETERS = {
     "tls-hostname": "",
     "tls-authz": "",
 }
-DEFAULT_CAPABILITIES = {  # in QEMU's order
-                        # re-dirtied pages as deltas against the copy sent before
-                        "xbzrle": False,
-                        "events": False, "return-path": True,
-                        # testing aid: the destination keeps stale image metadata (the seed's bug)
-                        "x-skip-invalidate": False,
-                        # integrity: send digests of the final RAM, checked before the guest runs
-                        "x-digest": False,
-                        "pause-before-switchover": False,
-                        # the guest switches early and fetches pages on demand (both sides)
-                        "postcopy-ram": False,
-                        "postcopy-blocktime": False}
+DEFAULT_CAPABILITIES = {  # QEMU's order, then livemig's own
+    "xbzrle": False,  # re-dirtied pages as deltas against the copy sent before
+    "events": False,
+    "postcopy-ram": False,  # the guest switches early and fetches pages on demand (both sides)
+    "return-path": True,
+    "pause-before-switchover": False,
+    "postcopy-blocktime": False,
+    # testing aid: the destination keeps stale image metadata (the seed's bug)
+    "x-skip-invalidate": False,
+    # integrity: send digests of the final RAM, checked before the guest runs
+    "x-digest": False,
+}
