@@ -16,7 +16,7 @@ import pytest
 from livemig.protocol.objects import ObjectError, ObjectStore, create, parse_option
 from livemig.protocol.tls import Authz, Tls, TlsError, client_tls, peer_dn, server_tls
 from livemig.protocol.transport import Channel, Listener, connect, iovec_table, parse_uri
-from tests.tls_certs import CLIENT_DN, make_pki
+from livemig.tools.tls_certs import CLIENT_DN, make_pki
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
+from livemig.tools.tls_certs import make_pki
 from tests.conftest import guest_args, replay_matches
-from tests.tls_certs import make_pki
 
 RUNNING = guest_args(workload="memtouch:rate=4M,wss=8M")
 AUTHZ = "authz-simple,id=auth0,identity=O=livemig,,CN=client"

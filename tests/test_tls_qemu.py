@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from livemig.machine.ram import fill_ram
+from livemig.tools.tls_certs import make_pki
 from tests.test_qemu_interop import FAST, needs_qemu, qemu, scratch, uri_for  # noqa: F401
-from tests.tls_certs import make_pki
 
 RAM = "64M"
 RAM_BYTES = 64 << 20

@@ -19,7 +19,7 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
 
     bench = Bench(out, repeat or 3, log)
     bench.results["quick"] = quick
-    wanted = set(sections) or {"stopped", "zero", "running", "scaling", "qcow2"}
+    wanted = set(sections) or {"stopped", "zero", "running", "scaling", "qcow2", "tls"}
     try:
         if quick:
             log("1+2: baseline and stopped 1 GiB incompressible guest, tcp")
@@ -39,6 +39,9 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
             if "qcow2" in wanted:
                 log("6: qcow2 against qemu-img")
                 bench.qcow2()
+            if "tls" in wanted:
+                log("7: TLS against plaintext, stopped guest, tcp")
+                bench.tls(ram)
     finally:
         bench.close()
     path = bench.save()
@@ -48,6 +51,10 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
     pngs = [] if quick else plots(bench.results, out)
     print(table)
     print(f"results: {path}" + (f"; plots: {', '.join(pngs)}" if pngs else ""))
+    if "tls" in bench.results:
+        t = bench.results["tls"]
+        print(f"TLS throughput ratio (TLS tcp / plaintext tcp, same run): {t['ratio']:.2f} "
+              f"({(t['session'] or {}).get('cipher')})")
     for row in bench.results.get("stopped", []):
         if row["fill"] == "random" and row["transport"] == "tcp":
             print(f"throughput ratio (incompressible tcp / raw tcp baseline): {row['ratio']:.2f}")

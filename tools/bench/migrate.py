@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from livemig.machine.runstate import MIGRATION_END
 from livemig.tools.launch import HostProcess, free_port
+from livemig.tools.tls_certs import Pki
 
 from .accounting import Watch
 
@@ -39,11 +40,14 @@ class Run:
 class Hosts:
     """A source and a destination host, started in parallel and always stopped."""
 
-    def __init__(self, guest: Guest, uri: str, tag: str) -> None:
+    def __init__(self, guest: Guest, uri: str, tag: str, tls: Pki | None = None) -> None:
         self.guest = guest
         src_args = [*guest.args(), "--fill", guest.fill]
         # A real destination starts from zeroed RAM; its receiver prefaults it.
-        dst_args = [*guest.args(), "--fill", "zero", "--incoming", uri]
+        dst_args = [*guest.args(), "--fill", "zero", "--incoming", "defer" if tls else uri]
+        if tls:
+            src_args += ["--object", f"tls-creds-x509,id=tls0,dir={tls.client},endpoint=client"]
+            dst_args += ["--object", f"tls-creds-x509,id=tls0,dir={tls.server},endpoint=server"]
         with ThreadPoolExecutor(2) as pool:
             futs = [pool.submit(HostProcess, f"{tag}-src", *src_args, timeout=120),
                     pool.submit(HostProcess, f"{tag}-dst", *dst_args, timeout=120)]
@@ -54,6 +58,9 @@ class Hosts:
                 h.close()
             raise RuntimeError(f"hosts did not start: {[e for e in errors if e]}")
         self.src, self.dst = started
+        if tls:  # the destination learns its credentials before it listens
+            self.dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+            self.dst.cmd("migrate-incoming", uri=uri)
 
     def close(self) -> None:
         for h in (self.src, self.dst):
@@ -74,15 +81,18 @@ def qmp_call(mon, name: str, **args):
 
 
 def migrate(guest: Guest, transport: str, workdir: str, params: dict, tag: str,
-            settle: float = 0.0, poll: float = 0.0, timeout: float = 300) -> Run:
+            settle: float = 0.0, poll: float = 0.0, timeout: float = 300, tls: Pki | None = None) -> Run:
     """Start two hosts, migrate the source's guest to the destination, and
     return query-migrate's figures, CPU and memory; with `poll` (seconds),
-    also progress samples taken by querying that often."""
+    also progress samples taken by querying that often; with `tls`, over TLS
+    with its client and server certificates."""
     if transport == "tcp":
         uri = f"tcp:127.0.0.1:{free_port()}"
     else:
         uri = f"unix:{os.path.join(workdir, tag + '.sock')}"
-    with Hosts(guest, uri, tag) as hosts:
+    if tls:
+        params = {**params, "tls-creds": "tls0"}
+    with Hosts(guest, uri, tag, tls) as hosts:
         if guest.stopped:
             hosts.src.cmd("stop")
         elif settle:

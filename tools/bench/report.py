@@ -23,6 +23,16 @@ def summary(results: dict) -> str:
                          f" | {r['throughput'] / 1e9:.2f} GB/s | {r['ratio']:.2f}x"
                          f" | {r['cpu_src']:.2f} s / {r['cpu_dst']:.2f} s |")
         lines.append("")
+    if results.get("tls"):
+        t = results["tls"]
+        session = t["session"] or {}
+        lines += ["| stopped guest, tcp | throughput | CPU src per GiB | CPU dst per GiB |",
+                  "|---|---|---|---|",
+                  f"| {t['ram'] // MiB} MiB plaintext | {t['plaintext_throughput'] / 1e9:.2f} GB/s"
+                  f" | {t['cpu_src_per_gib']['plaintext']:.2f} s | {t['cpu_dst_per_gib']['plaintext']:.2f} s |",
+                  f"| {t['ram'] // MiB} MiB TLS ({session.get('version')} {session.get('cipher')})"
+                  f" | {t['tls_throughput'] / 1e9:.2f} GB/s ({t['ratio']:.2f}x)"
+                  f" | {t['cpu_src_per_gib']['tls']:.2f} s | {t['cpu_dst_per_gib']['tls']:.2f} s |", ""]
     if results.get("running"):
         lines += ["| dirty rate | downtime limit | passes | total time | downtime | guest downtime "
                   "| expected downtime |", "|---|---|---|---|---|---|---|"]

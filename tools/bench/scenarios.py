@@ -10,6 +10,9 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+from livemig.tools.tls_certs import make_pki
 
 from .baseline import baseline
 from .migrate import Guest, Run, migrate
@@ -83,6 +86,33 @@ class Bench:
                 "cpu_dst": median([sum(v for k, v in r.cpu.items() if k.startswith("dst/")) for r in rs]),
                 "cpu_per_actor": {k: median([r.cpu.get(k, 0) for r in rs]) for k in rs[0].cpu},
             })
+
+    # 7 ---------------------------------------------------------------------------------
+    def tls(self, ram: int) -> None:
+        """A stopped incompressible guest over tcp, plaintext and TLS run by
+        run: TLS throughput as a ratio to the same run's plaintext, and what
+        it costs each side in CPU per GiB."""
+        pki = make_pki(Path(self.workdir) / "pki")
+        runs: dict[bool, list[Run]] = {False: [], True: []}
+        for i in range(self.repeat):
+            for tls in (False, True):
+                run = migrate(Guest(ram, "random"), "tcp", self.workdir, {"max-bandwidth": 0}, self.tag(),
+                              tls=pki if tls else None)
+                runs[tls].append(run)
+                self.log(f"  {'tls' if tls else 'plaintext':<9} tcp run {i + 1}: "
+                         f"{ram / run.info['total-time'] * 1e3 / 1e9:.2f} GB/s ({run.info['total-time']} ms)")
+        gib = ram / GiB
+
+        def side(rs: list[Run], prefix: str) -> float:
+            return median([sum(v for k, v in r.cpu.items() if k.startswith(prefix)) for r in rs]) / gib
+
+        rate = {tls: ram / median([r.info["total-time"] / 1000 for r in rs]) for tls, rs in runs.items()}
+        self.results["tls"] = {
+            "ram": ram, "transport": "tcp", "session": runs[True][0].info.get("x-tls"),
+            "plaintext_throughput": rate[False], "tls_throughput": rate[True], "ratio": rate[True] / rate[False],
+            "cpu_src_per_gib": {"plaintext": side(runs[False], "src/"), "tls": side(runs[True], "src/")},
+            "cpu_dst_per_gib": {"plaintext": side(runs[False], "dst/"), "tls": side(runs[True], "dst/")},
+        }
 
     # 4 ---------------------------------------------------------------------------------
     def running(self) -> None:

@@ -1,4 +1,4 @@
-"""Certificates for TLS tests, made with the openssl command: a CA, a server
+"""Certificates for TLS tests and the bench, made with the openssl command: a CA, a server
 and clients under QEMU's file names, one directory per tls-creds-x509, and
 the bad cases (another CA, an expired certificate, a name not allowed)."""
 
