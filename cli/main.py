@@ -131,16 +131,15 @@ def host(name, machine, ram, ram_block, fill, seed, vcpus, workload, incoming, p
     """Run a host with one guest until it is told to quit (or Ctrl-C)."""
     machine_profile = profile(machine)
     if not machine_profile.has_vcpus:
-        # A `none` guest is RAM only, like QEMU's -M none: nothing runs a workload.
-        if vcpus:
-            raise click.BadParameter(f"machine {machine!r} has no vCPUs", param_hint="--vcpus")
-        if workload is not None:
-            raise click.BadParameter(f"machine {machine!r} has no vCPUs to run a workload",
-                                     param_hint="--workload")
+        # A `none` guest is RAM only on the wire, like QEMU's -M none. vCPUs may
+        # still run a workload on its RAM; their state stays on this host.
+        if workload is not None and not vcpus:
+            raise click.BadParameter(f"machine {machine!r} runs a workload only with --vcpus N "
+                                     "(whose state is not migrated)", param_hint="--workload")
         if drives:
             raise click.BadParameter(f"machine {machine!r} has no disks (its vCPUs would drive them)",
                                      param_hint="--drive")
-        vcpus = 0
+        vcpus = vcpus or 0
     elif vcpus == 0:
         raise click.BadParameter(f"machine {machine!r} needs at least one vCPU", param_hint="--vcpus")
     vcpus = 1 if vcpus is None else vcpus

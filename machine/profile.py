@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class MachineProfile:
     name: str
     ram_block: str  # name of the default RAM block
-    has_vcpus: bool  # whether the guest runs vCPU workloads (their state travels)
+    has_vcpus: bool  # whether vCPU state travels (a `none` guest's vCPUs, if any, stay local)
     devices: tuple[str, ...]  # FULL device sections after the vCPUs, in stream order
 
 

@@ -62,7 +62,7 @@ class Incoming:
                 if bad:
                     raise MigrationFailed(f"RAM digest mismatch in block {bad[0]!r}: the stream was damaged")
             states = data["vcpus"]
-            if len(states) != len(self.vcpus):
+            if len(states) != len(self.vcpus) and self.profile.has_vcpus:
                 raise ActorError(f"stream carries {len(states)} vCPUs, this guest has {len(self.vcpus)}")
             await asyncio.gather(*(v.call("set_state", {"registers": s}) for v, s in zip(self.vcpus, states, strict=False)))
             if self.guest_drives:

@@ -330,8 +330,9 @@ class Outgoing:
 
     def device_sections(self, vcpus: list[dict], runstate: str) -> list[bytes]:
         """Every FULL section the machine profile has, then EOF and the vmdesc."""
-        states: list[tuple[str, int, object]] = [(VCPU_SECTION, i, regs) for i, regs in enumerate(vcpus)]
+        states: list[tuple[str, int, object]] = []
         if self.profile.has_vcpus:
+            states += [(VCPU_SECTION, i, regs) for i, regs in enumerate(vcpus)]
             states.append((SWITCHOVER_SECTION, 0, None))
             if self.capabilities["x-digest"]:
                 states.append((DIGEST_SECTION, 0, self.ram.digests()))
