@@ -31,8 +31,11 @@ from livemig.protocol.transport import TransportError, parse_uri
 # client that meets QMP finds the guest ready (and its incoming socket
 # listening), as QEMU listens before it serves its monitor.
 ACTORS = ("receiver", "writer", "ram_sender", "block_sender", "coordinator")
-# Actors that hold no guest state: they can be started afresh after a failure.
-RESTARTABLE = ("receiver", "writer", "ram_sender", "block_sender", "monitor")
+# Actors that hold no guest state: they can be started afresh after a failure;
+# a new coordinator takes over from the state its predecessor left (takeover.py).
+RESTARTABLE = ("receiver", "writer", "ram_sender", "block_sender", "monitor", "coordinator")
+MAX_RESTARTS = 5  # of one actor within RESTART_WINDOW s: beyond, it keeps dying and the host stops
+RESTART_WINDOW = 60.0
 SILENCE = 1.0  # seconds without a heartbeat before an actor counts as stuck
 READY_TIMEOUT = 60.0  # s for the whole start-up: every actor, the incoming socket, QMP
 LOCK_WAIT = 2.0  # s a host waits for another of its name before it is refused ...
@@ -258,6 +261,7 @@ class Host:
         self.reaper: int | None = None
         self.fatal: dict[str, str] = {}  # actor -> the one line it said when it died
         self.last_beat: dict[str, float] = {}
+        self.restarts: dict[str, list[float]] = {}  # actor -> when it was restarted lately
         self.stopping = False
 
     def take_rundir(self) -> None:
@@ -301,11 +305,13 @@ class Host:
         self.cfg_bytes = cfg.to_json()
         return cfg
 
-    def spawn(self, name: str) -> subprocess.Popen:
+    def spawn(self, name: str, restart: bool = False) -> subprocess.Popen:
         """Start one actor; its configuration goes down a pipe on its stdin."""
-        module, index = ("vcpu", name[4:]) if name.startswith("vcpu") else (name, None)
+        module, extra = ("vcpu", [name[4:]]) if name.startswith("vcpu") else (name, [])
+        if restart and name == "coordinator":
+            extra = ["takeover"]
         proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", f"livemig.actors.{module}", "-", *([index] if index else [])],
+            [sys.executable, "-P", "-m", f"livemig.actors.{module}", "-", *extra],
             pass_fds=tuple(self.spec.fds) if name in ("writer", "receiver") else (), stdin=subprocess.PIPE)
         assert proc.stdin is not None
         try:
@@ -386,8 +392,8 @@ class Host:
         """Watch every actor until the host is told to quit. A migration actor
         that dies or falls silent (no heartbeat for SILENCE seconds, e.g. a
         stopped process) is killed and started afresh, and the coordinator is
-        told so that it fails the migration with the cause; without its vCPUs
-        or its coordinator the guest is lost, and the host stops."""
+        told so that it fails the migration with the cause; a new coordinator
+        takes over the guest. A dead vCPU is the guest's crash: the host stops."""
         from livemig.protocol.messages import Message
 
         while not self.stopping:
@@ -405,15 +411,21 @@ class Host:
                     cause = f"died ({self.cause(name, code)})"
                 else:
                     continue
-                if name not in RESTARTABLE:
-                    print(f"livemig host {self.spec.name}: actor {name} {cause}; the guest is lost, "
-                          "stopping the host", file=sys.stderr)
+                recent = [t for t in self.restarts.get(name, []) if now - t < RESTART_WINDOW]
+                if name not in RESTARTABLE or len(recent) >= MAX_RESTARTS:
+                    why = ("the guest crashed (as when QEMU's vCPU thread dies)" if name.startswith("vcpu")
+                           else "the guest is lost" if name not in RESTARTABLE
+                           else f"it died {len(recent)} times within {RESTART_WINDOW:.0f} s")
+                    print(f"livemig host {self.spec.name}: actor {name} {cause}; {why}, stopping the host",
+                          file=sys.stderr)
                     return 1
+                self.restarts[name] = [*recent, now]
                 print(f"livemig host {self.spec.name}: actor {name} {cause}; restarting it", file=sys.stderr)
-                self.procs[name] = self.spawn(name)
+                self.procs[name] = self.spawn(name, restart=True)
                 self.last_beat[name] = time.monotonic() + 5  # grace while it starts
-                self.control.send_multipart(Message("actor_failed", {"actor": name, "cause": cause},
-                                                    "host").serialize())
+                if name != "coordinator":
+                    self.control.send_multipart(Message("actor_failed", {"actor": name, "cause": cause},
+                                                        "host").serialize())
             self.beats.poll(50)
         return 0
 

@@ -207,7 +207,7 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
                 "dirty_limit": vcpu.dirty_limit, "pace": vcpu.pace,
                 "measure_start": vcpu.measure_start, "measure_stop": vcpu.measure_stop,
                 "postcopy_register": vcpu.postcopy_register, "postcopy_end": vcpu.postcopy_end,
-                "ping": lambda _m: {"step": vcpu.workload.step}}
+                "ping": lambda _m: {"step": vcpu.workload.step, "running": vcpu.running}}
     while True:
         # Serve everything pending, then run the steps that are due.
         while server.serve(handlers, vcpu.idle_ms() if vcpu.running else 200):

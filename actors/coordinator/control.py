@@ -5,6 +5,7 @@ failures from the host supervisor."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import msgpack
@@ -19,6 +20,7 @@ from livemig.actors.coordinator.options import DEFAULT_CAPABILITIES, DEFAULT_PAR
 from livemig.actors.coordinator.outgoing import Outgoing
 from livemig.actors.coordinator.postcopy import Postcopy
 from livemig.actors.coordinator.state import MigrationState
+from livemig.actors.coordinator.takeover import Takeover
 from livemig.machine.profile import profile
 from livemig.machine.runstate import MigrationStatus, RunState, StateError, check_transition
 from livemig.protocol import events as ev
@@ -27,7 +29,7 @@ from livemig.protocol.messages import Message
 MIGRATION_ACTORS = ("writer", "ram_sender", "block_sender")
 
 
-class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults):
+class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults, Takeover):
     def __init__(self, cfg: HostConfig, ctx: zmq.asyncio.Context) -> None:
         self.cfg = cfg
         self.ctx = ctx
@@ -56,7 +58,7 @@ class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults):
         self.init_devices(cfg.devices)
         self.init_objects(cfg.objects)
 
-    async def connect_workers(self) -> None:
+    async def connect_workers(self, takeover: bool = False) -> None:
         ep = self.cfg.endpoint
         self.vcpus = [AsyncPeer(self.ctx, ep(f"vcpu{i}"), "coordinator") for i in range(self.guest.vcpus)]
         self.ram_sender = AsyncPeer(self.ctx, ep("ram_sender"), "coordinator")
@@ -72,7 +74,9 @@ class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults):
                 except ActorError:
                     if time.monotonic() > deadline:
                         raise
-        if self.cfg.incoming:
+        if takeover:
+            await self.take_over()
+        elif self.cfg.incoming:
             self.runstate = RunState.INMIGRATE
             if self.cfg.incoming != "defer":
                 await self.start_incoming(self.cfg.incoming)
@@ -118,7 +122,9 @@ class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults):
         """The supervisor restarted an actor that died or hung: fail what it was part of."""
         desc = f"{actor} actor {cause}"
         log.warning("%s", desc)
-        if actor in MIGRATION_ACTORS and self.task is not None and not self.task.done():
+        # The block sender has a part only in a block migration (blk / inc).
+        part = actor in MIGRATION_ACTORS and (actor != "block_sender" or bool(self.mig.disk))
+        if part and self.task is not None and not self.task.done():
             self.actor_failure = desc
             self.task.cancel()
         if actor == "receiver" and self.mig.incoming and self.mig.status in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
@@ -138,13 +144,14 @@ class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults):
                 continue
 
 
-async def serve(cfg: HostConfig) -> None:
+async def serve(cfg: HostConfig, takeover: bool = False) -> None:
     ctx = zmq.asyncio.Context()
     coord = Coordinator(cfg, ctx)
     control = ctx.socket(zmq.ROUTER)
     control.setsockopt(zmq.LINGER, 0)
     control.bind(cfg.endpoint("coordinator"))
-    await coord.connect_workers()
+    await coord.connect_workers(takeover)
+    persist = asyncio.get_running_loop().create_task(coord.persist())
 
     async def handle(ident, msg: Message) -> None:
         try:
@@ -177,6 +184,7 @@ async def serve(cfg: HostConfig) -> None:
     receiver = asyncio.get_running_loop().create_task(receive())
     await coord.stop_event.wait()
     receiver.cancel()
+    persist.cancel()
     if coord.task is not None and not coord.task.done():
         coord.task.cancel()  # quit during a migration: undo it before the sockets go
         await asyncio.wait([coord.task], timeout=10)
@@ -185,7 +193,7 @@ async def serve(cfg: HostConfig) -> None:
 
 def main() -> None:
     cfg = start_actor("coordinator")
-    asyncio.run(serve(cfg))
+    asyncio.run(serve(cfg, takeover=sys.argv[2:] == ["takeover"]))
 
 
 if __name__ == "__main__":
