@@ -93,3 +93,20 @@ def test_start_postcopy_needs_the_capability_and_a_migration(hosts):
     src.cmd("migrate-set-capabilities", capabilities=POSTCOPY)
     with pytest.raises(RuntimeError, match="Postcopy must be started after migration has been started"):
         src.cmd("migrate-start-postcopy")
+
+
+def test_policy_switches_after_n_passes(hosts, tmp_path, port):
+    uri = f"tcp:127.0.0.1:{port}"
+    src = hosts.start("src", *GUEST)
+    dst = hosts.start("dst", *GUEST, "--incoming", uri)
+    for h in (src, dst):
+        h.cmd("migrate-set-capabilities", capabilities=POSTCOPY)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 * LINK, "x-postcopy-after-passes": 3})
+    time.sleep(0.3)
+    src.cmd("migrate", uri=uri)  # no migrate-start-postcopy: the policy calls it
+    final = src.wait_migration(120)
+    assert final["status"] == "completed", final
+    assert final["ram"]["dirty-sync-count"] >= 3 and final["ram"]["postcopy-bytes"] > 0, final
+    assert dst.wait_migration(30)["status"] == "completed"
+    result = replay_matches(dst, tmp_path)
+    assert result["ram_equal"] and result["vcpu_equal"], result

@@ -10,6 +10,9 @@ DEFAULT_PARAMETERS = {
     # testing aids (docs/reliability.md): a fault to inject, "POINT:ACTION", and how
     # long a connected transport may make no progress before the migration fails
     "max-postcopy-bandwidth": 0,  # bytes/s for the background push in post-copy; 0 = unlimited
+    # livemig: switch to post-copy by itself once this many dirty-log passes are done (0: only
+    # on migrate-start-postcopy); needs postcopy-ram
+    "x-postcopy-after-passes": 0,
     "x-fault": "",
     "x-transport-timeout": 30_000,  # ms
     # TLS (docs/security.md): the id of a tls-creds-x509 object ("" = plaintext), the name

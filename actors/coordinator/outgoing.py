@@ -314,6 +314,9 @@ class Outgoing:
     def count_pass(self, sync: dict) -> None:
         ram = self.mig.ram
         ram["dirty-sync-count"] = ram.get("dirty-sync-count", 0) + 1
+        after = self.parameters["x-postcopy-after-passes"]
+        if after and self.capabilities["postcopy-ram"] and ram["dirty-sync-count"] >= after:
+            self.mig.postcopy_requested = True  # the policy's migrate-start-postcopy
         ram["remaining"] = sync["remaining"]
         ram["dirty-pages-rate"] = sync["dirty_pages_rate"]
         self.publish(ev.MIGRATION_PASS, {"pass": ram["dirty-sync-count"]}, qmp=self.capabilities["events"])
