@@ -51,6 +51,17 @@ class Pusher:
             self.urgent.extend(range(first, first + req.length // PAGE_SIZE))
             self.cond.notify_all()
 
+    def set_received(self, block: str, received: np.ndarray) -> int:
+        """After a reconnect: the destination's received bitmap of a block says
+        what is still to send (pages in flight when the link broke were lost).
+        Returns the pages of the block still to send."""
+        b = self.by_name[block]
+        with self.cond:
+            self.dirty[b.first_page:b.first_page + b.pages] = ~received
+            self.left = int(np.count_nonzero(self.dirty))
+            self.urgent.clear()
+            return int(np.count_nonzero(~received))
+
     def wait_request(self, timeout: float) -> bool:
         """Sleep up to `timeout` (rate limiting) unless a request comes in."""
         with self.cond:
@@ -168,7 +179,10 @@ class IncomingPages:
             try:
                 pages = self.placer.poll(0.05)
                 for page in pages:
-                    self._request(page)
+                    try:
+                        self._request(page)
+                    except OSError:
+                        pass  # the link broke: asked again on resume (re_request)
             except OSError as exc:
                 self.error = f"post-copy fault handling failed: {exc}"
                 log.error("%s", self.error)

@@ -117,6 +117,11 @@ class RamSender:
         self.dirty[:] = False
         return {"pages": left}
 
+    def on_postcopy_resume(self, msg: Message) -> dict:
+        """After a recovery: the writer goes on with what the destination lacks."""
+        self.data.send_multipart([b"postcopy-resume", json.dumps(msg.data).encode()])
+        return {}
+
     def on_cleanup(self, _msg: Message) -> dict:
         self.dirty[:] = False
         return {}
@@ -165,6 +170,7 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     sender = RamSender(cfg, ctx)
     server = Server(ctx, cfg.endpoint("ram_sender"), "ram_sender")
     handlers = {"postcopy_discard": sender.on_postcopy_discard, "postcopy_push": sender.on_postcopy_push,
+                "postcopy_resume": sender.on_postcopy_resume,
                 "emit": sender.on_emit, "setup": sender.on_setup, "sync": sender.on_sync,
                 "iterate": sender.on_iterate, "cleanup": sender.on_cleanup,
                 "ping": lambda _m: {}}

@@ -101,6 +101,7 @@ class Receiver:
         self.pages: IncomingPages | None = None  # while the guest runs here and pages still arrive
         self.rp_lock = threading.Lock()  # the loader (PONG, SHUT) and the fault thread (requests) both write
         self.vcpu_clients: dict[str, Client] = {}
+        self.paused_loader: savevm.StreamLoader | None = None  # post-copy paused: the stream to go on with
         self.package_start = 0  # reader offset where the PACKAGED blob began
         self.tls: Tls | None = None
 
@@ -134,9 +135,12 @@ class Receiver:
         pages = self.pages
         return pages.stats() if pages is not None else {}
 
-    def rp_write(self, channel: Channel, data: bytes) -> None:
+    def rp_write(self, channel: Channel | None, data: bytes) -> None:
+        """A return-path message; dropped while post-copy is paused (what a
+        vCPU waits on is asked for again on resume)."""
         with self.rp_lock:
-            channel.write(data)
+            if channel is not None:
+                channel.write(data)
 
     def on_inject(self, msg: Message) -> dict:
         """Testing aid (x-fault on the destination): break the incoming stream."""
@@ -256,7 +260,7 @@ class Receiver:
             self.source_listens = True
 
         def pong(value: int) -> None:
-            self.rp_write(channel, returnpath.pong(value))
+            self.rp_write(self.channel, returnpath.pong(value))
 
         pc = postcopy.IncomingPostcopy({b.name: b.size for b in self.ram.blocks}, self.postcopy_enabled)
 
@@ -305,10 +309,7 @@ class Receiver:
             if self.injected in ("fail", "reset"):
                 desc = f"injected fault: {self.injected} ({desc})"
             if pc.state is postcopy.State.RUNNING:
-                # The guest runs here on a memory split between the hosts: it
-                # waits on its missing pages; nothing is lost while both live.
-                self.close_channel()
-                self.notify("postcopy-paused", {"desc": desc, "bytes": reader.consumed})
+                self.pause_postcopy(loader, desc, reader.consumed)
                 return
             self.end_postcopy()
             self.reply_source(channel, 1, desc)
@@ -359,6 +360,12 @@ class Receiver:
             if pc.in_package:
                 pc.end_package(r.consumed - self.package_start)
             self.notify("postcopy-run", self.guest_states(states))
+        elif cmd == postcopy.CMD_RECV_BITMAP and self.pages is not None:
+            self.rp_write(self.channel, returnpath.recv_bitmap_reply(result, self.pages.received_bitmap(result)))
+        elif cmd == postcopy.CMD_RESUME and self.pages is not None:
+            self.rp_write(self.channel, returnpath.resume_ack())
+            asked = self.pages.re_request()
+            self.notify("postcopy-resumed", {"re-requested": asked})
         else:
             raise savevm.StreamError(f"{savevm.COMMAND_NAMES[cmd]} outside a post-copy recovery")
 
@@ -367,7 +374,7 @@ class Receiver:
         if not channel.has_return_path or not self.source_listens:
             raise savevm.StreamError("post-copy needs a return path, and the source opened none")
         path = os.path.join(self.cfg.rundir, "uffd.sock")
-        pages = IncomingPages(self.ram, path, lambda msg: self.rp_write(channel, msg))
+        pages = IncomingPages(self.ram, path, lambda msg: self.rp_write(self.channel, msg))
         self.pages = pages
         clients = {f"vcpu{i}": Client(self.ctx, self.cfg.endpoint(f"vcpu{i}"), "receiver")
                    for i in range(self.vcpus)}
@@ -378,6 +385,46 @@ class Receiver:
 
         pages.collect(list(clients), register)
         pages.start()
+
+    def pause_postcopy(self, loader: savevm.StreamLoader, desc: str, consumed: int) -> None:
+        """The link broke after RUN: the guest runs here on a memory split
+        between the hosts and waits on its missing pages; nothing is lost while
+        both hosts live. migrate-recover takes a new connection."""
+        self.close_channel()
+        self.paused_loader = loader
+        self.notify("postcopy-paused", {"desc": desc, "bytes": consumed})
+
+    def on_recover(self, msg: Message) -> dict:
+        if self.paused_loader is None or (self.thread is not None and self.thread.is_alive()):
+            raise ActorError("migrate-recover needs a post-copy migration in postcopy-paused")
+        try:
+            listener = Listener(parse_uri(msg.data["uri"]))
+        except TransportError as exc:
+            raise ActorError(str(exc)) from None
+        self.thread = threading.Thread(target=self.recover, args=(listener, self.paused_loader), daemon=True)
+        self.paused_loader = None
+        self.thread.start()
+        return {"uri": listener.actual_uri}
+
+    def recover(self, listener: Listener, loader: savevm.StreamLoader) -> None:
+        """The resumed source's stream: RECV_BITMAP per block, POSTCOPY_RESUME, pages, EOF."""
+        try:
+            channel = listener.accept()
+        except (OSError, TransportError) as exc:
+            listener.close()
+            self.pause_postcopy(loader, f"recovery connection failed: {exc}", 0)
+            return
+        listener.close()
+        self.channel = channel
+        channel.settimeout(self.timeout)
+        self.notify("recover-started", {})
+        reader = savevm.BufferedReader(self.read_into(channel))
+        try:
+            loader.resume(reader)
+        except Exception as exc:  # the link broke again: paused again
+            self.pause_postcopy(loader, f"incoming stream failed: {exc}", reader.consumed)
+            return
+        self.finish_postcopy(channel, reader.consumed)
 
     def guest_states(self, states: dict) -> dict:
         vcpu_states = states.get(VCPU_SECTION, {})
@@ -455,6 +502,7 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     receiver = Receiver(cfg, ctx)
     server = Server(ctx, cfg.endpoint("receiver"), "receiver")
     server.serve_forever({"configure": receiver.on_configure, "stats": receiver.on_stats,
+                          "recover": receiver.on_recover,
                           "listen": receiver.on_listen, "finish": receiver.on_finish,
                           "inject": receiver.on_inject, "ping": lambda _m: {}}, receiver.notices)
 

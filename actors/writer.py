@@ -87,7 +87,7 @@ class Writer:
                         self.write(p.buffer)
                 elif kind == b"pages":
                     self.write_pages(parts)
-                elif kind == b"postcopy":
+                elif kind in (b"postcopy", b"postcopy-resume"):
                     self.run_postcopy(parts)
                 elif kind == b"mark":
                     self.notices.post("mark", {"mark": parts[1].bytes.decode(), "bytes": self.written,
@@ -125,13 +125,14 @@ class Writer:
     def run_postcopy(self, parts: list) -> None:
         """Send what the destination lacks: asked-for pages first, the rest in
         the background within max-postcopy-bandwidth, in small RAM sections."""
-        params = json.loads(parts[2].bytes)
-        dirty = np.unpackbits(np.frombuffer(parts[1].buffer, np.uint8), count=self.ram.pages.shape[0],
-                              bitorder="little").view(np.bool_)
-        pusher = Pusher(dirty, self.ram.blocks)
-        self.pusher = pusher
+        params = json.loads(parts[-1].bytes)
+        if parts[0].bytes == b"postcopy":
+            dirty = np.unpackbits(np.frombuffer(parts[1].buffer, np.uint8), count=self.ram.pages.shape[0],
+                                  bitorder="little").view(np.bool_)
+            self.pusher = Pusher(dirty, self.ram.blocks)
+        pusher = self.pusher
         channel = self.channel
-        if channel is None or self.error is not None:
+        if channel is None or self.error is not None or pusher is None:
             return
         if channel.sock is not None and channel.sock.family in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
             channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POSTCOPY_SNDBUF)
@@ -158,7 +159,8 @@ class Writer:
             self.write(ram_eos() + savevm.footer(sid))
             sent += self.written - before
             self.postcopy_bytes += self.written - before
-        self.notices.post("postcopy-sent", self.postcopy_stats())
+        if self.error is None and not pusher.remaining():
+            self.notices.post("postcopy-sent", self.postcopy_stats())
 
     def postcopy_stats(self) -> dict:
         p = self.pusher
@@ -176,35 +178,43 @@ class Writer:
 
     def read_return_path(self, channel: Channel) -> None:
         """The return path while post-copy runs: page requests go to the pusher
-        at once; the destination's SHUT ends it."""
+        at once, a received bitmap (recovery) sets what is left to send; the
+        destination's SHUT ends it."""
         requests = returnpath.PageRequests({b.name: b.size for b in self.ram.blocks})
-        buf = bytearray(65536 + 4)
-        view = memoryview(buf)
-        have = 0
-        try:
-            while True:
+        pending = bytearray()
+
+        def take(n: int) -> bytes:
+            while len(pending) < n:
                 try:
-                    got = channel.read_into(view[have:])
+                    chunk = channel.sock.recv(65536) if channel.sock is not None else b""
                 except TimeoutError:
                     continue  # a destination that needs nothing asks for nothing
-                if not got:
+                if not chunk:
                     raise savevm.StreamError("destination closed the return path")
-                have += got
-                while have >= 4:
-                    mtype, length = struct.unpack_from(">HH", buf)
-                    if have < 4 + length:
-                        break
-                    body = bytes(view[4:4 + length])
-                    buf[:have - 4 - length] = buf[4 + length:have]
-                    have -= 4 + length
-                    if mtype == returnpath.RP_SHUT and length >= 4:
-                        self.shut = {"shut": struct.unpack(">I", body[:4])[0], "at": time.time(),
-                                     "desc": body[4:].decode(errors="replace")}
-                        return
-                    if mtype in (returnpath.RP_REQ_PAGES, returnpath.RP_REQ_PAGES_ID) and self.pusher is not None:
-                        self.pusher.request(requests.parse(mtype, body))
-        except (OSError, savevm.StreamError) as exc:
-            desc = str(exc) if isinstance(exc, savevm.StreamError) else f"return path failed: {exc.strerror or exc}"
+                pending.extend(chunk)
+            out = bytes(pending[:n])
+            del pending[:n]
+            return out
+
+        try:
+            while True:
+                mtype, length = struct.unpack(">HH", take(4))
+                body = take(length)
+                if mtype == returnpath.RP_SHUT and length >= 4:
+                    self.shut = {"shut": struct.unpack(">I", body[:4])[0], "at": time.time(),
+                                 "desc": body[4:].decode(errors="replace")}
+                    return
+                if mtype in (returnpath.RP_REQ_PAGES, returnpath.RP_REQ_PAGES_ID) and self.pusher is not None:
+                    self.pusher.request(requests.parse(mtype, body))
+                elif mtype == returnpath.RP_RECV_BITMAP and self.pusher is not None:
+                    block = self.ram.block(returnpath.parse_recv_bitmap_header(body))
+                    left = self.pusher.set_received(block.name, returnpath.read_recv_bitmap(take, block.pages))
+                    self.notices.post("recv-bitmap", {"block": block.name, "left": left})
+                elif mtype == returnpath.RP_RESUME_ACK:
+                    returnpath.parse_resume_ack(body)
+                    self.notices.post("resume-ack", {})
+        except (OSError, savevm.StreamError, KeyError) as exc:
+            desc = str(exc) if isinstance(exc, savevm.StreamError) else f"return path failed: {exc}"
             self.shut = {"shut": None, "desc": desc}
             self.notices.post("return-path-failed", {"desc": desc})
         finally:
@@ -280,12 +290,16 @@ class Writer:
         channel.settimeout(timeout)
         with self.lock:
             self.written, self.error = 0, None
-            self.pusher, self.postcopy_bytes, self.rp_thread, self.shut = None, 0, None, None
+            if not msg.data.get("resume"):  # post-copy recovery goes on with what is left
+                self.pusher, self.postcopy_bytes = None, 0
+            self.rp_thread, self.shut = None, None
             self.saved = self.sent_pages = self.rate_pages = self.rate_age = 0
             self.rate_time = time.monotonic()
             size = msg.data.get("xbzrle_cache_size", 0)
             self.xbzrle = XbzrleEncoder(size) if size else None
             self.channel = channel
+        if msg.data.get("resume"):
+            self.start_return_path(channel)
         return {"return_path": channel.has_return_path, "tls": tls_info(channel)}
 
     def on_await_return(self, msg: Message) -> dict:

@@ -439,13 +439,15 @@ def events(endpoint, count, timeout, host, qmp) -> None:
               help="Number of vCPU processes running the workload.")
 @click.option("--disk", is_flag=True, help="Give the guest a shared qcow2 disk and a diskwrite workload.")
 @click.option("--keep", type=click.Path(file_okay=False), help="Leave the disk and its replay image in this directory.")
+@click.option("--postcopy", is_flag=True,
+              help="A guest dirtying 4x a 16 MB/s link, moved by post-copy (after two pre-copy passes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def demo(ram, workload, uri, seed, vcpus, disk, keep, as_json) -> None:
+def demo(ram, workload, uri, seed, vcpus, disk, keep, postcopy, as_json) -> None:
     """Migrate a running guest between two local hosts and verify it by replay."""
     from livemig.tools.demo import run_demo
 
     result = run_demo(ram=ram, workload=workload, uri=uri, seed=seed, vcpus=vcpus, quiet=as_json,
-                      disk=disk or keep is not None, keep=keep)
+                      disk=disk or keep is not None, keep=keep, postcopy=postcopy)
     if as_json:
         click.echo(json.dumps(result))
     v = result["verify"]

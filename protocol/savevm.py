@@ -264,6 +264,22 @@ class StreamLoader:
             raise StreamError("savevm stream version 2 is obsolete and not supported")
         if version != VERSION:
             raise StreamError(f"unsupported savevm stream version {version} (need {VERSION})")
+        self._sections(r, result)
+        if read_trailer:
+            result.vmdesc = self.trailer(r)
+        result.bytes = r.consumed
+        return result
+
+    def resume(self, r: BufferedReader) -> LoadResult:
+        """Go on loading a stream that broke off, on a new connection (post-copy
+        recovery: no header; the source starts again at a record boundary)."""
+        result = LoadResult()
+        self._sections(r, result)
+        result.bytes = r.consumed
+        return result
+
+    def _sections(self, r: BufferedReader, result: LoadResult) -> None:
+        """Records up to EOF."""
         while True:
             kind = r.u8()
             if kind == EOF:
@@ -314,10 +330,6 @@ class StreamLoader:
             raise StreamError(self.refusal)
         if self.ram is not None and not self.ram.sized:
             raise StreamError("stream ended without a RAM block list")
-        if read_trailer:
-            result.vmdesc = self.trailer(r)
-        result.bytes = r.consumed
-        return result
 
     def _configuration(self, r: BufferedReader, result: LoadResult) -> str:
         config = read_configuration(r)

@@ -21,6 +21,11 @@ from livemig.tools.launch import HostProcess, free_port
 
 DEFAULT_WORKLOAD = "memtouch:rate=16M,wss=32M"
 DISK_WORKLOAD = "diskwrite:iops=300,size=4096"
+# --postcopy: a guest dirtying four times what the link carries, which pre-copy
+# cannot move; the source switches to post-copy after two passes by itself.
+POSTCOPY_WORKLOAD = "memtouch:rate=64M,wss=192M"
+POSTCOPY_LINK = 16 << 20  # bytes/s: max-bandwidth and max-postcopy-bandwidth
+POSTCOPY_AFTER_PASSES = 2
 DISK_SIZE = 64 << 20
 
 
@@ -70,17 +75,19 @@ def verify(dst: HostProcess, src_regs: list[dict], ram_size: int, fill: str, see
 
 
 def run_demo(ram: int = 256 << 20, workload: str | None = None, uri: str | None = None, seed: int = 42,
-             vcpus: int = 1, quiet: bool = False, disk: bool = False, keep: str | None = None) -> dict:
+             vcpus: int = 1, quiet: bool = False, disk: bool = False, keep: str | None = None,
+             postcopy: bool = False) -> dict:
     """With `disk`, the guest writes to a qcow2 image that both hosts share
     (in `keep`, or a temporary directory), and the image is verified too."""
     with tempfile.TemporaryDirectory(prefix="livemig-demo-") as tmp:
         workdir = keep or tmp
         os.makedirs(workdir, exist_ok=True)
-        return _run_demo(ram, workload or (DISK_WORKLOAD if disk else DEFAULT_WORKLOAD), uri, seed, vcpus,
-                         quiet, os.path.join(workdir, "disk.qcow2") if disk else None, workdir)
+        default = DISK_WORKLOAD if disk else POSTCOPY_WORKLOAD if postcopy else DEFAULT_WORKLOAD
+        return _run_demo(ram, workload or default, uri, seed, vcpus,
+                         quiet, os.path.join(workdir, "disk.qcow2") if disk else None, workdir, postcopy)
 
 
-def _run_demo(ram, workload, uri, seed, vcpus, quiet, image, workdir) -> dict:
+def _run_demo(ram, workload, uri, seed, vcpus, quiet, image, workdir, postcopy=False) -> dict:
     uri = uri or f"tcp:127.0.0.1:{free_port()}"
     tag = f"demo{os.getpid()}"
     guest = ["--ram", str(ram), "--fill", "random", "--seed", str(seed), "--vcpus", str(vcpus),
@@ -93,6 +100,12 @@ def _run_demo(ram, workload, uri, seed, vcpus, quiet, image, workdir) -> dict:
     try:
         src = HostProcess(f"{tag}-src", *guest)
         dst = HostProcess(f"{tag}-dst", *guest, "--incoming", uri)
+        if postcopy:
+            for h in (src, dst):
+                h.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+            src.cmd("migrate-set-parameters", **{"max-bandwidth": POSTCOPY_LINK,
+                                                 "max-postcopy-bandwidth": POSTCOPY_LINK,
+                                                 "x-postcopy-after-passes": POSTCOPY_AFTER_PASSES})
         time.sleep(0.5)  # let the guest dirty some memory first
         mon = Qmp(src.qmp_addr)
         try:

@@ -212,9 +212,20 @@ class Commands:
         return {}
 
     @command("migrate")
-    async def cmd_migrate(self, uri: str, blk: bool = False, inc: bool = False, detach: bool = True) -> dict:
+    async def cmd_migrate(self, uri: str, blk: bool = False, inc: bool = False, detach: bool = True,
+                          resume: bool = False) -> dict:
         """Start migrating the guest to URI (tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N, file:PATH);
-        returns at once, progress is in query-migrate."""
+        returns at once, progress is in query-migrate. resume: reconnect a post-copy
+        migration in postcopy-paused (the destination ran migrate-recover)."""
+        if resume:
+            if self.mig.incoming or self.mig.status is not MigrationStatus.POSTCOPY_PAUSED:
+                raise ActorError("Cannot resume if there is no paused migration")
+            try:
+                parse_uri(uri)
+            except TransportError as exc:
+                raise ActorError(str(exc)) from None
+            asyncio.get_running_loop().create_task(self.postcopy_resume(uri))
+            return {}
         if self.migrating():
             raise ActorError("migration already in progress")
         if self.task is not None and not self.task.done():
@@ -401,6 +412,30 @@ class Commands:
         self.capabilities = new
         # The destination checks postcopy-ram when the source's ADVISE arrives.
         await self.receiver.call("configure", {"postcopy": new["postcopy-ram"]})
+        return {}
+
+    @command("migrate-pause")
+    async def cmd_migrate_pause(self) -> dict:
+        """Break a post-copy migration's link on purpose (postcopy-active only); both
+        sides go to postcopy-paused and wait for migrate-recover / migrate resume=true."""
+        if self.mig.status is not MigrationStatus.POSTCOPY_ACTIVE:
+            raise ActorError("migrate-pause is currently only supported during postcopy-active state")
+        if self.mig.incoming:
+            await self.receiver.call("inject", {"action": "fail"})
+        else:
+            await self.writer.call("abort", timeout=5)
+        return {}
+
+    @command("migrate-recover")
+    async def cmd_migrate_recover(self, uri: str) -> dict:
+        """Destination: listen on URI for the source's `migrate resume=true` (postcopy-paused only)."""
+        if not self.mig.incoming or self.mig.status is not MigrationStatus.POSTCOPY_PAUSED:
+            raise ActorError("Migrate recover can only be run when postcopy is paused.")
+        try:
+            parse_uri(uri)
+        except TransportError as exc:
+            raise ActorError(str(exc)) from None
+        await self.receiver.call("recover", {"uri": uri})
         return {}
 
     @command("migrate-start-postcopy")

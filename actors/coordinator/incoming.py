@@ -46,6 +46,11 @@ class Incoming:
             self.postcopy_done(msg.data)
         elif msg.type == "postcopy-paused":
             self.postcopy_paused(msg.data)
+        elif msg.type == "recover-started":
+            self.set_status(MigrationStatus.POSTCOPY_RECOVER)
+        elif msg.type == "postcopy-resumed":
+            self.mig.error = None
+            self.set_status(MigrationStatus.POSTCOPY_ACTIVE)
 
     async def finish_incoming(self, data: dict) -> None:
         """The whole stream is in: load vCPU state, re-read disk metadata, run."""

@@ -86,7 +86,8 @@ class Postcopy:
         mig = self.mig
         while not self.postcopy_sent.done():
             if self.writer_failure:
-                raise MigrationFailed(self.writer_failure)
+                await self.postcopy_pause(self.writer_failure)
+                continue
             await asyncio.wait([self.postcopy_sent], timeout=POLL)
             self.postcopy_account((await self.writer.call("stats", timeout=10)).data["result"])
         self.postcopy_account(self.postcopy_sent.result())
@@ -109,6 +110,55 @@ class Postcopy:
         self.set_runstate(RunState.POSTMIGRATE)
         self.set_status(MigrationStatus.COMPLETED)
 
+    async def postcopy_pause(self, desc: str) -> None:
+        """The link broke after RUN: postcopy-paused until `migrate resume=true`
+        has reconnected (the destination waits in postcopy-paused too)."""
+        mig = self.mig
+        log.warning("post-copy paused: %s", desc)
+        mig.error = desc
+        self.set_status(MigrationStatus.POSTCOPY_PAUSED)
+        try:
+            await self.writer.call("close", {"abort": True}, timeout=40)
+        except ActorError as exc:
+            log.warning("closing the broken post-copy channel: %s", exc)
+        self.postcopy_resumed = asyncio.get_running_loop().create_future()
+        await self.postcopy_resumed  # set by a successful migrate resume=true
+
+    async def postcopy_resume(self, uri: str) -> None:
+        """migrate {uri, resume: true}: reconnect, learn what the destination
+        holds (RECV_BITMAP per block), POSTCOPY_RESUME, and go on pushing."""
+        mig = self.mig
+        self.set_status(MigrationStatus.POSTCOPY_RECOVER)
+        self.writer_failure = None
+        loop = asyncio.get_running_loop()
+        self.resume_ack = loop.create_future()
+        try:
+            await self.writer.call("connect", {"uri": uri, "resume": True,
+                                               "timeout": self.parameters["x-transport-timeout"]}, timeout=30)
+            frames = [postcopy.recv_bitmap(b.name) for b in self.ram.blocks] + [postcopy.resume()]
+            await self.ram_sender.call("emit", {}, frames=frames)
+            async with asyncio.timeout(30):
+                await self.resume_ack
+            if self.writer_failure:
+                raise MigrationFailed(self.writer_failure)
+        except (ActorError, MigrationFailed, TimeoutError) as exc:
+            desc = f"post-copy recovery failed: {exc}"
+            mig.error = desc
+            log.warning("%s", desc)
+            self.set_status(MigrationStatus.POSTCOPY_PAUSED)
+            try:
+                await self.writer.call("close", {"abort": True}, timeout=40)
+            except ActorError:
+                pass
+            return
+        mig.error = None
+        self.set_status(MigrationStatus.POSTCOPY_ACTIVE)
+        self.postcopy_sent = loop.create_future()
+        await self.ram_sender.call("postcopy_resume", {
+            "section_id": SID_RAM, "bandwidth": self.parameters["max-postcopy-bandwidth"]})
+        if not self.postcopy_resumed.done():
+            self.postcopy_resumed.set_result(None)
+
     def postcopy_account(self, stats: dict) -> None:
         ram = self.mig.ram
         for key in ("postcopy-requests", "postcopy-bytes", "remaining"):
@@ -123,6 +173,14 @@ class Postcopy:
             fut = getattr(self, "postcopy_sent", None)
             if fut is not None and not fut.done():
                 fut.set_result(msg.data)
+            return True
+        if msg.type == "resume-ack":
+            fut = getattr(self, "resume_ack", None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            return True
+        if msg.type == "recv-bitmap":
+            self.mig.ram["remaining"] = msg.data["left"] * PAGE_SIZE
             return True
         if msg.type == "return-path-failed":
             if self.mig.status is MigrationStatus.POSTCOPY_ACTIVE:
@@ -171,7 +229,8 @@ class Postcopy:
     def postcopy_paused(self, data: dict) -> None:
         self.mig.error = data["desc"]
         log.warning("post-copy paused: %s", data["desc"])
-        self.set_status(MigrationStatus.POSTCOPY_PAUSED)
+        if self.mig.status is not MigrationStatus.POSTCOPY_PAUSED:
+            self.set_status(MigrationStatus.POSTCOPY_PAUSED)
 
     async def postcopy_info(self) -> dict:
         """The destination's post-copy figures for query-migrate: QEMU's blocktime
