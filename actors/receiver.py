@@ -418,7 +418,8 @@ class Receiver:
         self.channel = channel
         channel.settimeout(self.timeout)
         self.notify("recover-started", {})
-        reader = savevm.BufferedReader(self.read_into(channel))
+        deadline = ProgressDeadline(self.timeout, lambda: reader.consumed, channel.opened)
+        reader = savevm.BufferedReader(self.read_into(channel, deadline))
         try:
             loader.resume(reader)
         except Exception as exc:  # the link broke again: paused again

@@ -358,6 +358,7 @@ class Outgoing:
         log.warning("migration %s: %s", status.value, desc)
         if self.mig.go_sent:
             resume = inactivated = False
+            status = MigrationStatus.FAILED  # past RUN nothing can be cancelled any more
             desc += "; the destination was told to run the guest, so the source stays paused"
             if self.mig.postcopy_requested:
                 desc += (" (post-copy: the guest's memory was split between the hosts; "
