@@ -124,6 +124,9 @@ def summary_rows(info: dict) -> list[tuple[str, str]]:
 
 def print_summary(info: dict) -> None:
     rows = summary_rows(info)
+    if not rows:  # a destination's, or a cancelled migration's: the status is all there is
+        click.echo(f"migration {info.get('status')}")
+        return
     if not sys.stdout.isatty():
         click.echo(f"migration {info.get('status')}")
         for k, v in rows:

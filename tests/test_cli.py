@@ -210,7 +210,7 @@ def test_list_settings_hmp_and_quit(hosts, rundir):
 def test_migrate_progress_fits_80_columns(hosts, rundir, port, tty):
     args = guest_args(ram="128M", workload="memtouch:rate=4M,wss=8M")
     src = hosts.start("src", *args)
-    hosts.start("dst", *args, "--incoming", f"tcp:127.0.0.1:{port}")
+    dst = hosts.start("dst", *args, "--incoming", f"tcp:127.0.0.1:{port}")
     code, out, err = livemig("migrate", "-H", src.name, "--bandwidth", "96M", "--downtime", "400ms",
                              f"tcp:127.0.0.1:{port}", tty=tty)
     assert code == 0, (out, err)
@@ -226,6 +226,14 @@ def test_migrate_progress_fits_80_columns(hosts, rundir, port, tty):
         assert all(re.match(r"(setup|active|device|completed)(, |$)", ln) for ln in progress), progress
         assert "━" not in out
     assert "Mbit/s" in out and "Mbps" not in out
+
+    # The destination shows what QEMU's shows after a migration: its status.
+    code, out, err = livemig("info", "-H", dst.name, tty=tty)
+    assert code == 0, err
+    fits(out)
+    assert "guest: running" in out and "migration completed" in out
+    for stale in ("downtime:", "passes", "Mbit/s", "None", "transferred"):
+        assert stale not in out, out
 
 
 def test_cancel_says_so(hosts, rundir, port):

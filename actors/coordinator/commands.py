@@ -23,11 +23,12 @@ from livemig.protocol.transport import TransportError, parse_uri
 from livemig.protocol.xbzrle import check_cache_size
 
 MAX_DOWNTIME_MS = 2_000_000
-# MigrationStats members that QEMU always reports; the engine fills what it measures.
-RAM_STATS = ("transferred", "remaining", "total", "duplicate", "skipped", "normal", "normal-bytes",
+# MigrationStats members livemig reports (0 when nothing happened). QEMU 7.2 also has
+# skipped and dirty-sync-missed-zero-copy, which livemig never counts (docs/qmp.md), and
+# multifd-bytes, reported once the multifd capability exists.
+RAM_STATS = ("transferred", "remaining", "total", "duplicate", "normal", "normal-bytes",
              "dirty-pages-rate", "mbps", "dirty-sync-count", "postcopy-requests", "page-size",
-             "multifd-bytes", "pages-per-second", "precopy-bytes", "downtime-bytes", "postcopy-bytes",
-             "dirty-sync-missed-zero-copy")
+             "pages-per-second", "precopy-bytes", "downtime-bytes", "postcopy-bytes")
 # Guest devices a host can be given (--device DRIVER,id=ID, device_add): driver -> help.
 DEVICE_DRIVERS = {"no-migrate": "a device whose state cannot be migrated: it blocks migration"}
 MIGRATION_ACTIVE = "There's a migration process in progress"
@@ -53,6 +54,19 @@ def parse_device(text: str) -> dict:
     if set(dev) - {"driver", "id"}:
         raise ValueError(f"device {driver!r} has no property {sorted(set(dev) - {'driver', 'id'})[0]!r}")
     return dev
+
+
+def socket_address(uri: str) -> dict | None:
+    """QEMU's SocketAddress of a listening tcp: or unix: URI (what query-migrate shows on
+    the destination)."""
+    kind, _, rest = uri.partition(":")
+    if kind == "unix":
+        return {"type": "unix", "path": rest}
+    if kind != "tcp":
+        return None
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    return {"type": "inet", "host": host, "port": port, **({"ipv6": True} if ":" in host else {"ipv4": True})}
 
 
 def command(name: str):
@@ -339,7 +353,11 @@ class Commands:
         if self.mig.incoming and self.mig.status.startswith("postcopy") or self.mig.postcopy:
             info.update(await self.postcopy_info())
         if "ram" in info:
-            info["ram"] = {**dict.fromkeys(RAM_STATS, 0), **info["ram"]}
+            stats = RAM_STATS + (("multifd-bytes",) if "multifd" in self.capabilities else ())
+            info["ram"] = {**dict.fromkeys(stats, 0), **info["ram"]}
+        if self.mig.incoming and self.mig.status in ("setup", "active") and self.incoming_uri:
+            if (address := socket_address(self.incoming_uri)) is not None:
+                info["socket-address"] = [address]
         if self.blockers and not self.mig.incoming:
             info["blocked-reasons"] = list(self.blockers.values())
         return info

@@ -355,7 +355,7 @@ class Outgoing:
         """Undo a migration that did not complete: the source guest runs on,
         with its images taken back -- unless the destination was already told
         to run it, in which case the source stays paused."""
-        log.warning("migration %s: %s", status.value, desc)
+        log.warning("migration %s%s", status.value, "" if desc == f"migration {status.value}" else f": {desc}")
         if self.mig.go_sent:
             resume = inactivated = False
             status = MigrationStatus.FAILED  # past RUN nothing can be cancelled any more

@@ -49,37 +49,45 @@ class MigrationState:
         self.switchover[name] = int((time.monotonic() - stop_at) * 1000)
 
     def info(self) -> dict:
+        """query-migrate in QEMU 7.2's shape: a failed or cancelled outgoing migration
+        shows its status (and error), a destination its status only; livemig's own
+        figures are under x- names (docs/monitor.md)."""
         if self.status is MigrationStatus.NONE:
             return {}
         out: dict = {"status": self.status.value}
+        if self.tls:
+            out["x-tls"] = dict(self.tls)
+        if self.refused:
+            out["x-refused"] = self.refused[-10:]
+        if self.incoming:
+            if self.error and self.status is MigrationStatus.FAILED:
+                out["error-desc"] = self.error  # QEMU would have quit; livemig stays up and says why
+            if self.ram:
+                out["x-ram"] = dict(self.ram)
+            return out
+        if self.status is MigrationStatus.FAILED:
+            return {**out, **({"error-desc": self.error} if self.error else {})}
+        if self.status is MigrationStatus.CANCELLED:
+            return out
         now = self.end or time.monotonic()
-        if self.status is not MigrationStatus.SETUP or self.ram:
+        if self.ram:
             out["ram"] = dict(self.ram)
-        out["total-time"] = int((now - self.start) * 1000)
-        if self.status is MigrationStatus.SETUP:
-            del out["total-time"]
+        if self.status is not MigrationStatus.SETUP:
+            out["total-time"] = int((now - self.start) * 1000)
         if self.disk:
             out["disk"] = dict(self.disk)
         if self.xbzrle is not None:
             out["xbzrle-cache"] = dict(self.xbzrle)
-        if not self.incoming:
-            out["setup-time"] = self.setup_time
-        if self.status is MigrationStatus.ACTIVE and not self.incoming:
+        out["setup-time"] = self.setup_time
+        if self.status is MigrationStatus.ACTIVE:
             out["expected-downtime"] = self.expected_downtime
-        if self.status is MigrationStatus.COMPLETED and not self.incoming:
-            out["x-expected-downtime"] = self.expected_downtime  # the estimate the switchover went on
         if self.status is MigrationStatus.COMPLETED:
+            out["x-expected-downtime"] = self.expected_downtime  # the estimate the switchover went on
             if self.downtime is not None:
                 out["downtime"] = self.downtime
             if self.guest_downtime is not None:
                 out["x-guest-downtime"] = self.guest_downtime
             if self.switchover:
                 out["x-switchover"] = dict(self.switchover)
-        if self.tls:
-            out["x-tls"] = dict(self.tls)
-        if self.refused:
-            out["x-refused"] = self.refused[-10:]
-        if self.error and self.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
-            out["error-desc"] = self.error
         return out
 
