@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from livemig.actors.base import GuestConfig, HostConfig
 from livemig.machine.ram import GuestRam, fill_ram, layout
 from livemig.machine.workload import WorkloadSpec
-from livemig.protocol.transport import TransportError, parse_uri
+from livemig.protocol.uri import UriError, parse_qmp_address, parse_uri
 
 # Started in this order; the monitor only once the coordinator answers: a
 # client that meets QMP finds the guest ready (and its incoming socket
@@ -231,7 +231,7 @@ def check_incoming(uri: str, fds: list[int]) -> None:
     checks it again; binding is its to try)."""
     try:
         parsed = parse_uri(uri)
-    except TransportError as exc:
+    except UriError as exc:
         raise HostError(str(exc)) from None
     if parsed.scheme == "fd" and int(parsed.target) not in fds:
         raise HostError(f"descriptor {parsed.target} was not passed to this host (--fd)")
@@ -497,10 +497,10 @@ def qmp_greets(address: str | tuple[str, int], timeout: float = 1.0) -> bool:
 
 def qmp_address(addr: str) -> str | tuple[str, int]:
     """'unix:PATH', 'tcp:HOST:PORT', or a bare path -> a qemu.qmp address."""
-    if addr.startswith("tcp:"):
-        host, _, port = addr[4:].rpartition(":")
-        return (host.strip("[]") or "127.0.0.1", int(port))
-    return addr.removeprefix("unix:")
+    if not addr.startswith(("unix:", "tcp:")):
+        return addr
+    uri = parse_qmp_address(addr)
+    return (uri.host or "127.0.0.1", uri.port) if uri.scheme == "tcp" else uri.target
 
 
 def run_host(spec: HostSpec, announce) -> int:

@@ -23,6 +23,7 @@ from livemig.actors.coordinator.commands import COMMANDS, check_args
 from livemig.protocol import events as ev
 from livemig.protocol import hmp, qmp
 from livemig.protocol.transport import tcp_listener
+from livemig.protocol.uri import parse_qmp_address
 
 VERSION = (7, 2, 0)
 PACKAGE = "livemig 0.1.0"
@@ -216,20 +217,17 @@ class Monitor:
         await session.run()
 
     async def listen(self, addr: str) -> asyncio.Server:
-        kind, _, where = addr.partition(":")
-        if kind == "unix":
-            if os.path.exists(where):
-                os.unlink(where)
+        uri = parse_qmp_address(addr)
+        if uri.scheme == "unix":
+            if os.path.exists(uri.target):
+                os.unlink(uri.target)
             old = os.umask(0o177)  # the socket is private: mode 0600
             try:
-                return await asyncio.start_unix_server(self.client, where)
+                return await asyncio.start_unix_server(self.client, uri.target)
             finally:
                 os.umask(old)
-        if kind != "tcp":
-            raise ValueError(f"QMP address must be unix:PATH or tcp:HOST:PORT, not {addr!r}")
-        host, _, port = where.rpartition(":")
         # Exactly the address named; none (tcp::PORT) is every address, as in QEMU.
-        sock = tcp_listener(host.strip("[]"), int(port))
+        sock = tcp_listener(uri.host, uri.port)
         return await asyncio.start_server(self.client, sock=sock)
 
     async def serve(self) -> None:

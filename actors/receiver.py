@@ -33,7 +33,8 @@ from livemig.protocol.messages import Message
 from livemig.protocol.objects import ObjectError, create
 from livemig.protocol.ram import RamBlock, RamLoader
 from livemig.protocol.tls import Authz, Tls, X509Creds, server_tls, tls_info
-from livemig.protocol.transport import Channel, Listener, TransportError, parse_uri
+from livemig.protocol.transport import Channel, Listener, TransportError
+from livemig.protocol.uri import parse_uri
 
 
 def incoming_tls(spec: dict | None) -> Tls | None:

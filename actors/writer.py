@@ -27,7 +27,8 @@ from livemig.protocol.objects import ObjectError, create
 from livemig.protocol.ram import PageEncoder, PageVectors, ram_eos
 from livemig.protocol.savevm import encode_idstr
 from livemig.protocol.tls import Tls, X509Creds, client_tls, tls_info
-from livemig.protocol.transport import Channel, TransportError, Uri, connect, parse_uri
+from livemig.protocol.transport import Channel, TransportError, connect
+from livemig.protocol.uri import Uri, parse_uri
 from livemig.protocol.xbzrle import XbzrleEncoder
 
 BATCH_PAGES = 512

@@ -12,23 +12,11 @@ from dataclasses import dataclass
 
 from livemig.machine.runstate import MIGRATION_END, MigrationStatus
 from livemig.protocol import units
+from livemig.protocol.parameters import PARAMETERS
 from livemig.protocol.rpc import ActorError
 
 Execute = Callable[[str, dict], Awaitable]  # runs one QMP command; raises ActorError
 POLL = 0.1  # s between query-migrate polls while `migrate` waits
-
-# The units QEMU's `info migrate_parameters` prints, and its order of lines.
-PARAMETER_UNITS = {"announce-initial": " ms", "announce-max": " ms", "announce-step": " ms",
-                   "max-bandwidth": " bytes/second", "avail-switchover-bandwidth": " bytes/second",
-                   "downtime-limit": " ms", "x-checkpoint-delay": " ms", "xbzrle-cache-size": " bytes",
-                   "x-vcpu-dirty-limit-period": " ms", "vcpu-dirty-limit": " MB/s"}
-PARAMETER_ORDER = ("announce-initial", "announce-max", "announce-rounds", "announce-step",
-                   "throttle-trigger-threshold", "cpu-throttle-initial", "cpu-throttle-increment",
-                   "cpu-throttle-tailslow", "max-cpu-throttle", "tls-creds", "tls-hostname",
-                   "max-bandwidth", "avail-switchover-bandwidth", "downtime-limit")
-# Size parameters, and the unit of a bare number: QEMU reads max-bandwidth in MiB.
-SIZE_PARAMETERS = {"max-bandwidth": 20, "avail-switchover-bandwidth": 0, "xbzrle-cache-size": 0,
-                   "max-postcopy-bandwidth": 0}
 
 
 class UsageError(Exception):
@@ -217,12 +205,12 @@ def format_parameter(name: str, value) -> str:
     elif isinstance(value, str):
         text = f"'{value}'"
     else:
-        text = f"{value}{PARAMETER_UNITS.get(name, '')}"
+        text = f"{value}{PARAMETERS[name].unit if name in PARAMETERS else ''}"
     return f"{name}: {text}\n"
 
 
 def format_parameters(params: dict) -> str:
-    names = [n for n in PARAMETER_ORDER if n in params] + [n for n in params if n not in PARAMETER_ORDER]
+    names = [n for n in PARAMETERS if n in params] + [n for n in params if n not in PARAMETERS]
     return "".join(format_parameter(n, params[n]) for n in names)
 
 
@@ -335,7 +323,8 @@ async def hmp_migrate_set_parameter(q: Execute, a: dict) -> str:
         value: object = on_off(text)
     elif kind is int:
         try:
-            value = parse_size(text, SIZE_PARAMETERS[name]) if name in SIZE_PARAMETERS else int(text, 0)
+            shift = PARAMETERS[name].size_shift if name in PARAMETERS else None
+            value = parse_size(text, shift) if shift is not None else int(text, 0)
         except ValueError:
             raise UsageError(f"invalid integer '{text}'") from None
     else:

@@ -328,7 +328,7 @@ class Tls:
 
 
 def client_tls(creds: X509Creds, uri: Any, tls_hostname: str = "") -> Tls:
-    """The source's side; `uri` has .scheme and .host (transport.Uri)."""
+    """The source's side; `uri` has .scheme and .host (uri.Uri)."""
     if creds.endpoint != "client":
         raise TlsError(f"tls-creds {creds.id!r} has endpoint=server; a migration source needs endpoint=client")
     hostname = tls_hostname or (uri.host if uri.scheme == "tcp" else "")

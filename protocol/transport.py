@@ -1,4 +1,4 @@
-"""Migration URIs and the byte channels behind them.
+"""The byte channels behind migration URIs (parsed by protocol.uri).
 
 tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N and file:PATH, in both directions.
 Sockets (tcp, unix, and fd: when the descriptor is a socket) also carry a
@@ -17,48 +17,15 @@ import stat
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-SCHEMES = ("tcp", "unix", "exec", "fd", "file")
+from livemig.protocol.uri import Uri
 
 
 class TransportError(OSError):
     """A URI that cannot be used, or a channel that failed."""
-
-
-@dataclass(frozen=True)
-class Uri:
-    scheme: str
-    target: str  # host:port, path, command line or descriptor number
-    host: str = ""
-    port: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.scheme}:{self.target}"
-
-
-def parse_uri(text: str) -> Uri:
-    scheme, sep, rest = text.partition(":")
-    if not sep or scheme not in SCHEMES:
-        raise TransportError(
-            f"unsupported migration URI {text!r}: use tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N or file:PATH")
-    if not rest:
-        raise TransportError(f"migration URI {text!r} has nothing after {scheme}:")
-    if scheme == "tcp":
-        host, _, port = rest.rpartition(":")
-        host = host.strip("[]")
-        if ":" not in rest or not port.isdigit() or not 0 <= int(port) < 65536:
-            raise TransportError(f"tcp URI {text!r} must be tcp:HOST:PORT")
-        # An empty HOST (tcp::PORT) listens on every address, as in QEMU.
-        return Uri(scheme, rest, host, int(port))
-    if scheme == "fd" and not rest.isdigit():
-        raise TransportError(f"fd URI {text!r} must name a descriptor number")
-    if scheme == "file":
-        rest = rest.split(",", 1)[0]
-    return Uri(scheme, rest)
 
 
 # writev over (address, length) tables that numpy builds in bulk: a page

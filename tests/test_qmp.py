@@ -132,6 +132,11 @@ BAD_ARGUMENTS = [
     ("migrate-set-parameters", {"max-bandwidth": 1, "no-such": 1}, "Parameter 'no-such' is unexpected"),
     ("migrate-set-parameters", {"downtime-limit": 2_000_001}, "in the range of 0 to 2000000"),
     ("migrate-set-parameters", {"max-bandwidth": -1}, "expects a non-negative integer"),
+    # a refused x-fault names the points and actions there are (tests/test_wedge.py: the rest)
+    ("migrate-set-parameters", {"x-fault": "pass:kil"},
+     "no action 'kil' (actions: fail, kill, stall, reset, slow, cancel)"),
+    ("migrate-set-parameters", {"x-fault": "nowhere:fail"}, "no fault point 'nowhere' (points: "
+     "connect, setup, pass, block-bulk, before-stop, after-stop, after-eof, incoming)"),
     ("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True},
                                                    {"capability": "xbzrle2", "state": True}]},
      "'capabilities[1].capability' does not accept value 'xbzrle2'"),

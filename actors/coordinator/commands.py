@@ -14,15 +14,16 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from livemig.actors.base import ActorError, log
-from livemig.actors.coordinator.faults import check_fault
 from livemig.machine.runstate import MigrationStatus, RunState, StateError
 from livemig.protocol import events as ev
 from livemig.protocol.objects import ObjectError, ObjectStore, describe
+from livemig.protocol.parameters import PARAMETERS
 from livemig.protocol.tls import TlsError, client_tls, server_tls
-from livemig.protocol.transport import TransportError, parse_uri
-from livemig.protocol.xbzrle import check_cache_size
+from livemig.protocol.transport import TransportError
+from livemig.protocol.uri import UriError, parse_uri
 
-MAX_DOWNTIME_MS = 2_000_000
+MAX_DOWNTIME_MS = PARAMETERS["downtime-limit"].range[1]
+
 # MigrationStats members livemig reports (0 when nothing happened). QEMU 7.2 also has
 # skipped and dirty-sync-missed-zero-copy, which livemig never counts (docs/qmp.md), and
 # multifd-bytes, reported once the multifd capability exists.
@@ -253,7 +254,7 @@ class Commands:
             raise ActorError(next(iter(self.blockers.values())))
         try:
             parse_uri(uri)
-        except TransportError as exc:
+        except UriError as exc:
             raise ActorError(str(exc)) from None
         self.tls_out = self.tls_spec(uri, server=False)
         self.start_migration(uri, blk, inc)
@@ -340,7 +341,7 @@ class Commands:
                 server_tls(creds, authz)
             else:
                 client_tls(creds, target, self.parameters["tls-hostname"])
-        except (ObjectError, TransportError) as exc:
+        except (ObjectError, TransportError, UriError) as exc:
             raise ActorError(str(exc)) from None
         return {"creds": describe(creds), "authz": describe(authz) if authz else None,
                 "hostname": self.parameters["tls-hostname"]}
@@ -372,31 +373,7 @@ class Commands:
         """Set migration parameters: max-bandwidth (bytes/s, 0 = unlimited), downtime-limit (ms),
         avail-switchover-bandwidth (bytes/s, 0 = measured), and any other in
         query-migrate-parameters. All are checked before any is applied."""
-        new = dict(self.parameters)
-        for key, value in params.items():
-            if key not in new:
-                raise ActorError(f"Parameter '{key}' is unexpected")
-            expected = type(new[key])
-            if not type_ok(expected, value) and not (key.startswith("tls-") and value is None):
-                raise invalid_type(key, expected)
-            if expected is int and value < 0:
-                raise ActorError(f"Parameter '{key}' expects a non-negative integer")
-            if key.startswith("tls-") and value is None:
-                value = ""  # QEMU's StrOrNull: null turns it off
-            if key == "downtime-limit" and value > MAX_DOWNTIME_MS:
-                raise ActorError(f"Parameter 'downtime_limit' expects an integer in the range of 0 to "
-                                 f"{MAX_DOWNTIME_MS} milliseconds")
-            if key == "x-transport-timeout" and value == 0:
-                raise ActorError("Parameter 'x-transport-timeout' must be at least 1 ms")
-            if key == "x-fault":
-                check_fault(value)
-            if key == "xbzrle-cache-size":
-                try:
-                    check_cache_size(value)
-                except ValueError as exc:
-                    raise ActorError(str(exc)) from None
-            new[key] = value
-        self.parameters = new
+        self.set_parameters(params)
         return {}
 
     @command("query-migrate-capabilities")
@@ -411,25 +388,9 @@ class Commands:
         pause-before-switchover: stop in pre-switchover until migrate-continue."""
         if self.migrating():
             raise ActorError(MIGRATION_ACTIVE)
-        new = dict(self.capabilities)
-        for i, item in enumerate(capabilities):
-            where = f"capabilities[{i}]"
-            if not isinstance(item, dict):
-                raise ActorError(f"Invalid parameter type for '{where}', expected: object")
-            for key, expected in (("capability", str), ("state", bool)):
-                if key not in item:
-                    raise ActorError(f"Parameter '{where}.{key}' is missing")
-                if not type_ok(expected, item[key]):
-                    raise invalid_type(f"{where}.{key}", expected)
-            if extra := set(item) - {"capability", "state"}:
-                raise ActorError(f"Parameter '{where}.{sorted(extra)[0]}' is unexpected")
-            if item["capability"] not in new:
-                raise ActorError(f"Parameter '{where}.capability' does not accept value "
-                                 f"'{item['capability']}'")
-            new[item["capability"]] = item["state"]
-        self.capabilities = new
+        self.set_capabilities(capabilities)
         # The destination checks postcopy-ram when the source's ADVISE arrives.
-        await self.receiver.call("configure", {"postcopy": new["postcopy-ram"]})
+        await self.receiver.call("configure", {"postcopy": self.capabilities["postcopy-ram"]})
         return {}
 
     @command("migrate-pause")

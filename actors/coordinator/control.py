@@ -16,7 +16,7 @@ from livemig.actors.base import ActorError, AsyncPeer, HostConfig, log, start_ac
 from livemig.actors.coordinator.commands import Commands
 from livemig.actors.coordinator.faults import Faults
 from livemig.actors.coordinator.incoming import Incoming
-from livemig.actors.coordinator.options import DEFAULT_CAPABILITIES, DEFAULT_PARAMETERS
+from livemig.actors.coordinator.options import Options
 from livemig.actors.coordinator.outgoing import Outgoing
 from livemig.actors.coordinator.postcopy import Postcopy
 from livemig.actors.coordinator.state import MigrationState
@@ -25,11 +25,12 @@ from livemig.machine.profile import profile
 from livemig.machine.runstate import MigrationStatus, RunState, StateError, check_transition
 from livemig.protocol import events as ev
 from livemig.protocol.messages import Message
+from livemig.protocol.parameters import default_capabilities, default_parameters
 
 MIGRATION_ACTORS = ("writer", "ram_sender", "block_sender")
 
 
-class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults, Takeover):
+class Coordinator(Commands, Options, Outgoing, Incoming, Postcopy, Faults, Takeover):
     def __init__(self, cfg: HostConfig, ctx: zmq.asyncio.Context) -> None:
         self.cfg = cfg
         self.ctx = ctx
@@ -40,8 +41,8 @@ class Coordinator(Commands, Outgoing, Incoming, Postcopy, Faults, Takeover):
         self.name = cfg.name
         self.ram = cfg.map_ram()
         self.runstate = RunState.PRELAUNCH
-        self.parameters = dict(DEFAULT_PARAMETERS)
-        self.capabilities = dict(DEFAULT_CAPABILITIES)
+        self.parameters = default_parameters()
+        self.capabilities = default_capabilities()
         self.mig = MigrationState()
         self.task: asyncio.Task | None = None
         self.writer_failure: str | None = None

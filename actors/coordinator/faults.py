@@ -14,26 +14,26 @@ from livemig.actors.host import ACTORS
 
 SOURCE_FAULT_POINTS = ("connect", "setup", "pass", "block-bulk", "before-stop", "after-stop", "after-eof")
 DEST_FAULT_POINTS = ("incoming", "after-eof")
+FAULT_POINTS = tuple(dict.fromkeys(SOURCE_FAULT_POINTS + DEST_FAULT_POINTS))
 FAULT_ACTIONS = ("fail", "kill", "stall", "reset", "slow", "cancel")
 TARGETED = ("kill", "stall")  # the actions that take -ACTOR
+TARGETS = (*ACTORS, "monitor")  # and vcpuN
 
 
-def check_fault(spec: str) -> None:
-    """Refuse an x-fault that names no point or action there is: a typo
-    must not run a migration that only looks tested."""
-    if not spec:
-        return
+def parse_fault(spec: str) -> tuple[str, str, str]:
+    """'POINT:ACTION[-ACTOR]' -> (point, action, actor or ""). A typo is refused,
+    naming what there is: it must not run a migration that only looks tested."""
     point, _, rest = spec.partition(":")
     action, dash, target = rest.partition("-")
-    points = dict.fromkeys((*SOURCE_FAULT_POINTS, *DEST_FAULT_POINTS))
-    if point not in points:
-        raise ActorError(f"x-fault {spec!r}: no fault point {point!r} (points: {', '.join(points)})")
+    if point not in FAULT_POINTS:
+        raise ActorError(f"x-fault {spec!r}: no fault point {point!r} (points: {', '.join(FAULT_POINTS)})")
     if action not in FAULT_ACTIONS:
         raise ActorError(f"x-fault {spec!r}: no action {action!r} (actions: {', '.join(FAULT_ACTIONS)})")
     if dash and action not in TARGETED:
         raise ActorError(f"x-fault {spec!r}: only {' and '.join(TARGETED)} name an actor")
-    if dash and target not in (*ACTORS, "monitor") and not re.fullmatch(r"vcpu\d+", target):
-        raise ActorError(f"x-fault {spec!r}: no actor {target!r}")
+    if dash and target not in TARGETS and not re.fullmatch(r"vcpu\d+", target):
+        raise ActorError(f"x-fault {spec!r}: no actor {target!r} (actors: {', '.join(TARGETS)}, vcpuN)")
+    return point, action, target
 
 
 class Faults:
@@ -42,9 +42,11 @@ class Faults:
     async def fault(self, point: str) -> None:
         """Inject the fault the `x-fault` parameter names for this point, if any."""
         spec = self.parameters["x-fault"]
-        if not spec or spec.split(":")[0] != point:
+        if not spec:
             return
-        action, _, target = spec.split(":", 1)[1].partition("-")
+        at, action, target = parse_fault(spec)  # checked when it was set
+        if at != point:
+            return
         incoming = point in DEST_FAULT_POINTS and self.mig.incoming
         log.warning("injecting fault %s", spec)
         if action == "fail":
@@ -52,7 +54,7 @@ class Faults:
                 await self.receiver.call("inject", {"action": "fail"})
                 return
             raise MigrationFailed(f"injected fault: {action} at {point}")
-        if action in ("kill", "stall"):
+        if action in TARGETED:
             actor = target or ("receiver" if incoming else "writer")
             with open(os.path.join(self.cfg.rundir, f"{actor}.pid")) as f:
                 os.kill(int(f.read()), signal.SIGKILL if action == "kill" else signal.SIGSTOP)

@@ -13,7 +13,7 @@ from livemig.machine.runstate import MigrationStatus, RunState, StateError
 from livemig.protocol import events as ev
 from livemig.protocol.devices import DIGEST_SECTION
 from livemig.protocol.messages import Message
-from livemig.protocol.transport import TransportError, parse_uri
+from livemig.protocol.uri import UriError, parse_uri
 
 
 class Incoming:
@@ -107,7 +107,7 @@ class Incoming:
     async def start_incoming(self, uri: str) -> str:
         try:
             parse_uri(uri)
-        except TransportError as exc:
+        except UriError as exc:
             raise ActorError(str(exc)) from None
         tls = self.tls_spec(uri, server=True)
         # The state first: the receiver may report "started" before it answers.

@@ -1,36 +1,62 @@
-"""Migration parameters and capabilities, and their defaults."""
+"""Migration parameters and capabilities: set only as protocol.parameters allows,
+all checked before any is applied."""
 
 from __future__ import annotations
 
-DEFAULT_PARAMETERS = {
-    "max-bandwidth": 128 << 20,  # bytes/s, QEMU's default since 5.2; 0 = unlimited
-    "downtime-limit": 300,  # ms
-    "xbzrle-cache-size": 64 << 20,  # bytes, a power of two of at least one page
-    "avail-switchover-bandwidth": 0,
-    # testing aids (docs/reliability.md): a fault to inject, "POINT:ACTION", and how
-    # long a connected transport may make no progress before the migration fails
-    "max-postcopy-bandwidth": 0,  # bytes/s for the background push in post-copy; 0 = unlimited
-    # livemig: switch to post-copy by itself once this many dirty-log passes are done (0: only
-    # on migrate-start-postcopy); needs postcopy-ram
-    "x-postcopy-after-passes": 0,
-    "x-fault": "",
-    "x-transport-timeout": 30_000,  # ms
-    # TLS (docs/security.md): the id of a tls-creds-x509 object ("" = plaintext), the name
-    # the destination's certificate must carry (default: the tcp host), and on the
-    # destination the id of an authz-simple / authz-list object for client DNs
-    "tls-creds": "",
-    "tls-hostname": "",
-    "tls-authz": "",
-}
-DEFAULT_CAPABILITIES = {  # QEMU's order, then livemig's own
-    "xbzrle": False,  # re-dirtied pages as deltas against the copy sent before
-    "events": False,
-    "postcopy-ram": False,  # the guest switches early and fetches pages on demand (both sides)
-    "return-path": True,
-    "pause-before-switchover": False,
-    "postcopy-blocktime": False,
-    # testing aid: the destination keeps stale image metadata (the seed's bug)
-    "x-skip-invalidate": False,
-    # integrity: send digests of the final RAM, checked before the guest runs
-    "x-digest": False,
-}
+from livemig.actors.base import ActorError
+from livemig.actors.coordinator.commands import invalid_type, type_ok
+from livemig.actors.coordinator.faults import parse_fault
+from livemig.protocol.parameters import PARAMETERS
+from livemig.protocol.xbzrle import check_cache_size
+
+
+def check_fault(spec: str) -> None:
+    if spec:  # "" injects nothing
+        parse_fault(spec)
+
+
+# Checks beyond a parameter's type and range; each raises ValueError or ActorError.
+CHECKS = {"x-fault": check_fault, "xbzrle-cache-size": check_cache_size}
+
+
+class Options:
+    """Mixin of the Coordinator."""
+
+    def set_parameters(self, params: dict) -> None:
+        new = dict(self.parameters)
+        for key, value in params.items():
+            if key not in new:
+                raise ActorError(f"Parameter '{key}' is unexpected")
+            row = PARAMETERS[key]
+            if value is None and row.nullable:
+                value = row.type()  # QEMU's StrOrNull: null turns it off
+            if not type_ok(row.type, value):
+                raise invalid_type(key, row.type)
+            if row.type is int and (problem := row.range_error(value)):
+                raise ActorError(problem)
+            if (check := CHECKS.get(key)) is not None:
+                try:
+                    check(value)
+                except ValueError as exc:
+                    raise ActorError(str(exc)) from None
+            new[key] = value
+        self.parameters = new
+
+    def set_capabilities(self, capabilities: list) -> None:
+        new = dict(self.capabilities)
+        for i, item in enumerate(capabilities):
+            where = f"capabilities[{i}]"
+            if not isinstance(item, dict):
+                raise ActorError(f"Invalid parameter type for '{where}', expected: object")
+            for key, expected in (("capability", str), ("state", bool)):
+                if key not in item:
+                    raise ActorError(f"Parameter '{where}.{key}' is missing")
+                if not type_ok(expected, item[key]):
+                    raise invalid_type(f"{where}.{key}", expected)
+            if extra := set(item) - {"capability", "state"}:
+                raise ActorError(f"Parameter '{where}.{sorted(extra)[0]}' is unexpected")
+            if item["capability"] not in new:
+                raise ActorError(f"Parameter '{where}.capability' does not accept value "
+                                 f"'{item['capability']}'")
+            new[item["capability"]] = item["state"]
+        self.capabilities = new

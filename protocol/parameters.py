@@ -1,0 +1,114 @@
+"""Migration parameters and capabilities, one row each, named as QEMU names them.
+
+From this table come the checks of migrate-set-parameters and
+migrate-set-capabilities, the defaults that query-migrate-parameters and
+query-migrate-capabilities report, and the units, order and size reading of
+HMP's `info migrate_parameters` and `migrate_set_parameter`. Rows that livemig
+does not support (supported=False) are QEMU's, kept for HMP's units and order:
+they are neither reported nor accepted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+Value = int | bool | str
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    type: type  # int, bool or str (JSON integer, boolean, string)
+    default: Value
+    range: tuple[int, int | None] | None = None  # integers, inclusive; None = no upper limit
+    unit: str = ""  # printed after the value by `info migrate_parameters`
+    size_shift: int | None = None  # a size for HMP: a bare number is in units of 1 << size_shift
+    supported: bool = True
+    nullable: bool = False  # QMP null sets the empty value (QEMU's StrOrNull)
+
+    def range_error(self, value: int) -> str | None:
+        """QEMU's words for an integer outside the range, or None."""
+        if self.range is None:
+            return None
+        low, high = self.range
+        if value < 0 <= low:
+            return f"Parameter '{self.name}' expects a non-negative integer"
+        if value < low and high is None:
+            return f"Parameter '{self.name}' must be at least {low}{self.unit}"
+        if value < low or (high is not None and value > high):
+            words = _UNIT_WORDS.get(self.unit, "")
+            return (f"Parameter '{self.name.replace('-', '_')}' expects an integer in the range of "
+                    f"{low} to {high}{words}")
+        return None
+
+
+@dataclass(frozen=True)
+class Capability:
+    name: str
+    default: bool = False
+    supported: bool = True
+
+
+_UNIT_WORDS = {" ms": " milliseconds"}
+MS, BYTES_PER_S = " ms", " bytes/second"
+NON_NEGATIVE = (0, None)
+
+# In the order `info migrate_parameters` prints them.
+PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
+    Parameter("announce-initial", int, 50, unit=MS, supported=False),
+    Parameter("announce-max", int, 550, unit=MS, supported=False),
+    Parameter("announce-rounds", int, 5, supported=False),
+    Parameter("announce-step", int, 100, unit=MS, supported=False),
+    Parameter("throttle-trigger-threshold", int, 50, (1, 100), supported=False),  # %
+    Parameter("cpu-throttle-initial", int, 20, (1, 99), supported=False),  # %
+    Parameter("cpu-throttle-increment", int, 10, supported=False),  # %
+    Parameter("cpu-throttle-tailslow", bool, False, supported=False),
+    Parameter("max-cpu-throttle", int, 99, supported=False),  # %
+    # TLS (docs/security.md): the id of a tls-creds-x509 object ("" = plaintext), the name
+    # the destination's certificate must carry (default: the tcp host), and on the
+    # destination the id of an authz-simple / authz-list object for client DNs
+    Parameter("tls-creds", str, "", nullable=True),
+    Parameter("tls-hostname", str, "", nullable=True),
+    # QEMU's default since 5.2; 0 = unlimited. HMP reads a bare number in MiB.
+    Parameter("max-bandwidth", int, 128 << 20, NON_NEGATIVE, BYTES_PER_S, size_shift=20),
+    Parameter("avail-switchover-bandwidth", int, 0, NON_NEGATIVE, BYTES_PER_S, size_shift=0),  # 0 = measured
+    Parameter("downtime-limit", int, 300, (0, 2_000_000), MS),
+    Parameter("x-checkpoint-delay", int, 20_000, unit=MS, supported=False),
+    # a power of two of at least one page (protocol.xbzrle.check_cache_size)
+    Parameter("xbzrle-cache-size", int, 64 << 20, NON_NEGATIVE, " bytes", size_shift=0),
+    # bytes/s for the background push in post-copy; 0 = unlimited
+    Parameter("max-postcopy-bandwidth", int, 0, NON_NEGATIVE, size_shift=0),
+    Parameter("tls-authz", str, "", nullable=True),
+    Parameter("x-vcpu-dirty-limit-period", int, 1000, (1, 1000), MS, supported=False),
+    Parameter("vcpu-dirty-limit", int, 1, unit=" MB/s", supported=False),
+    # livemig: switch to post-copy by itself once this many dirty-log passes are done (0: only
+    # on migrate-start-postcopy); needs postcopy-ram
+    Parameter("x-postcopy-after-passes", int, 0, NON_NEGATIVE),
+    # testing aids (docs/reliability.md): a fault to inject, "POINT:ACTION", and how
+    # long a connected transport may make no progress before the migration fails
+    # (0 would make its socket non-blocking)
+    Parameter("x-fault", str, ""),
+    Parameter("x-transport-timeout", int, 30_000, (1, None), MS),
+)}
+
+# In QEMU's order (`info migrate_capabilities`), livemig's own last.
+CAPABILITIES: dict[str, Capability] = {c.name: c for c in (
+    Capability("xbzrle"),  # re-dirtied pages as deltas against the copy sent before
+    Capability("events"),
+    # the guest switches early and fetches pages on demand (both sides)
+    Capability("postcopy-ram"),
+    Capability("return-path", True),
+    Capability("pause-before-switchover"),
+    Capability("postcopy-blocktime"),
+    # testing aid: the destination keeps stale image metadata (the seed's bug)
+    Capability("x-skip-invalidate"),
+    # integrity: send digests of the final RAM, checked before the guest runs
+    Capability("x-digest"),
+)}
+
+
+def default_parameters() -> dict[str, Value]:
+    return {p.name: p.default for p in PARAMETERS.values() if p.supported}
+
+
+def default_capabilities() -> dict[str, bool]:
+    return {c.name: c.default for c in CAPABILITIES.values() if c.supported}

@@ -1,0 +1,68 @@
+"""Addresses as text, parsed in one place: migration URIs (tcp:HOST:PORT,
+unix:PATH, exec:CMD, fd:N, file:PATH) and QMP monitor addresses (unix:PATH,
+tcp:HOST:PORT). An IPv6 host is written in brackets: tcp:[::1]:4444; no host
+(tcp::PORT) is every address to listen on, as in QEMU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCHEMES = ("tcp", "unix", "exec", "fd", "file")
+
+
+class UriError(ValueError):
+    """An address that cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class Uri:
+    scheme: str
+    target: str  # host:port, path, command line or descriptor number
+    host: str = ""
+    port: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.target}"
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """'HOST:PORT', '[V6]:PORT' or ':PORT' (no host) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UriError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def parse_uri(text: str) -> Uri:
+    """A migration URI."""
+    scheme, sep, rest = text.partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise UriError(
+            f"unsupported migration URI {text!r}: use tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N or file:PATH")
+    if not rest:
+        raise UriError(f"migration URI {text!r} has nothing after {scheme}:")
+    if scheme == "tcp":
+        try:
+            host, port = host_port(rest)
+        except UriError:
+            raise UriError(f"tcp URI {text!r} must be tcp:HOST:PORT") from None
+        return Uri(scheme, rest, host, port)
+    if scheme == "fd" and not rest.isdigit():
+        raise UriError(f"fd URI {text!r} must name a descriptor number")
+    if scheme == "file":
+        rest = rest.split(",", 1)[0]
+    return Uri(scheme, rest)
+
+
+def parse_qmp_address(text: str) -> Uri:
+    """A QMP monitor address: unix:PATH, or tcp:HOST:PORT."""
+    scheme, _, rest = text.partition(":")
+    if scheme == "unix":
+        return Uri(scheme, rest)
+    if scheme == "tcp":
+        try:
+            host, port = host_port(rest)
+        except UriError:
+            raise UriError(f"QMP address {text!r} must be tcp:HOST:PORT") from None
+        return Uri(scheme, rest, host, port)
+    raise UriError(f"QMP address must be unix:PATH or tcp:HOST:PORT, not {text!r}")
