@@ -25,12 +25,12 @@ class Uri:
         return f"{self.scheme}:{self.target}"
 
 
-def host_port(text: str) -> tuple[str, int]:
-    """'HOST:PORT', '[V6]:PORT' or ':PORT' (no host) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
+def tcp_uri(text: str, rest: str, what: str) -> Uri:
+    """`rest` of tcp:REST is 'HOST:PORT', '[V6]:PORT' or ':PORT' (no host)."""
+    host, sep, port = rest.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UriError(f"{text!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+        raise UriError(f"{what} {text!r} must be tcp:HOST:PORT")
+    return Uri("tcp", rest, host.strip("[]"), int(port))
 
 
 def parse_uri(text: str) -> Uri:
@@ -42,11 +42,7 @@ def parse_uri(text: str) -> Uri:
     if not rest:
         raise UriError(f"migration URI {text!r} has nothing after {scheme}:")
     if scheme == "tcp":
-        try:
-            host, port = host_port(rest)
-        except UriError:
-            raise UriError(f"tcp URI {text!r} must be tcp:HOST:PORT") from None
-        return Uri(scheme, rest, host, port)
+        return tcp_uri(text, rest, "tcp URI")
     if scheme == "fd" and not rest.isdigit():
         raise UriError(f"fd URI {text!r} must name a descriptor number")
     if scheme == "file":
@@ -60,9 +56,5 @@ def parse_qmp_address(text: str) -> Uri:
     if scheme == "unix":
         return Uri(scheme, rest)
     if scheme == "tcp":
-        try:
-            host, port = host_port(rest)
-        except UriError:
-            raise UriError(f"QMP address {text!r} must be tcp:HOST:PORT") from None
-        return Uri(scheme, rest, host, port)
+        return tcp_uri(text, rest, "QMP address")
     raise UriError(f"QMP address must be unix:PATH or tcp:HOST:PORT, not {text!r}")
