@@ -271,7 +271,14 @@ class Writer:
 
     # control ---------------------------------------------------------------
     def stats(self) -> dict:
-        return {"bytes": self.written, "saved": self.saved, **self.postcopy_stats(),
+        """Bytes written; `sent`: of them those that left the host (counted per
+        system call, not per batch, the socket's unsent queue subtracted);
+        `saved`: what XBZRLE spared of the whole pages queued."""
+        channel = self.channel
+        # A channel that counts per system call is ahead of the per-batch count.
+        out = self.written if channel is None else max(self.written, channel.out)
+        sent = out if channel is None else max(0, out - channel.unsent())
+        return {"bytes": self.written, "sent": sent, "saved": self.saved, **self.postcopy_stats(),
                 "xbzrle": self.xbzrle.stats.to_qmp() if self.xbzrle is not None else None}
 
     def on_connect(self, msg: Message) -> dict:

@@ -7,8 +7,10 @@ return path from the destination back to the source.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
+import fcntl
 import os
 import select
 import signal
@@ -36,6 +38,7 @@ _libc.writev.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
 _libc.writev.restype = ctypes.c_ssize_t
 IOV_MAX = 1024  # the kernel's limit on vectors per call
 UNIX_SEND_BUFFER = 4 << 20
+SIOCOUTQ = 0x5411  # bytes a socket holds that the peer has not acknowledged (TIOCOUTQ)
 
 
 def iovec_table(n: int) -> np.ndarray:
@@ -86,6 +89,19 @@ class Channel:
         self.owns_fd = owns_fd
         self.closed = False
         self.opened = time.monotonic()  # a deadline over the whole connection starts here
+        self.out = 0  # bytes handed to the kernel, counted per system call
+
+    def unsent(self) -> int:
+        """Bytes written but still in this host's kernel (or unacknowledged):
+        for a socket its send queue; other channels do not say (0)."""
+        if self.sock is None or self.closed:
+            return 0
+        buf = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.sock.fileno(), SIOCOUTQ, buf)
+        except OSError:
+            return 0
+        return buf[0]
 
     @property
     def has_return_path(self) -> bool:
@@ -94,10 +110,12 @@ class Channel:
     def write(self, data: bytes | memoryview) -> None:
         if self.sock is not None:
             self.sock.sendall(data)
+            self.out += len(data)
             return
         view = memoryview(data).cast("B")
         while view:
             n = os.write(self.fd, view)
+            self.out += n
             view = view[n:]
 
     def read_into(self, buf: memoryview) -> int:
@@ -118,6 +136,7 @@ class Channel:
         left = total
         while left:
             n = _writev(fd, table, timeout)
+            self.out += n
             left -= n
             if left:
                 table = iovec_skip(table, n)

@@ -8,6 +8,7 @@ import asyncio
 import time
 
 from livemig.actors.base import ActorError, log
+from livemig.actors.coordinator.convergence import Link
 from livemig.actors.coordinator.state import (
     SID_BLOCK,
     SID_DEVICES,
@@ -31,13 +32,7 @@ from livemig.protocol.messages import Message
 from livemig.protocol.ram import NORMAL_RECORD, RAM_VERSION, ram_eos, ram_mem_size
 from livemig.protocol.xbzrle import XbzrleStats
 
-WINDOW = 0.1  # rate-limit window, as QEMU's BUFFER_DELAY
-# Bandwidth unlimited: each iterate request asks for what the link moved in
-# this many windows, so that a fast link is not held up by a request per few
-# milliseconds and a slow one still lets the switchover be decided often.
-UNLIMITED_WINDOWS = 2
-UNLIMITED_FIRST = 64 << 20  # bytes in the first request, before anything was measured
-UNLIMITED_MIN = 4 << 20
+PAUSE = 0.005  # seconds to wait when nothing could be queued
 
 
 class Outgoing:
@@ -182,7 +177,7 @@ class Outgoing:
                 mig.guest_downtime = int((time.monotonic() - stop_at) * 1000)
             await self.writer.call("close", timeout=40)
             if mig.xbzrle is not None:
-                await self.wire_written()  # the final statistics
+                await self.wire_sent()  # the final statistics
             mig.downtime = int((time.monotonic() - stop_at) * 1000)
             mig.end = time.monotonic()
             mig.ram["remaining"] = 0
@@ -226,25 +221,25 @@ class Outgoing:
 
     async def iterate(self, remaining: int, blk: bool = False) -> None:
         """Send dirty pages (and disk chunks) until what is left fits in the
-        downtime limit. Bandwidth is measured on what the writer has put on
-        the wire, and bytes still queued for it count as pending: a queue that
-        fills fast must not make a slow link look fast."""
+        downtime limit, decided on the link's honest figures (convergence.Link):
+        bytes that left the host, and everything queued short of that pending."""
         mig = self.mig
-        threshold = 0.0
-        window_start, window_bytes = time.monotonic(), 0
-        written_start = window_written = await self.wire_written()
-        real_start = self.wire_real
-        queued_total = 0
-        bandwidth = 0.0  # bytes/s
+        link = Link(time.monotonic(), await self.wire_sent())
+        self.real_mark = (time.monotonic(), self.wire_real)
         dirty_at_sync = remaining
-        in_flight = 0
         while True:
             if self.writer_failure:
                 raise MigrationFailed(self.writer_failure)
             if mig.postcopy_requested and (not blk or mig.block_bulk_done):
                 return  # switch to post-copy now
+            limit = self.parameters["max-bandwidth"]
+            downtime_ms = self.parameters["downtime-limit"]
+            switchover_bw = self.parameters["avail-switchover-bandwidth"]
             disk_left = mig.disk.get("remaining", 0) if blk else 0
-            if remaining + disk_left + in_flight <= threshold and (not blk or mig.block_bulk_done):
+            if link.observe(time.monotonic(), await self.wire_sent()):
+                link.close_budget_window(limit)
+                self.window_figures(link, dirty_at_sync + disk_left, switchover_bw)
+            if link.fits(remaining + disk_left, downtime_ms, switchover_bw) and (not blk or mig.block_bulk_done):
                 sync = (await self.ram_sender.call("sync")).data["result"]
                 self.count_pass(sync)
                 await self.fault("pass")
@@ -252,64 +247,49 @@ class Outgoing:
                 if blk:
                     await self.block_step(1)  # harvests: the disk's exact pending bytes
                     disk_left = mig.disk["remaining"]
-                if remaining + disk_left + in_flight <= threshold:
-                    # The estimate the switchover was decided on (pending / bandwidth).
-                    mig.expected_downtime = (int((remaining + disk_left + in_flight)
-                                                 * self.parameters["downtime-limit"] / threshold)
-                                             if threshold else 0)
+                link.observe(time.monotonic(), await self.wire_sent())
+                if link.fits(remaining + disk_left, downtime_ms, switchover_bw):
+                    # The estimate the switchover was decided on.
+                    mig.expected_downtime = link.expected_ms(remaining + disk_left, switchover_bw) or 0
                     return
-            limit = self.parameters["max-bandwidth"]
-            if limit:
-                budget = int(limit * WINDOW) - window_bytes
-            else:
-                budget = max(UNLIMITED_MIN, int(bandwidth * WINDOW * UNLIMITED_WINDOWS)) if bandwidth else UNLIMITED_FIRST
+            budget = link.budget(limit)
+            queued = 0
             if budget > 0 and blk and disk_left:
-                sent = await self.block_step(budget)
-                window_bytes += sent
-                queued_total += sent
-                budget -= sent
-            if budget > 0:
+                queued += await self.block_step(budget)
+            if budget > queued and remaining:
                 result = (await self.ram_sender.call(
-                    "iterate", {"budget": budget, "section_id": SID_RAM}, timeout=120)).data["result"]
+                    "iterate", {"budget": budget - queued, "section_id": SID_RAM}, timeout=120)).data["result"]
                 self.account(result)
                 remaining = result["remaining"]
-                window_bytes += result["queued"]
-                queued_total += result["queued"]
+                queued += result["queued"]
                 if blk:
                     await self.wait_mark(result["mark"], 600)
-            now = time.monotonic()
-            elapsed = now - window_start
-            if elapsed < WINDOW and limit and window_bytes >= limit * WINDOW:
-                await asyncio.sleep(window_start + WINDOW - now)
-                now = time.monotonic()
-                elapsed = now - window_start
-            if elapsed >= WINDOW:
-                written = await self.wire_written()
-                real_bandwidth = (self.wire_real - real_start) / elapsed
-                real_start = self.wire_real
-                bandwidth = (written - window_written) / elapsed
-                in_flight = max(0, queued_total - (written - written_start))
-                window_written = written
-                # What a window overshot (a chunk does not split) is owed by the next one.
-                window_start = now
-                window_bytes = max(0, window_bytes - int(limit * WINDOW)) if limit else 0
-                switchover_bw = self.parameters["avail-switchover-bandwidth"] or bandwidth
-                threshold = switchover_bw * self.parameters["downtime-limit"] / 1000
-                if switchover_bw:
-                    mig.expected_downtime = int((dirty_at_sync + disk_left + in_flight) / switchover_bw * 1000)
-                mig.ram["mbps"] = round(real_bandwidth * 8 / 1e6, 3)
-                mig.ram["pages-per-second"] = int(bandwidth / NORMAL_RECORD)
+            link.add(queued)
+            if not queued:
+                await asyncio.sleep(PAUSE)  # nothing to send, or enough on its way: let the wire work
 
-    async def wire_written(self) -> int:
-        """Bytes the writer has put on the wire so far in this migration, as
-        the RAM sender counts them (a page sent as an XBZRLE delta or skipped
-        counts as a whole page), so that they compare with what was queued;
-        the real count goes to self.wire_real."""
+    def window_figures(self, link: Link, left: int, switchover_bw: int) -> None:
+        """What query-migrate shows of the window that just closed."""
+        expected = link.expected_ms(left, switchover_bw)
+        if expected is not None:
+            self.mig.expected_downtime = expected
+        # The rate on the wire: the real bytes (XBZRLE sends fewer than it queues).
+        now, (then, real) = time.monotonic(), self.real_mark
+        if now > then:
+            self.mig.ram["mbps"] = round((self.wire_real - real) / (now - then) * 8 / 1e6, 3)
+        self.real_mark = (now, self.wire_real)
+        self.mig.ram["pages-per-second"] = int(link.bandwidth / NORMAL_RECORD)
+
+    async def wire_sent(self) -> int:
+        """Bytes of this migration that have left the host, counted as the RAM
+        sender counts what it queues (a page sent as an XBZRLE delta counts
+        as a whole page), so that they compare; the real count goes to
+        self.wire_real."""
         stats = (await self.writer.call("stats", timeout=10)).data["result"]
-        self.wire_real = stats["bytes"]
+        self.wire_real = stats["sent"]
         if stats["xbzrle"] is not None:
             self.mig.xbzrle = stats["xbzrle"]
-        return stats["bytes"] + stats["saved"]
+        return stats["sent"] + stats["saved"]
 
     def count_pass(self, sync: dict) -> None:
         ram = self.mig.ram
