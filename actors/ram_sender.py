@@ -85,10 +85,11 @@ class RamSender:
         return self.status(sync=True)
 
     def on_sync(self, _msg: Message) -> dict:
-        self.period_dirty += self.harvest()
+        newly = self.harvest()
+        self.period_dirty += newly
         self.age += 1
         self.after_first_pass = True
-        return self.status(sync=True)
+        return {**self.status(sync=True), "dirtied": newly}
 
     def on_iterate(self, msg: Message) -> dict:
         """Send dirty pages worth at most `budget` bytes (0: all) as one section."""

@@ -9,6 +9,7 @@ import msgpack
 
 MIGRATION = "MIGRATION"
 MIGRATION_PASS = "MIGRATION_PASS"
+MIGRATION_STALLED = "MIGRATION_STALLED"  # livemig's: an outgoing migration is not converging
 STOP = "STOP"
 RESUME = "RESUME"
 DEVICE_DELETED = "DEVICE_DELETED"
@@ -16,6 +17,7 @@ DEVICE_DELETED = "DEVICE_DELETED"
 TOPICS = {
     MIGRATION: b"migration.status",
     MIGRATION_PASS: b"migration.pass",
+    MIGRATION_STALLED: b"migration.stalled",
     STOP: b"runstate.stop",
     RESUME: b"runstate.resume",
     DEVICE_DELETED: b"device.deleted",

@@ -196,6 +196,26 @@ def format_migrate(info: dict) -> str:
                 f"xbzrle overflow: {cache['overflow']}"]
     if "cpu-throttle-percentage" in info:
         out.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
+    if "dirty-limit-throttle-time-per-round" in info:
+        out.append(f"dirty-limit throttle time: {info['dirty-limit-throttle-time-per-round']} us")
+    if stalled := info.get("x-stalled"):  # livemig's verdict: not converging
+        out.append(f"not converging: dirty rate {stalled['dirty-rate'] >> 10} kbytes/s, bandwidth "
+                   f"{stalled['bandwidth'] >> 10} kbytes/s, expected downtime {stalled['expected-downtime']} ms "
+                   f"(limit {stalled['downtime-limit']} ms)")
+    return "".join(f"{line}\n" for line in out)
+
+
+def format_dirty_rate(info: dict) -> str:
+    """QEMU's `info dirty_rate` text."""
+    out = [f"Status: {info['status']}", f"Start Time: {info['start-time']} (ms)"]
+    if info["mode"] == "page-sampling":
+        out.append(f"Sample Pages: {info['sample-pages']} (per GB)")
+    out += [f"Period: {info['calc-time']} (sec)", f"Mode: {info['mode']}"]
+    if "dirty-rate" in info:
+        out.append(f"Dirty rate: {info['dirty-rate']} (MB/s)")
+        out += [f"vcpu[{v['id']}], Dirty rate: {v['dirty-rate']} (MB/s)" for v in info.get("vcpu-dirty-rate", [])]
+    else:
+        out.append("Dirty rate: (not ready)")
     return "".join(f"{line}\n" for line in out)
 
 
@@ -270,6 +290,64 @@ async def hmp_migrate(q: Execute, a: dict) -> str:
     while (info := await q("query-migrate", {})).get("status") not in MIGRATION_END:
         await asyncio.sleep(POLL)
     return f"{info['error-desc']}\n" if info["status"] != "completed" and info.get("error-desc") else ""
+
+
+@hmp("calc_dirty_rate", "[-r] [-b] second [sample_pages_per_GB]")
+async def hmp_calc_dirty_rate(q: Execute, a: dict) -> str:
+    """start measuring the dirty rate over SECOND seconds: by page sampling, or with -b every
+    vCPU's exact count of the pages it writes (-r: the same, per vCPU)"""
+    if a["r"] and a["b"]:
+        raise UsageError("Either -r or -b option can be specified", bare=True)
+    try:
+        args: dict = {"calc-time": int(a["second"])}
+        if a["sample_pages_per_GB"] is not None:
+            args["sample-pages"] = int(a["sample_pages_per_GB"])
+    except ValueError:
+        raise UsageError("invalid integer") from None
+    args["mode"] = "dirty-ring" if a["r"] else "dirty-bitmap" if a["b"] else "page-sampling"
+    await q("calc-dirty-rate", args)
+    return (f"Starting dirty rate measurement with calc time {args['calc-time']} s\n"
+            "[Please use 'info dirty_rate' to check results]\n")
+
+
+@hmp("info dirty_rate")
+async def hmp_info_dirty_rate(q: Execute, a: dict) -> str:
+    """show dirty rate information"""
+    return format_dirty_rate(await q("query-dirty-rate", {}))
+
+
+@hmp("set_vcpu_dirty_limit", "dirty_rate [cpu_index]")
+async def hmp_set_vcpu_dirty_limit(q: Execute, a: dict) -> str:
+    """hold a vCPU's (every vCPU's) page-dirtying rate at DIRTY_RATE MB/s"""
+    try:
+        args = {"dirty-rate": int(a["dirty_rate"])}
+        if a["cpu_index"] is not None:
+            args["cpu-index"] = int(a["cpu_index"])
+    except ValueError:
+        raise UsageError("invalid integer") from None
+    await q("set-vcpu-dirty-limit", args)
+    return ""
+
+
+@hmp("cancel_vcpu_dirty_limit", "[cpu_index]")
+async def hmp_cancel_vcpu_dirty_limit(q: Execute, a: dict) -> str:
+    """lift the dirty limit of a vCPU (of every vCPU)"""
+    try:
+        args = {} if a["cpu_index"] is None else {"cpu-index": int(a["cpu_index"])}
+    except ValueError:
+        raise UsageError("invalid integer") from None
+    await q("cancel-vcpu-dirty-limit", args)
+    return ""
+
+
+@hmp("info vcpu_dirty_limit")
+async def hmp_info_vcpu_dirty_limit(q: Execute, a: dict) -> str:
+    """show the dirty limit of every limited vCPU"""
+    limits = await q("query-vcpu-dirty-limit", {})
+    if not limits:
+        return "Dirty page limit not enabled!\n"
+    return "".join(f"vcpu[{v['cpu-index']}], limit rate {v['limit-rate']} (MB/s), current rate "
+                   f"{v['current-rate']} (MB/s)\n" for v in limits)
 
 
 @hmp("migrate_cancel")

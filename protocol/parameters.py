@@ -58,11 +58,13 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     Parameter("announce-max", int, 550, unit=MS, supported=False),
     Parameter("announce-rounds", int, 5, supported=False),
     Parameter("announce-step", int, 100, unit=MS, supported=False),
-    Parameter("throttle-trigger-threshold", int, 50, (1, 100), supported=False),  # %
-    Parameter("cpu-throttle-initial", int, 20, (1, 99), supported=False),  # %
-    Parameter("cpu-throttle-increment", int, 10, supported=False),  # %
-    Parameter("cpu-throttle-tailslow", bool, False, supported=False),
-    Parameter("max-cpu-throttle", int, 99, supported=False),  # %
+    # auto-converge: throttle when the bytes dirtied in a sync period exceed this share (%)
+    # of the bytes sent in it, twice; first to cpu-throttle-initial, then up by the increment
+    Parameter("throttle-trigger-threshold", int, 50, (1, 100)),  # %
+    Parameter("cpu-throttle-initial", int, 20, (1, 99)),  # %
+    Parameter("cpu-throttle-increment", int, 10, (1, 99)),  # %
+    Parameter("cpu-throttle-tailslow", bool, False),
+    Parameter("max-cpu-throttle", int, 99, (1, 99)),  # %
     # TLS (docs/security.md): the id of a tls-creds-x509 object ("" = plaintext), the name
     # the destination's certificate must carry (default: the tcp host), and on the
     # destination the id of an authz-simple / authz-list object for client DNs
@@ -78,8 +80,9 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     # bytes/s for the background push in post-copy; 0 = unlimited
     Parameter("max-postcopy-bandwidth", int, 0, NON_NEGATIVE, size_shift=0),
     Parameter("tls-authz", str, "", nullable=True),
-    Parameter("x-vcpu-dirty-limit-period", int, 1000, (1, 1000), MS, supported=False),
-    Parameter("vcpu-dirty-limit", int, 1, unit=" MB/s", supported=False),
+    # dirty-limit: the per-vCPU page-dirtying quota (MiB/s) the same trigger applies
+    Parameter("x-vcpu-dirty-limit-period", int, 1000, (1, 1000), MS),
+    Parameter("vcpu-dirty-limit", int, 1, (1, None), " MB/s"),
     # livemig: switch to post-copy by itself once this many dirty-log passes are done (0: only
     # on migrate-start-postcopy); needs postcopy-ram
     Parameter("x-postcopy-after-passes", int, 0, NON_NEGATIVE),
@@ -93,12 +96,14 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
 # In QEMU's order (`info migrate_capabilities`), livemig's own last.
 CAPABILITIES: dict[str, Capability] = {c.name: c for c in (
     Capability("xbzrle"),  # re-dirtied pages as deltas against the copy sent before
+    Capability("auto-converge"),  # throttle the vCPUs when dirtying outpaces the link
     Capability("events"),
     # the guest switches early and fetches pages on demand (both sides)
     Capability("postcopy-ram"),
     Capability("return-path", True),
     Capability("pause-before-switchover"),
     Capability("postcopy-blocktime"),
+    Capability("dirty-limit"),  # cap the vCPUs' dirty rate instead (conflicts with auto-converge)
     # testing aid: the destination keeps stale image metadata (the seed's bug)
     Capability("x-skip-invalidate"),
     # integrity: send digests of the final RAM, checked before the guest runs

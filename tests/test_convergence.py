@@ -91,6 +91,9 @@ def test_stall_verdict():
     assert st.on_sync(32 << 20, 2000, 50)
     assert st.stalled and not st.on_sync(30 << 20, 2000, 50)  # said once
     assert not st.on_sync(30 << 20, 40, 50) and not st.stalled  # now it would fit
+    braking = Stall()
+    for left in (30, 31, 29, 30, 32):
+        assert not braking.on_sync(left << 20, 2000, 50, braking=True)  # a throttle step is still to come
     shrinking = Stall()
     for left in (30, 25, 20, 15, 10, 5):
         assert not shrinking.on_sync(left << 20, 2000, 50)

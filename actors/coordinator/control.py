@@ -13,6 +13,7 @@ import zmq
 import zmq.asyncio
 
 from livemig.actors.base import ActorError, AsyncPeer, HostConfig, log, start_actor
+from livemig.actors.coordinator.brakes import Brakes
 from livemig.actors.coordinator.commands import Commands
 from livemig.actors.coordinator.faults import Faults
 from livemig.actors.coordinator.incoming import Incoming
@@ -30,7 +31,7 @@ from livemig.protocol.parameters import default_capabilities, default_parameters
 MIGRATION_ACTORS = ("writer", "ram_sender", "block_sender")
 
 
-class Coordinator(Commands, Options, Outgoing, Incoming, Postcopy, Faults, Takeover):
+class Coordinator(Commands, Options, Outgoing, Incoming, Postcopy, Faults, Takeover, Brakes):
     def __init__(self, cfg: HostConfig, ctx: zmq.asyncio.Context) -> None:
         self.cfg = cfg
         self.ctx = ctx
@@ -58,6 +59,7 @@ class Coordinator(Commands, Options, Outgoing, Incoming, Postcopy, Faults, Takeo
         self.exit_on_error = False  # quit when an incoming migration fails (QEMU's default)
         self.init_devices(cfg.devices)
         self.init_objects(cfg.objects)
+        self.init_brakes()
 
     async def connect_workers(self, takeover: bool = False) -> None:
         ep = self.cfg.endpoint

@@ -153,11 +153,12 @@ class Stall:
     history: list[int] = field(default_factory=list)
     stalled: bool = False
 
-    def on_sync(self, left: int, expected_ms: int | None, limit_ms: int) -> bool:
-        """Record one sync; True when the verdict has just become 'stalled'."""
+    def on_sync(self, left: int, expected_ms: int | None, limit_ms: int, braking: bool = False) -> bool:
+        """Record one sync; True when the verdict has just become 'stalled'.
+        `braking`: a brake (auto-converge, dirty-limit) still has a step to take."""
         self.history.append(left)
         del self.history[:-(STALL_SYNCS + 1)]
         over = expected_ms is None or expected_ms > limit_ms
         flat = len(self.history) > STALL_SYNCS and min(self.history[1:]) >= STALL_SHRINK * self.history[0]
-        was, self.stalled = self.stalled, over and flat
+        was, self.stalled = self.stalled, over and flat and not braking
         return self.stalled and not was

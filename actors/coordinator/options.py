@@ -59,4 +59,6 @@ class Options:
                 raise ActorError(f"Parameter '{where}.capability' does not accept value "
                                  f"'{item['capability']}'")
             new[item["capability"]] = item["state"]
+        if new["auto-converge"] and new["dirty-limit"]:
+            raise ActorError("dirty-limit conflicts with auto-converge either enable one")
         self.capabilities = new

@@ -127,6 +127,7 @@ class Outgoing:
             sent_runstate = self.runstate.value  # as QEMU: the state the guest had before the switch
             await self.set_running(False, RunState.FINISH_MIGRATE)
             stopped = True
+            await self.release_brakes()  # stopped now: wherever the guest runs next, it runs at full speed
             mig.step("stopped", stop_at)
             await self.fault("after-stop")
             await self.pause_before_switchover()
@@ -227,6 +228,7 @@ class Outgoing:
         link = Link(time.monotonic(), await self.wire_sent())
         self.real_mark = (time.monotonic(), self.wire_real)
         dirty_at_sync = remaining
+        self.start_convergence()
         while True:
             if self.writer_failure:
                 raise MigrationFailed(self.writer_failure)
@@ -239,6 +241,8 @@ class Outgoing:
             if link.observe(time.monotonic(), await self.wire_sent()):
                 link.close_budget_window(limit)
                 self.window_figures(link, dirty_at_sync + disk_left, switchover_bw)
+                if mig.dirty_limit:
+                    mig.dirty_limit_time = await self.dirty_limit_time()
             if link.fits(remaining + disk_left, downtime_ms, switchover_bw) and (not blk or mig.block_bulk_done):
                 sync = (await self.ram_sender.call("sync")).data["result"]
                 self.count_pass(sync)
@@ -247,7 +251,10 @@ class Outgoing:
                 if blk:
                     await self.block_step(1)  # harvests: the disk's exact pending bytes
                     disk_left = mig.disk["remaining"]
-                link.observe(time.monotonic(), await self.wire_sent())
+                now = time.monotonic()
+                link.observe(now, await self.wire_sent())
+                await self.on_sync(now, sync["dirtied"], link.sent, remaining + disk_left + link.pending,
+                                   link.expected_ms(remaining + disk_left, switchover_bw), link.bandwidth)
                 if link.fits(remaining + disk_left, downtime_ms, switchover_bw):
                     # The estimate the switchover was decided on.
                     mig.expected_downtime = link.expected_ms(remaining + disk_left, switchover_bw) or 0
@@ -336,6 +343,7 @@ class Outgoing:
         with its images taken back -- unless the destination was already told
         to run it, in which case the source stays paused."""
         log.warning("migration %s%s", status.value, "" if desc == f"migration {status.value}" else f": {desc}")
+        await self.release_brakes()
         if self.mig.go_sent:
             resume = inactivated = False
             status = MigrationStatus.FAILED  # past RUN nothing can be cancelled any more

@@ -40,6 +40,10 @@ class MigrationState:
     postcopy: dict | None = None  # the destination's final post-copy figures
     refused: list[str] = field(default_factory=list)  # incoming connections refused, and why
     tls: dict | None = None  # the session's version, cipher and (on a destination) peer DN
+    throttle: int = 0  # auto-converge's CPU throttle now, %
+    dirty_limit: bool = False  # the dirty-limit capability's limit is in force
+    dirty_limit_time: int = 0  # us a vCPU was held in its last round, the last reading
+    stalled: dict | None = None  # the stall verdict, while it holds
 
     def set(self, status: MigrationStatus) -> None:
         check_migration_transition(self.status, status)
@@ -81,6 +85,12 @@ class MigrationState:
         out["setup-time"] = self.setup_time
         if self.status is MigrationStatus.ACTIVE:
             out["expected-downtime"] = self.expected_downtime
+            if self.throttle:
+                out["cpu-throttle-percentage"] = self.throttle
+            if self.dirty_limit:
+                out["dirty-limit-throttle-time-per-round"] = self.dirty_limit_time
+            if self.stalled:
+                out["x-stalled"] = dict(self.stalled)
         if self.status is MigrationStatus.COMPLETED:
             out["x-expected-downtime"] = self.expected_downtime  # the estimate the switchover went on
             if self.downtime is not None:
