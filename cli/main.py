@@ -498,11 +498,18 @@ def rig(scenario, results_dir, out_dir, loopback) -> None:
 def rig_line(r: dict) -> str:
     """One migration of a rig run, in a line: its verdict first."""
     if not r["converged"] and r["status"] in ("cancelled", "completed"):
-        note = f"not converged in time, expected downtime {r.get('expected-downtime', '-')} ms"
+        note = f"not converged in time{', stalled' if r.get('x-stalled') else ''}, expected downtime " \
+               f"{r.get('expected-downtime', '-')} ms"
+        if "cancel-time" in r:
+            note += f", cancelled in {r['cancel-time']} ms"
     elif r["status"] == "completed":
         note = f"downtime {r.get('downtime', '-')} ms" + (", verified" if r.get("verified") else "")
+        if r.get("downtime-limit") is not None and r.get("downtime", 0) > r["downtime-limit"]:
+            note += f", over the {r['downtime-limit']} ms limit"
     else:
         note = r.get("error-desc") or ""
+    if "peak-cpu-throttle-percentage" in r:
+        note += f", cpu throttle up to {r['peak-cpu-throttle-percentage']} %"
     rate = f", {r['mbps']:.0f} Mbit/s" if r.get("mbps") else ""
     return f"{r['run']} {r['guest']} {r['from']}->{r['to']}: {r['status']} ({note}){rate}"
 

@@ -33,7 +33,21 @@ def plain_line(info: dict) -> str:
         parts.append(f"pass {ram['dirty-sync-count']}")
     if "expected-downtime" in info:
         parts.append(f"expected downtime {info['expected-downtime']} ms")
+    parts += convergence_notes(info)
     return ", ".join(parts)
+
+
+def convergence_notes(info: dict) -> list[str]:
+    """The brakes in force and the stall verdict, in words."""
+    notes = []
+    if "cpu-throttle-percentage" in info:
+        notes.append(f"cpu throttle {info['cpu-throttle-percentage']} %")
+    if "dirty-limit-throttle-time-per-round" in info:
+        notes.append(f"dirty-limit held {info['dirty-limit-throttle-time-per-round'] // 1000} ms/round")
+    if stalled := info.get("x-stalled"):
+        notes.append(f"NOT CONVERGING (dirtying {stalled['dirty-rate'] / MiB:.1f} MiB/s, "
+                     f"link {stalled['bandwidth'] / MiB:.1f} MiB/s)")
+    return notes
 
 
 def follow(mon: Qmp, timeout: float, quiet: bool = False) -> dict:
@@ -91,6 +105,7 @@ def _follow_bar(mon: Qmp, deadline: float) -> dict:
             extra = f"pass {ram.get('dirty-sync-count', 0)}"
             if "expected-downtime" in info:
                 extra += f", exp. {info['expected-downtime']} ms"
+            extra = ", ".join([extra, *convergence_notes(info)])
             bar.update(task, total=total, completed=max(0, done), status=status,
                        rate=rate(ram.get("mbps")) if "mbps" in ram else "", extra=extra)
             if status in MIGRATION_END:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from livemig.actors.coordinator.convergence import FIRST_PENDING, WINDOW, AutoConverge, Link, Stall
-from livemig.tools.rig import Rig, Scenario, leftovers
+from livemig.tools.rig import Rig, Scenario, leftovers, report
 from tests.conftest import TAG
 
 
@@ -124,4 +124,23 @@ def test_downtime_limit_holds_on_every_link(tmp_path):
     assert len(results) == 5
     for r in results:
         assert r["status"] == "completed" and r["verified"], r
-        assert r["downtime_ms"] <= r["downtime-limit"] * 1.2 + 10, r
+        assert r["downtime"] <= r["downtime-limit"] * 1.2 + 10, r
+
+
+@needs_rig
+def test_a_guest_that_outruns_its_link(tmp_path):
+    """Twice the link's rate: without a brake stalled, and cancelled at its
+    timeout with the guest running on at the source; with auto-converge the
+    throttle rises until it completes within the limit; with dirty-limit too.
+    Both verified by replay, the throttle plotted beside the remaining bytes."""
+    plain, auto, limited = run_scenario(tmp_path, "converge-hot.toml")
+    assert plain["status"] == "cancelled" and not plain["converged"] and plain["x-stalled"], plain
+    assert plain["x-stalled"]["expected-downtime"] > plain["downtime-limit"], plain
+    assert plain["source_running"] and plain["cancel-time"] < 5000, plain
+    for r in (auto, limited):
+        assert r["status"] == "completed" and r["verified"], r
+        assert r["downtime"] <= r["downtime-limit"] * 1.2 + 10, r
+    assert auto["peak-cpu-throttle-percentage"] >= 30, auto
+    assert "peak-cpu-throttle-percentage" not in limited, limited
+    text = open(report(str(tmp_path / "out"))).read()
+    assert "peak cpu throttle" in text and "CPU throttle of 1 throttled" in text and (tmp_path / "out" / "remaining.png").stat().st_size > 1000

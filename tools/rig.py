@@ -256,7 +256,7 @@ class Rig:
         return HostProcess(name, *spec.args(), *extra, prefix=self.net.prefix(host), env=self.env)
 
     def migrate(self, guest: str, target: str, params: dict, caps: dict, run_id: str,
-                collector: Collector, during=None) -> dict:
+                collector: Collector, during=None, timeout: float | None = None) -> dict:
         spec = self.scenario.guests[guest]
         source_host, src = self.guests[guest]
         # Each namespace has its own ports; on shared loopback ask the kernel for a free one.
@@ -271,21 +271,31 @@ class Rig:
         src.cmd("migrate-set-parameters", **params)
         src.cmd("migrate", uri=uri)
         start = time.monotonic()
+        timeout = float(timeout or self.scenario.timeout)
         info: dict = {}
         converged = True
+        stalled: dict | None = None
+        throttle = 0
+        cancel_ms = None
         while True:
             info = src.cmd("query-migrate")
-            collector.record({"t": time.time(), "kind": "query", "run": run_id, "guest": guest, "info": info})
+            collector.record({"t": time.time(), "kind": "query", "run": run_id, "guest": guest, "to": target,
+                              "info": info})
+            stalled = info.get("x-stalled") or stalled
+            throttle = max(throttle, info.get("cpu-throttle-percentage", 0))
             if info.get("status") in MIGRATION_END:
                 break
             if during is not None and time.monotonic() - start > during[0]:
                 during[1]()
                 during = None
-            if time.monotonic() - start > self.scenario.timeout:
+            if time.monotonic() - start > timeout:
+                # Not converged in time: cancelled, and the guest runs on at the source.
                 converged = False
                 expected = info.get("expected-downtime")
+                cancel_at = time.monotonic()
                 src.cmd("migrate_cancel")
                 info = src.wait_migration(60)
+                cancel_ms = int((time.monotonic() - cancel_at) * 1000)
                 info["expected-downtime"] = expected
                 break
             time.sleep(POLL)
@@ -300,6 +310,13 @@ class Rig:
         result = {"run": run_id, "guest": guest, "from": source_host, "to": target, "status": info.get("status"),
                   "converged": converged and info.get("status") == "completed", **params,
                   "workload": spec.workload, **{k: v for k, v in figures.items() if v is not None}}
+        # The brakes and the verdict: the last stall verdict seen, the highest throttle, the cancel's time.
+        if stalled is not None:
+            result["x-stalled"] = stalled
+        if throttle:
+            result["peak-cpu-throttle-percentage"] = throttle
+        if cancel_ms is not None:
+            result["cancel-time"] = cancel_ms
         moving_ms = (info.get("total-time") or 0) - (info.get("setup-time") or 0)
         if moving_ms > 0 and ram.get("transferred"):
             # Everything on the wire from the end of setup to the end: what the link carried,
@@ -360,7 +377,8 @@ class Rig:
                     during = (float(m["link_down_after"]),
                               lambda s=src_host, t=m["to"]: self.net.set_link(s, t, False))
                 self.results.append(self.migrate(m["guest"], m["to"], {**params, **m.get("parameters", {})},
-                                                 {**caps, **m.get("capabilities", {})}, run_id, collector, during))
+                                                 {**caps, **m.get("capabilities", {})}, run_id, collector, during,
+                                                 m.get("timeout")))
                 if during is not None or m.get("link_down_after"):
                     self.net.set_link(self.guests[m["guest"]][0], m["to"], True)
             if self.scenario.evacuation:

@@ -15,6 +15,7 @@ MiB = 1 << 20
 COLUMNS = (("run", "run"), ("migration", "migration"), ("status", "status"), ("converged", "converged"),
            ("mbps", "rate (Mbit/s)"), ("total-time", "total time (ms)"), ("downtime", "downtime (ms)"),
            ("expected-downtime", "expected downtime (ms)"), ("dirty-sync-count", "passes"),
+           ("x-stalled", "stalled"), ("peak-cpu-throttle-percentage", "peak cpu throttle (%)"),
            ("verified", "verified"), ("error-desc", "error"))
 
 
@@ -25,6 +26,8 @@ def label(r: dict) -> str:
 def cell(r: dict, key: str) -> str:
     """A table cell: never Python's None; yes/no for flags; whole numbers for rates."""
     value = label(r) if key == "migration" else r.get(key)
+    if key == "x-stalled":
+        value = bool(value)  # the verdict's figures are in summary.json
     if value is None or value == "":
         return "-"
     if isinstance(value, bool):
@@ -34,21 +37,23 @@ def cell(r: dict, key: str) -> str:
     return str(value)
 
 
-def load(out_dir: str) -> tuple[list[dict], dict[str, list[tuple[float, int]]]]:
-    """The results, and per migration (by its label and run) the remaining bytes over time.
+def load(out_dir: str) -> tuple[list[dict], dict[str, list[tuple[float, int, int]]]]:
+    """The results, and per migration (by its label and run) the remaining bytes and the
+    cpu-throttle-percentage over time.
     A guest's queries belong to the next result recorded for it in the same run: a guest
     that goes A->C and back gives two lines, not one."""
     with open(os.path.join(out_dir, "summary.json")) as f:
         results = json.load(f)
-    series: dict[str, list[tuple[float, int]]] = {}
+    series: dict[str, list[tuple[float, int, int]]] = {}
     runs_dir = os.path.join(out_dir, "runs")
     for name in sorted(os.listdir(runs_dir)) if os.path.isdir(runs_dir) else []:
-        pending: dict[str, list[tuple[float, int]]] = {}
+        pending: dict[str, list[tuple[float, int, int]]] = {}
         with open(os.path.join(runs_dir, name)) as f:
             for line in f:
                 e = json.loads(line)
                 if e.get("kind") == "query" and "remaining" in (e["info"].get("ram") or {}):
-                    pending.setdefault(e["guest"], []).append((e["t"], e["info"]["ram"]["remaining"]))
+                    pending.setdefault(e["guest"], []).append(
+                        (e["t"], e["info"]["ram"]["remaining"], e["info"].get("cpu-throttle-percentage", 0)))
                 elif e.get("kind") == "result":
                     points = pending.pop(e["guest"], [])
                     if points:
@@ -63,17 +68,29 @@ def plot(out_dir: str, results: list[dict], series: dict) -> list[tuple[str, str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5))
+    # Under it, when any migration was throttled, the throttle on the same time axis.
+    throttled = {name: points for name, points in series.items() if any(p[2] for p in points)}
+    fig, axes = plt.subplots(2 if throttled else 1, 1, figsize=(9, 8 if throttled else 5), sharex=True,
+                             squeeze=False, height_ratios=[2, 1] if throttled else None)
+    ax = axes[0][0]
     for name, points in series.items():
         t0 = points[0][0]
-        ax.plot([t - t0 for t, _ in points], [r / MiB for _, r in points], marker=".", label=name)
-    ax.set_xlabel("time since the migration started (s)")
+        ax.plot([p[0] - t0 for p in points], [p[1] / MiB for p in points], marker=".", label=name)
+        if name in throttled:
+            axes[1][0].step([p[0] - t0 for p in points], [p[2] for p in points], where="post", label=name)
+    if throttled:
+        axes[1][0].set_ylabel("cpu-throttle-percentage")
+        axes[1][0].set_title("auto-converge's CPU throttle")
+        axes[1][0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    axes[-1][0].set_xlabel("time since the migration started (s)")
     ax.set_ylabel("RAM remaining (MiB)")
     ax.set_title("RAM still to send, one line per migration")
     legend = ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     # The page says what the figure holds, read back from it: its lines and legend entries.
     remaining = (f"RAM remaining over time: {len(ax.get_lines())} lines, legend: "
                  + "; ".join(t.get_text() for t in legend.get_texts()))
+    if throttled:
+        remaining += f"; below, the CPU throttle of {len(throttled)} throttled migrations"
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "remaining.png"), dpi=90)
     plt.close(fig)
