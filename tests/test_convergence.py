@@ -136,7 +136,7 @@ def test_a_guest_that_outruns_its_link(tmp_path):
     plain, auto, limited = run_scenario(tmp_path, "converge-hot.toml")
     assert plain["status"] == "cancelled" and not plain["converged"] and plain["x-stalled"], plain
     assert plain["x-stalled"]["expected-downtime"] > plain["downtime-limit"], plain
-    assert plain["source_running"] and plain["cancel-time"] < 5000, plain
+    assert plain["source-running"] and plain["cancel-time"] < 5000, plain
     for r in (auto, limited):
         assert r["status"] == "completed" and r["verified"], r
         assert r["downtime"] <= r["downtime-limit"] * 1.2 + 10, r
