@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from .converge import converge
 from .report import plots, summary
 from .scenarios import Bench
 from .targets import GiB
@@ -19,7 +20,7 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
 
     bench = Bench(out, repeat or 3, log)
     bench.results["quick"] = quick
-    wanted = set(sections) or {"stopped", "zero", "running", "scaling", "qcow2", "tls"}
+    wanted = set(sections) or {"stopped", "zero", "running", "scaling", "qcow2", "tls", "converge"}
     try:
         if quick:
             log("1+2: baseline and stopped 1 GiB incompressible guest, tcp")
@@ -42,6 +43,9 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
             if "tls" in wanted:
                 log("7: TLS against plaintext, stopped guest, tcp")
                 bench.tls(ram)
+            if "converge" in wanted:
+                log("8: convergence: dirty rates 0.5x-4x the bandwidth, no brake / auto-converge / dirty-limit")
+                bench.results["converge"] = converge(log, bench.tag)
     finally:
         bench.close()
     path = bench.save()

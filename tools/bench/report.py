@@ -64,6 +64,15 @@ def summary(results: dict) -> str:
             lines.append(f"| {r['workload']} | {r['ours_mib_per_s']} MiB/s | {r['qemu_mib_per_s']} MiB/s "
                          f"| {r['ratio']}x |")
         lines.append("")
+    if results.get("converge"):
+        lines += ["| dirty rate | brake | outcome | total time | downtime (limit) | passes | peak throttle "
+                  "| lost work |", "|---|---|---|---|---|---|---|---|"]
+        for r in results["converge"]:
+            lines.append(f"| {r['share']}x {r['bandwidth'] // MiB} MiB/s | {r['mode']} | {r['status']} "
+                         f"| {r['total_ms']} ms | {r['downtime_ms'] if r['downtime_ms'] is not None else '-'} ms "
+                         f"({r['downtime_limit_ms']}) | {r['passes']} | {r['peak_throttle']} % "
+                         f"| {r['lost_work'] * 100:.0f} % |")
+        lines.append("")
     if results.get("targets"):
         lines += ["| target | value | wanted | met |", "|---|---|---|---|"]
         for t in results["targets"]:
@@ -129,6 +138,36 @@ def plots(results: dict, out: str) -> list[str]:
             ax.grid(alpha=0.3)
         fig.tight_layout()
         path = os.path.join(out, "scaling.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    if results.get("converge"):
+        rows = results["converge"]
+        shares = sorted({r["share"] for r in rows})
+        modes = list(dict.fromkeys(r["mode"] for r in rows))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        width = 0.8 / len(modes)
+        for i, mode in enumerate(modes):
+            mine = {r["share"]: r for r in rows if r["mode"] == mode}
+            xs = [j + i * width for j in range(len(shares))]
+            a1.bar(xs, [mine[s]["lost_work"] * 100 for s in shares], width, label=mode)
+            a2.bar(xs, [mine[s]["downtime_ms"] or 0 if mine[s]["completed"] else 0 for s in shares], width,
+                   label=mode, hatch=None)
+            for x, s in zip(xs, shares, strict=True):
+                if not mine[s]["completed"]:
+                    a2.text(x, 5, "not\ndone", ha="center", fontsize=7)
+        for ax in (a1, a2):
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shares))], [f"{s}x" for s in shares])
+            ax.set_xlabel("dirty rate / bandwidth")
+            ax.grid(alpha=0.3, axis="y")
+            ax.legend(fontsize=8)
+        a1.set_ylabel("guest's lost work (%)")
+        a1.set_title("work the guest lost to the brakes")
+        a2.axhline(rows[0]["downtime_limit_ms"] * 1.2, ls="--", color="gray")
+        a2.set_ylabel("downtime (ms)")
+        a2.set_title("downtime (dashed: limit + 20 %)")
+        fig.tight_layout()
+        path = os.path.join(out, "converge.png")
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(path)

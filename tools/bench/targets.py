@@ -54,4 +54,18 @@ def targets(res: dict) -> list[dict]:
         worst = max((v, f"{r['ram'] // MiB} MiB {k}") for r in scaling for k, v in r["private"].items())
         add(f"largest actor private memory ({worst[1]})", round(worst[0] / MiB, 1),
             f"< {PRIVATE_LIMIT // MiB} MiB", worst[0] < PRIVATE_LIMIT)
+    # issue 14: with a brake, every guest dirtying 2x or 4x its bandwidth completes within the
+    # limit + 20 %, and dirty-limit costs the guest less work than auto-converge.
+    conv = {(r["share"], r["mode"]): r for r in res.get("converge", [])}
+    for (share, mode), r in conv.items():
+        if share >= 2 and mode != "none":
+            limit = r["downtime_limit_ms"] * 1.2
+            add(f"{share}x dirty, {mode}: completed, downtime", r["downtime_ms"] if r["completed"] else "not done",
+                f"<= {limit:.0f} ms", r["completed"] and r["downtime_ms"] <= limit)
+    for share in sorted({s for s, _ in conv}):
+        auto, limited = conv.get((share, "auto-converge")), conv.get((share, "dirty-limit"))
+        if auto and limited and auto["completed"] and limited["completed"] and share >= 2:
+            add(f"{share}x dirty: lost work, dirty-limit vs auto-converge",
+                f"{limited['lost_work'] * 100:.0f} % vs {auto['lost_work'] * 100:.0f} %",
+                "dirty-limit less", limited["lost_work"] < auto["lost_work"])
     return out
