@@ -228,12 +228,7 @@ class RamLoader:
             elif flags & RAM_XBZRLE:
                 self._xbzrle(r, flags, addr)
             elif flags & (RAM_PAGE | RAM_ZERO):
-                if not self.sized:
-                    raise StreamError("RAM page before the block list (MEM_SIZE)")
-                block = self._block(r, flags)
-                index = addr >> PAGE_SHIFT
-                if index >= block.pages.shape[0]:
-                    raise _beyond(block, index)
+                block, index = self._target(r, flags, addr)
                 if flags & RAM_PAGE:
                     block.pages[index] = np.frombuffer(r.take(PAGE_SIZE), np.uint8)
                     self._landed(block, index)
@@ -249,17 +244,22 @@ class RamLoader:
             else:
                 raise StreamError(f"RAM record without a known type: flags {flags:#x}")
 
-    def _xbzrle(self, r: BufferedReader, flags: int, addr: int) -> None:
-        """A delta against the page this destination holds (from any source,
-        with or without the capability here, as QEMU decodes it)."""
-        if flags & (RAM_PAGE | RAM_ZERO):
-            raise StreamError(f"RAM record flags {flags:#x} combine XBZRLE with another page type")
+    def _target(self, r: BufferedReader, flags: int, addr: int) -> tuple[RamBlock, int]:
+        """The block and page a page record names, refused beyond the block."""
         if not self.sized:
             raise StreamError("RAM page before the block list (MEM_SIZE)")
         block = self._block(r, flags)
         index = addr >> PAGE_SHIFT
         if index >= block.pages.shape[0]:
             raise _beyond(block, index)
+        return block, index
+
+    def _xbzrle(self, r: BufferedReader, flags: int, addr: int) -> None:
+        """A delta against the page this destination holds (from any source,
+        with or without the capability here, as QEMU decodes it)."""
+        if flags & (RAM_PAGE | RAM_ZERO):
+            raise StreamError(f"RAM record flags {flags:#x} combine XBZRLE with another page type")
+        block, index = self._target(r, flags, addr)
         encoding, length = r.u8(), r.be16()
         try:
             xbzrle.check_record_header(encoding, length)
