@@ -32,7 +32,8 @@ from livemig.protocol.devices import (
 from livemig.protocol.messages import Message
 from livemig.protocol.objects import ObjectError, create
 from livemig.protocol.ram import RamBlock, RamLoader
-from livemig.protocol.tls import Authz, Tls, X509Creds, server_tls, tls_info
+from livemig.protocol.tls import Tls, server_tls, tls_info
+from livemig.protocol.tlscreds import Authz, X509Creds
 from livemig.protocol.transport import Channel, Listener, TransportError
 from livemig.protocol.uri import parse_uri
 

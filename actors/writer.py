@@ -26,7 +26,8 @@ from livemig.protocol.messages import Message
 from livemig.protocol.objects import ObjectError, create
 from livemig.protocol.ram import PageEncoder, PageVectors, ram_eos
 from livemig.protocol.savevm import encode_idstr
-from livemig.protocol.tls import Tls, X509Creds, client_tls, tls_info
+from livemig.protocol.tls import Tls, client_tls, tls_info
+from livemig.protocol.tlscreds import X509Creds
 from livemig.protocol.transport import Channel, TransportError, connect
 from livemig.protocol.uri import Uri, parse_uri
 from livemig.protocol.xbzrle import XbzrleEncoder

@@ -12,7 +12,7 @@ import re
 import sys
 from typing import Any
 
-from livemig.protocol.tls import Authz, TlsError, X509Creds
+from livemig.protocol.tlscreds import Authz, TlsError, X509Creds
 
 TYPES = ("tls-creds-x509", "authz-simple", "authz-list")
 _UNSUPPORTED = {

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from livemig.protocol.objects import ObjectError, ObjectStore, create, parse_option
-from livemig.protocol.tls import Authz, Tls, TlsError, client_tls, peer_dn, server_tls
+from livemig.protocol.tls import Tls, client_tls, server_tls
+from livemig.protocol.tlscreds import Authz, TlsError, peer_dn
 from livemig.protocol.transport import Channel, Listener, connect, iovec_table
 from livemig.protocol.uri import parse_uri
 from livemig.tools.tls_certs import CLIENT_DN, make_pki

@@ -20,7 +20,8 @@ from livemig.machine.runstate import MigrationStatus, RunState, StateError
 from livemig.protocol import events as ev
 from livemig.protocol.objects import ObjectError, ObjectStore, describe
 from livemig.protocol.parameters import PARAMETERS
-from livemig.protocol.tls import TlsError, client_tls, server_tls
+from livemig.protocol.tls import client_tls, server_tls
+from livemig.protocol.tlscreds import TlsError
 from livemig.protocol.transport import TransportError
 from livemig.protocol.uri import UriError, parse_uri
 
