@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from livemig.machine.runstate import MIGRATION_END, MigrationStatus
 from livemig.protocol import units
-from livemig.protocol.parameters import PARAMETERS
+from livemig.protocol.parameters import CAPABILITIES, PARAMETERS
 from livemig.protocol.rpc import ActorError
 
 Execute = Callable[[str, dict], Awaitable]  # runs one QMP command; raises ActorError
@@ -111,13 +111,6 @@ def parse_size(text: str, default_shift: int = 0) -> int:
         return units.parse_size(text, default_shift)
     except ValueError:
         raise UsageError(f"invalid size '{text}'") from None
-
-
-def parse_seconds(text: str) -> float:
-    try:
-        return units.parse_seconds(text)
-    except ValueError:
-        raise UsageError(f"invalid time '{text}'") from None
 
 
 def on_off(text: str) -> bool:
@@ -373,35 +366,19 @@ async def hmp_migrate_continue(q: Execute, a: dict) -> str:
     return ""
 
 
-@hmp("migrate_set_speed", "value")
-async def hmp_migrate_set_speed(q: Execute, a: dict) -> str:
-    """set maximum speed (in bytes) for migrations; a bare number is in MB, or use a B/K/M/G/T
-    suffix"""
-    await q("migrate_set_speed", {"value": parse_size(a["value"], default_shift=20)})
-    return ""
-
-
-@hmp("migrate_set_downtime", "value")
-async def hmp_migrate_set_downtime(q: Execute, a: dict) -> str:
-    """set maximum tolerated downtime (in seconds, or with an ms/us/ns suffix) for migrations"""
-    await q("migrate_set_downtime", {"value": parse_seconds(a["value"])})
-    return ""
-
-
 @hmp("migrate_set_parameter", "parameter value")
 async def hmp_migrate_set_parameter(q: Execute, a: dict) -> str:
     """set a migration parameter (sizes take B/K/M/G/T suffixes, max-bandwidth is in MB
     without one; switches are on|off)"""
     name, text = a["parameter"], a["value"]
-    current = await q("query-migrate-parameters", {})
-    if name not in current:
+    row = PARAMETERS.get(name)  # one livemig lacks is refused by migrate-set-parameters
+    if row is None:
         raise ActorError(f"invalid parameter value: {name}")
-    kind = type(current[name])
-    if kind is bool:
+    if row.type is bool:
         value: object = on_off(text)
-    elif kind is int:
+    elif row.type is int:
         try:
-            shift = PARAMETERS[name].size_shift if name in PARAMETERS else None
+            shift = row.size_shift
             value = parse_size(text, shift) if shift is not None else int(text, 0)
         except ValueError:
             raise UsageError(f"invalid integer '{text}'") from None
@@ -414,8 +391,7 @@ async def hmp_migrate_set_parameter(q: Execute, a: dict) -> str:
 @hmp("migrate_set_capability", "capability state")
 async def hmp_migrate_set_capability(q: Execute, a: dict) -> str:
     """turn a migration capability on or off"""
-    caps = {c["capability"] for c in await q("query-migrate-capabilities", {})}
-    if a["capability"] not in caps:
+    if a["capability"] not in CAPABILITIES:  # one livemig lacks is refused by migrate-set-capabilities
         raise ActorError(f"invalid parameter value: {a['capability']}")
     await q("migrate-set-capabilities",
             {"capabilities": [{"capability": a["capability"], "state": on_off(a["state"])}]})

@@ -4,8 +4,9 @@ From this table come the checks of migrate-set-parameters and
 migrate-set-capabilities, the defaults that query-migrate-parameters and
 query-migrate-capabilities report, and the units, order and size reading of
 HMP's `info migrate_parameters` and `migrate_set_parameter`. Rows that livemig
-does not support (supported=False) are QEMU's, kept for HMP's units and order:
-they are neither reported nor accepted."""
+does not support (supported=False) are QEMU 7.2's: they are neither reported nor
+accepted, and setting one is refused as "not supported by livemig", apart from
+a name QEMU does not know either (refused in QEMU's words)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     Parameter("announce-max", int, 550, unit=MS, supported=False),
     Parameter("announce-rounds", int, 5, supported=False),
     Parameter("announce-step", int, 100, unit=MS, supported=False),
+    Parameter("compress-level", int, 1, supported=False),
+    Parameter("compress-threads", int, 8, supported=False),
+    Parameter("compress-wait-thread", bool, True, supported=False),
+    Parameter("decompress-threads", int, 2, supported=False),
     # auto-converge: throttle when the bytes dirtied in a sync period exceed this share (%)
     # of the bytes sent in it, twice; first to cpu-throttle-initial, then up by the increment
     Parameter("throttle-trigger-threshold", int, 50, (1, 100)),  # %
@@ -72,15 +77,18 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     Parameter("tls-hostname", str, "", nullable=True),
     # QEMU's default since 5.2; 0 = unlimited. HMP reads a bare number in MiB.
     Parameter("max-bandwidth", int, 128 << 20, NON_NEGATIVE, BYTES_PER_S, size_shift=20),
-    Parameter("avail-switchover-bandwidth", int, 0, NON_NEGATIVE, BYTES_PER_S, size_shift=0),  # 0 = measured
+    # QEMU 8.2's avail-switchover-bandwidth, which 7.2 lacks: the bandwidth (bytes/s) the
+    # switchover decision assumes instead of the measured one (0 = measured)
+    Parameter("x-avail-switchover-bandwidth", int, 0, NON_NEGATIVE, BYTES_PER_S, size_shift=0),
     Parameter("downtime-limit", int, 300, (0, 2_000_000), MS),
     Parameter("x-checkpoint-delay", int, 20_000, unit=MS, supported=False),
+    Parameter("block-incremental", bool, False, supported=False),
     # a power of two of at least one page (protocol.xbzrle.check_cache_size)
     Parameter("xbzrle-cache-size", int, 64 << 20, NON_NEGATIVE, " bytes", size_shift=0),
     # bytes/s for the background push in post-copy; 0 = unlimited
     Parameter("max-postcopy-bandwidth", int, 0, NON_NEGATIVE, size_shift=0),
     Parameter("tls-authz", str, "", nullable=True),
-    # dirty-limit: the per-vCPU page-dirtying quota (MiB/s) the same trigger applies
+    # dirty-limit (QEMU 8.1's): the per-vCPU page-dirtying quota (MiB/s) the same trigger applies
     Parameter("x-vcpu-dirty-limit-period", int, 1000, (1, 1000), MS),
     Parameter("vcpu-dirty-limit", int, 1, (1, None), " MB/s"),
     # livemig: switch to post-copy by itself once this many dirty-log passes are done (0: only
@@ -96,19 +104,48 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
 # In QEMU's order (`info migrate_capabilities`), livemig's own last.
 CAPABILITIES: dict[str, Capability] = {c.name: c for c in (
     Capability("xbzrle"),  # re-dirtied pages as deltas against the copy sent before
+    Capability("rdma-pin-all", supported=False),
     Capability("auto-converge"),  # throttle the vCPUs when dirtying outpaces the link
+    Capability("zero-blocks", supported=False),
+    Capability("compress", supported=False),
     Capability("events"),
     # the guest switches early and fetches pages on demand (both sides)
     Capability("postcopy-ram"),
+    Capability("x-colo", supported=False),
+    Capability("release-ram", supported=False),
+    Capability("block", supported=False),  # migrate's blk / inc arguments do block migration
     Capability("return-path", True),
     Capability("pause-before-switchover"),
+    Capability("dirty-bitmaps", supported=False),
     Capability("postcopy-blocktime"),
+    Capability("late-block-activate", supported=False),
+    Capability("x-ignore-shared", supported=False),
+    Capability("validate-uuid", supported=False),
+    Capability("background-snapshot", supported=False),
+    Capability("zero-copy-send", supported=False),
+    Capability("postcopy-preempt", supported=False),
+    # QEMU 8.1's (7.2 has only set-vcpu-dirty-limit and its kin)
     Capability("dirty-limit"),  # cap the vCPUs' dirty rate instead (conflicts with auto-converge)
     # testing aid: the destination keeps stale image metadata (the seed's bug)
     Capability("x-skip-invalidate"),
     # integrity: send digests of the final RAM, checked before the guest runs
     Capability("x-digest"),
 )}
+
+
+def parameter_refusal(name: str) -> str:
+    """Why migrate-set-parameters refuses NAME, one livemig does not take: QEMU's
+    words for a name QEMU 7.2 lacks too, livemig's for one of QEMU's."""
+    if name in PARAMETERS:
+        return f"Parameter '{name}' is not supported by livemig"
+    return f"Parameter '{name}' is unexpected"
+
+
+def capability_refusal(name: str, where: str) -> str:
+    """The same for a capability NAME at `where` in migrate-set-capabilities' list."""
+    if name in CAPABILITIES:
+        return f"Capability '{name}' is not supported by livemig"
+    return f"Parameter '{where}' does not accept value '{name}'"
 
 
 def default_parameters() -> dict[str, Value]:

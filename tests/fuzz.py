@@ -164,7 +164,7 @@ def fuzz_streams(cases: int, seconds: float, seed: int = 0, report=print) -> dic
 # QMP --------------------------------------------------------------------------------------------
 SAFE_COMMANDS = ["query-status", "query-migrate", "query-migrate-parameters", "query-migrate-capabilities",
                  "query-version", "query-commands", "migrate-set-parameters", "migrate-set-capabilities",
-                 "migrate_set_speed", "migrate_set_downtime", "migrate_cancel", "query-block",
+                 "migrate_cancel", "query-block",
                  "x-query-vcpus", "qmp_capabilities", "no-such-command", "stop", "cont"]
 # Commands with side effects outside the host only ever get arguments of the wrong type.
 TYPE_ONLY = ["migrate", "migrate-incoming", "pmemsave", "quit", "human-monitor-command"]

@@ -19,13 +19,10 @@ from livemig.machine.dirtyrate import MODES as DIRTY_RATE_MODES
 from livemig.machine.runstate import MigrationStatus, RunState, StateError
 from livemig.protocol import events as ev
 from livemig.protocol.objects import ObjectError, ObjectStore, describe
-from livemig.protocol.parameters import PARAMETERS
 from livemig.protocol.tls import client_tls, server_tls
 from livemig.protocol.tlscreds import TlsError
 from livemig.protocol.transport import TransportError
 from livemig.protocol.uri import UriError, parse_uri
-
-MAX_DOWNTIME_MS = PARAMETERS["downtime-limit"].range[1]
 
 # MigrationStats members livemig reports (0 when nothing happened). QEMU 7.2 also has
 # skipped and dirty-sync-missed-zero-copy, which livemig never counts (docs/qmp.md), and
@@ -374,7 +371,7 @@ class Commands:
     @command("migrate-set-parameters")
     async def cmd_set_parameters(self, **params) -> dict:
         """Set migration parameters: max-bandwidth (bytes/s, 0 = unlimited), downtime-limit (ms),
-        avail-switchover-bandwidth (bytes/s, 0 = measured), and any other in
+        x-avail-switchover-bandwidth (bytes/s, 0 = measured), and any other in
         query-migrate-parameters. All are checked before any is applied."""
         self.set_parameters(params)
         return {}
@@ -498,18 +495,6 @@ class Commands:
         """The last calc-dirty-rate: status (unstarted, measuring, measured), dirty-rate (MB/s,
         once measured), start-time, calc-time, sample-pages, mode, vcpu-dirty-rate (dirty-ring)."""
         return dict(self.dirty_rate)
-
-    @command("migrate_set_speed")
-    async def cmd_set_speed(self, value: int) -> dict:
-        """Seed-era: maximum migration speed in bytes per second (negative means 0)."""
-        self.parameters["max-bandwidth"] = max(0, value)
-        return {}
-
-    @command("migrate_set_downtime")
-    async def cmd_set_downtime(self, value: float) -> dict:
-        """Seed-era: maximum tolerated downtime in seconds (clamped to 0 .. 2000)."""
-        self.parameters["downtime-limit"] = round(min(max(0.0, value), MAX_DOWNTIME_MS / 1000) * 1000)
-        return {}
 
     @command("device_add")
     async def cmd_device_add(self, driver: str, id_: str, **props) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from livemig.actors.base import ActorError
 from livemig.actors.coordinator.commands import invalid_type, type_ok
 from livemig.actors.coordinator.faults import parse_fault
-from livemig.protocol.parameters import PARAMETERS
+from livemig.protocol.parameters import PARAMETERS, capability_refusal, parameter_refusal
 from livemig.protocol.xbzrle import check_cache_size
 
 
@@ -26,7 +26,7 @@ class Options:
         new = dict(self.parameters)
         for key, value in params.items():
             if key not in new:
-                raise ActorError(f"Parameter '{key}' is unexpected")
+                raise ActorError(parameter_refusal(key))
             row = PARAMETERS[key]
             if value is None and row.nullable:
                 value = row.type()  # QEMU's StrOrNull: null turns it off
@@ -56,8 +56,7 @@ class Options:
             if extra := set(item) - {"capability", "state"}:
                 raise ActorError(f"Parameter '{where}.{sorted(extra)[0]}' is unexpected")
             if item["capability"] not in new:
-                raise ActorError(f"Parameter '{where}.capability' does not accept value "
-                                 f"'{item['capability']}'")
+                raise ActorError(capability_refusal(item["capability"], f"{where}.capability"))
             new[item["capability"]] = item["state"]
         if new["auto-converge"] and new["dirty-limit"]:
             raise ActorError("dirty-limit conflicts with auto-converge either enable one")

@@ -236,7 +236,7 @@ class Outgoing:
                 return  # switch to post-copy now
             limit = self.parameters["max-bandwidth"]
             downtime_ms = self.parameters["downtime-limit"]
-            switchover_bw = self.parameters["avail-switchover-bandwidth"]
+            switchover_bw = self.parameters["x-avail-switchover-bandwidth"]
             disk_left = mig.disk.get("remaining", 0) if blk else 0
             if link.observe(time.monotonic(), await self.wire_sent()):
                 link.close_budget_window(limit)
