@@ -203,6 +203,46 @@ SPEED_HELP = "bytes/s with K/M/G suffixes (a bare number is bytes/s); 0 = unlimi
 DOWNTIME_HELP = "a bare number is milliseconds (as virsh's migrate-setmaxdowntime); or 300ms, 0.3s"
 
 
+# virsh migrate's flags: each turns a capability on (first) on the source.
+CAPABILITY_FLAGS = {"auto_converge": ("--auto-converge", "auto-converge"),
+                    "postcopy": ("--postcopy", "postcopy-ram"), "parallel": ("--parallel", "multifd")}
+
+
+def tls_creds_id(mon: Qmp) -> str:
+    """--tls: the id of the host's one client tls-creds-x509 object."""
+    ids = [o["id"] for o in mon("query-objects")
+           if o["qom-type"] == "tls-creds-x509" and o.get("endpoint") == "client"]
+    if len(ids) != 1:
+        raise click.ClickException(
+            f"--tls needs exactly one tls-creds-x509 object with endpoint=client on the host; it has "
+            f"{len(ids)} (livemig host --object tls-creds-x509,id=tls0,dir=DIR,endpoint=client)")
+    return ids[0]
+
+
+def migration_settings(mon: Qmp, flags: dict, params: dict) -> tuple[list[dict], dict]:
+    """The capabilities virsh's flags ask for, refused in one line if the host lacks one,
+    and the parameters that go with them."""
+    have = {c["capability"] for c in mon("query-migrate-capabilities")}
+    caps = []
+    for key, (flag, cap) in CAPABILITY_FLAGS.items():
+        if flags[key]:
+            if cap not in have:
+                raise click.ClickException(f"{flag} needs capability {cap}, which this livemig host lacks")
+            caps.append({"capability": cap, "state": True})
+    if flags["tls"]:
+        params["tls-creds"] = tls_creds_id(mon)
+    return caps, params
+
+
+def requires(flag: str, needs: str):
+    """A click callback: FLAG's value is only taken together with NEEDS."""
+    def check(ctx, _param, value):
+        if value not in (None, False) and not ctx.params.get(needs.lstrip("-").replace("-", "_")):
+            raise click.UsageError(f"--{flag} needs {needs}")
+        return value
+    return check
+
+
 @main.command()
 @click.argument("uri")
 @click.option("-d", "--detach", is_flag=True, help="Return at once instead of showing progress.")
@@ -215,17 +255,53 @@ DOWNTIME_HELP = "a bare number is milliseconds (as virsh's migrate-setmaxdowntim
                    "shared backing file (QMP inc).")
 @click.option("--bandwidth", metavar="SPEED", help=f"Set max-bandwidth first: {SPEED_HELP}.")
 @click.option("--downtime", metavar="DOWNTIME", help=f"Set downtime-limit first: {DOWNTIME_HELP}.")
+@click.option("--auto-converge", "auto_converge", is_flag=True, is_eager=True,
+              help="Throttle the vCPUs when they dirty RAM faster than it goes (capability auto-converge).")
+@click.option("--auto-converge-initial", type=click.IntRange(1, 99), metavar="PERCENT",
+              callback=requires("auto-converge-initial", "--auto-converge"),
+              help="The first throttle, in % (cpu-throttle-initial; default 20).")
+@click.option("--auto-converge-increment", type=click.IntRange(1, 99), metavar="PERCENT",
+              callback=requires("auto-converge-increment", "--auto-converge"),
+              help="Each further step, in % (cpu-throttle-increment; default 10).")
+@click.option("--postcopy", is_flag=True, is_eager=True,
+              help="Allow post-copy (capability postcopy-ram; the destination needs it too): "
+                   "switch with `livemig hmp migrate_start_postcopy` or --postcopy-after-precopy.")
+@click.option("--postcopy-after-precopy", "after_precopy", is_flag=True,
+              callback=requires("postcopy-after-precopy", "--postcopy"),
+              help="Switch to post-copy by itself after the first pass (x-postcopy-after-passes 1).")
+@click.option("--tls", is_flag=True, is_eager=True,
+              help="Encrypt with the host's client tls-creds-x509 object (parameter tls-creds).")
+@click.option("--tls-destination", metavar="NAME", callback=requires("tls-destination", "--tls"),
+              help="The name the destination's certificate must carry (tls-hostname; default: the tcp host).")
+@click.option("--parallel", is_flag=True, is_eager=True,
+              help="Send pages over several connections (capability multifd).")
+@click.option("--parallel-connections", type=click.IntRange(1, 255), metavar="N",
+              callback=requires("parallel-connections", "--parallel"),
+              help="How many (multifd-channels; default 2).")
 @monitor_option
-def migrate(uri, detach, as_json, timeout, blk, inc, bandwidth, downtime, host, qmp) -> None:
-    """Migrate the host's guest to URI: tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N, file:PATH."""
+def migrate(uri, detach, as_json, timeout, blk, inc, bandwidth, downtime, auto_converge, auto_converge_initial,
+            auto_converge_increment, postcopy, after_precopy, tls, tls_destination, parallel,
+            parallel_connections, host, qmp) -> None:
+    """Migrate the host's guest to URI: tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N, file:PATH.
+    The flags are virsh migrate's; what they set stays set on the host."""
     params = {}
     if bandwidth is not None:
         params["max-bandwidth"] = speed_value(bandwidth)
     if downtime is not None:
         params["downtime-limit"] = downtime_value(downtime)
+    for key, value in (("cpu-throttle-initial", auto_converge_initial),
+                       ("cpu-throttle-increment", auto_converge_increment),
+                       ("x-postcopy-after-passes", 1 if after_precopy else None),
+                       ("tls-hostname", tls_destination), ("multifd-channels", parallel_connections)):
+        if value is not None:
+            params[key] = value
     args = {"uri": uri, **({"blk": True} if blk else {}), **({"inc": True} if inc else {})}
+    flags = {"auto_converge": auto_converge, "postcopy": postcopy, "parallel": parallel, "tls": tls}
     mon = connect(host, qmp)
     try:
+        caps, params = migration_settings(mon, flags, params)
+        if caps:
+            mon("migrate-set-capabilities", capabilities=caps)
         if params:
             mon("migrate-set-parameters", **params)
         mon("migrate", **args)

@@ -96,6 +96,10 @@ def fits(text: str, width: int = 80) -> None:
     (["migrate", "--downtime", "1h", "tcp:127.0.0.1:1"], "not a duration: '1h'"),
     (["migrate", "--bandwidth", "0.5", "tcp:127.0.0.1:1"], "less than one byte/s"),
     (["migrate", "--timeout", "0", "tcp:127.0.0.1:1"], "--timeout"),
+    (["migrate", "--postcopy-after-precopy", "tcp:127.0.0.1:1"], "--postcopy-after-precopy needs --postcopy"),
+    (["migrate", "--parallel-connections", "4", "tcp:127.0.0.1:1"], "--parallel-connections needs --parallel"),
+    (["migrate", "--tls-destination", "x", "tcp:127.0.0.1:1"], "--tls-destination needs --tls"),
+    (["migrate", "--auto-converge", "--auto-converge-initial", "100", "tcp:127.0.0.1:1"], "1<=x<=99"),
 ])
 def test_bad_values_are_refused_in_one_line(args, error):
     code, out, err = livemig(*args, "-H", "nosuch")
@@ -285,3 +289,32 @@ def test_stream_inspect_of_a_qemu_pc_stream_fits(tmp_path, tty):
     text = " ".join(screen_lines(out))
     for name in ("globalstate", "cpu_common", "timer", "/rom@etc/acpi/tables", "apic"):
         assert re.search(rf"(^|\s){re.escape(name)}\s", text), name
+
+
+def test_migrate_takes_virsh_flags(hosts, rundir, port, tmp_path):
+    """--auto-converge and --postcopy --postcopy-after-precopy set what virsh's set, and the
+    migration uses them; --tls without a client credential and --parallel without multifd are
+    refused in one line before anything starts."""
+    uri = f"tcp:127.0.0.1:{port}"
+    guest = guest_args(ram="32M", workload="memtouch:rate=16M,wss=24M")
+    src = hosts.start("src", *guest)
+    dst = hosts.start("dst", *guest, "--incoming", uri)
+    code, out, err = livemig("migrate", "-H", src.name, "--tls", uri)
+    assert code == 1 and "--tls needs exactly one tls-creds-x509 object with endpoint=client" in one_error(err)
+    if not any(c["capability"] == "multifd" for c in src.cmd("query-migrate-capabilities")):
+        code, out, err = livemig("migrate", "-H", src.name, "--parallel", uri)
+        assert code == 1 and one_error(err) == \
+            "Error: --parallel needs capability multifd, which this livemig host lacks", err
+    assert src.cmd("query-migrate") == {}  # nothing started
+
+    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+    code, out, err = livemig("migrate", "-H", src.name, "--json", "--bandwidth", "16M", "--auto-converge",
+                             "--auto-converge-initial", "30", "--postcopy", "--postcopy-after-precopy", uri)
+    assert code == 0, (out, err)
+    final = json.loads(out)
+    assert final["status"] == "completed" and final["ram"]["postcopy-bytes"] > 0, final
+    caps = {c["capability"]: c["state"] for c in src.cmd("query-migrate-capabilities")}
+    assert caps["auto-converge"] and caps["postcopy-ram"]
+    params = src.cmd("query-migrate-parameters")
+    assert params["cpu-throttle-initial"] == 30 and params["x-postcopy-after-passes"] == 1
+    assert dst.wait_migration(30)["status"] == "completed"
