@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import os
 import re
 import select
 import socket
 import stat
 import struct
+import subprocess
+import sys
 import termios
 import threading
 import time
@@ -154,6 +157,45 @@ BAD_ARGUMENTS = [
     ("human-monitor-command", {}, "Parameter 'command-line' is missing"),
     ("query-status", {"verbose": True}, "Parameter 'verbose' is unexpected"),
 ]
+
+
+QMP_SHELL = os.path.join(os.path.dirname(sys.executable), "qmp-shell")  # qemu.qmp's script
+
+
+def qmp_shell(address: str, lines: list[str], *flags: str) -> list[str]:
+    """Run qemu.qmp's qmp-shell on a host's monitor with LINES typed in; its
+    output split at each prompt (the first part is the banner)."""
+    out = subprocess.run([QMP_SHELL, *flags, address], input="\n".join(lines) + "\n",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and not out.stderr, out
+    return [part.strip() for part in out.stdout.split("(QEMU) ")]
+
+
+def test_qmp_shell_drives_a_host_unchanged(hosts, tmp_path):
+    """QEMU's own shell, as shipped with qemu.qmp: banner, commands in its
+    key=value syntax, errors, a migration, and its HMP mode."""
+    host = hosts.start("shell", *guest_args(ram="16M"))
+    address = qmp_address(host.qmp_addr)
+    image = tmp_path / "guest.mig"
+    replies = qmp_shell(address, [
+        "query-version", "migrate-set-parameters downtime-limit=250 max-bandwidth=0",
+        'migrate-set-capabilities capabilities=[{"capability":"compress","state":true}]',
+        "query-no-such", f"migrate uri=file:{image}"])
+    assert replies[0].splitlines() == ["Welcome to the QMP low-level shell!", "Connected to QEMU 7.2.0"]
+    version, params, compress, unknown, migrate = (json.loads(r) for r in replies[1:6])
+    assert version == {"return": {"qemu": {"major": 7, "minor": 2, "micro": 0},
+                                  "package": f"livemig {metadata.version('livemig')}"}}
+    assert params == {"return": {}} == migrate
+    assert compress["error"]["desc"] == "Capability 'compress' is not supported by livemig"
+    assert unknown["error"]["class"] == "CommandNotFound"
+    assert host.wait_migration(60)["status"] == "completed" and image.stat().st_size > 16 << 20
+    assert host.cmd("query-migrate-parameters")["downtime-limit"] == 250
+
+    replies = qmp_shell(address, ["info status", "migrate_set_speed 1", "info migrate_parameters"], "-H")
+    assert replies[0].splitlines() == ["Welcome to the HMP shell!", "Connected to QEMU 7.2.0"]
+    assert replies[1] == "VM status: paused (postmigrate)"
+    assert replies[2] == "unknown command: 'migrate_set_speed'"
+    assert "downtime-limit: 250 ms" in replies[3].splitlines()
 
 
 def test_negotiation_errors_parameters_and_seed_era_commands(hosts, tmp_path):
