@@ -15,7 +15,7 @@ from livemig.machine.workload import PAGE_SIZE
 from livemig.tools.launch import free_port
 
 from .migrate import Guest, Hosts, qmp_call
-from .targets import MiB
+from .targets import MiB, mbps
 
 CONVERGE_BANDWIDTH = 8 * MiB  # bytes/s
 CONVERGE_RAM = 32 * MiB
@@ -65,11 +65,12 @@ def one(share: float, mode: str, tag: str) -> dict:
         finally:
             mon.close()
     free = rate / PAGE_SIZE * ran  # steps an unthrottled vCPU runs meanwhile
-    return {"share": share, "mode": mode, "dirty_rate": rate, "bandwidth": CONVERGE_BANDWIDTH,
+    return {"dirty-share": share, "mode": mode, "dirty-mbps": mbps(rate), "max-bandwidth": CONVERGE_BANDWIDTH,
             "status": info["status"], "completed": info["status"] == "completed",
-            "total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
-            "downtime_limit_ms": CONVERGE_LIMIT_MS, "passes": info.get("ram", {}).get("dirty-sync-count"),
-            "peak_throttle": peak, "lost_work": max(0.0, 1 - (end_steps - start_steps) / free) if free else 0.0}
+            "total-time": info.get("total-time"), "downtime": info.get("downtime"),
+            "downtime-limit": CONVERGE_LIMIT_MS, "dirty-sync-count": info.get("ram", {}).get("dirty-sync-count"),
+            "peak-cpu-throttle-percentage": peak,
+            "lost-work": max(0.0, 1 - (end_steps - start_steps) / free) if free else 0.0}
 
 
 def converge(log, tag) -> list[dict]:
@@ -78,7 +79,7 @@ def converge(log, tag) -> list[dict]:
         for mode in CONVERGE_MODES:
             row = one(share, mode, tag())
             out.append(row)
-            log(f"  converge {share:>3}x {mode:<13}: {row['status']}, {row['total_ms']} ms, downtime "
-                f"{row['downtime_ms']} ms, lost work {row['lost_work'] * 100:.0f} %, peak throttle "
-                f"{row['peak_throttle']} %")
+            log(f"  converge {share:>3}x {mode:<13}: {row['status']}, {row['total-time']} ms, downtime "
+                f"{row['downtime']} ms, lost work {row['lost-work'] * 100:.0f} %, peak throttle "
+                f"{row['peak-cpu-throttle-percentage']} %")
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .targets import DOWNTIME_LIMITS, RUNNING_BANDWIDTH, MiB
+from .targets import DOWNTIME_LIMITS, RUNNING_BANDWIDTH, MiB, gb_per_s
 
 
 def summary(results: dict) -> str:
@@ -13,41 +13,42 @@ def summary(results: dict) -> str:
     base = results.get("baseline", {})
     if base:
         lines += ["| transport | raw socket baseline |", "|---|---|"]
-        lines += [f"| {t} | {b['bytes_per_s'] / 1e9:.2f} GB/s |" for t, b in base.items()]
+        lines += [f"| {t} | {gb_per_s(b['mbps']):.2f} GB/s |" for t, b in base.items()]
         lines.append("")
     if results.get("stopped"):
         lines += ["| stopped guest | transport | total time | throughput | ratio to baseline | CPU src / dst |",
                   "|---|---|---|---|---|---|"]
         for r in results["stopped"]:
-            lines.append(f"| {r['ram'] // MiB} MiB {r['fill']} | {r['transport']} | {r['total_seconds'] * 1000:.0f} ms"
-                         f" | {r['throughput'] / 1e9:.2f} GB/s | {r['ratio']:.2f}x"
-                         f" | {r['cpu_src']:.2f} s / {r['cpu_dst']:.2f} s |")
+            lines.append(f"| {r['ram'] // MiB} MiB {r['fill']} | {r['transport']} | {r['total-time']:.0f} ms"
+                         f" | {gb_per_s(r['mbps']):.2f} GB/s | {r['ratio']:.2f}x"
+                         f" | {r['cpu-src'] / 1000:.2f} s / {r['cpu-dst'] / 1000:.2f} s |")
         lines.append("")
     if results.get("tls"):
         t = results["tls"]
         session = t["session"] or {}
         lines += ["| stopped guest, tcp | throughput | CPU src per GiB | CPU dst per GiB |",
                   "|---|---|---|---|",
-                  f"| {t['ram'] // MiB} MiB plaintext | {t['plaintext_throughput'] / 1e9:.2f} GB/s"
-                  f" | {t['cpu_src_per_gib']['plaintext']:.2f} s | {t['cpu_dst_per_gib']['plaintext']:.2f} s |",
+                  f"| {t['ram'] // MiB} MiB plaintext | {gb_per_s(t['plaintext-mbps']):.2f} GB/s"
+                  f" | {t['cpu-src-per-gib']['plaintext'] / 1000:.2f} s"
+                  f" | {t['cpu-dst-per-gib']['plaintext'] / 1000:.2f} s |",
                   f"| {t['ram'] // MiB} MiB TLS ({session.get('version')} {session.get('cipher')})"
-                  f" | {t['tls_throughput'] / 1e9:.2f} GB/s ({t['ratio']:.2f}x)"
-                  f" | {t['cpu_src_per_gib']['tls']:.2f} s | {t['cpu_dst_per_gib']['tls']:.2f} s |", ""]
+                  f" | {gb_per_s(t['tls-mbps']):.2f} GB/s ({t['ratio']:.2f}x)"
+                  f" | {t['cpu-src-per-gib']['tls'] / 1000:.2f} s | {t['cpu-dst-per-gib']['tls'] / 1000:.2f} s |", ""]
     if results.get("running"):
         lines += ["| dirty rate | downtime limit | passes | total time | downtime | guest downtime "
                   "| expected downtime |", "|---|---|---|---|---|---|---|"]
         for r in results["running"]:
-            lines.append(f"| {int(r['dirty_share'] * 100)} % of {r['bandwidth'] // MiB} MiB/s "
-                         f"| {r['downtime_limit_ms']} ms | {r['passes']} | {r['total_ms']} ms "
-                         f"| {r['downtime_ms']} ms | {r['guest_downtime_ms']} ms | {r['expected_downtime_ms']} ms |")
+            lines.append(f"| {int(r['dirty-share'] * 100)} % of {r['max-bandwidth'] // MiB} MiB/s "
+                         f"| {r['downtime-limit']} ms | {r['dirty-sync-count']} | {r['total-time']} ms "
+                         f"| {r['downtime']} ms | {r['x-guest-downtime']} ms | {r['x-expected-downtime']} ms |")
         lines.append("")
     if results.get("scaling"):
         lines += ["| RAM | time per GiB | throughput | CPU src per GiB | CPU dst per GiB "
                   "| largest private (actor) |", "|---|---|---|---|---|---|"]
         for r in results["scaling"]:
             worst = max(r["private"], key=r["private"].get)
-            lines.append(f"| {r['ram'] // MiB} MiB | {r['seconds_per_gib']:.2f} s | {r['throughput'] / 1e9:.2f} GB/s"
-                         f" | {r['cpu_src_per_gib']:.2f} s | {r['cpu_dst_per_gib']:.2f} s"
+            lines.append(f"| {r['ram'] // MiB} MiB | {r['time-per-gib'] / 1000:.2f} s | {gb_per_s(r['mbps']):.2f} GB/s"
+                         f" | {r['cpu-src-per-gib'] / 1000:.2f} s | {r['cpu-dst-per-gib'] / 1000:.2f} s"
                          f" | {r['private'][worst] / MiB:.0f} MiB ({worst}) |")
         lines.append("")
         actors = sorted({k for r in results["scaling"] for k in r["private"]})
@@ -61,17 +62,17 @@ def summary(results: dict) -> str:
     if q and "results" in q:
         lines += ["| qcow2 (64 KiB requests) | livemig | qemu-img bench | ratio |", "|---|---|---|---|"]
         for r in q["results"]:
-            lines.append(f"| {r['workload']} | {r['ours_mib_per_s']} MiB/s | {r['qemu_mib_per_s']} MiB/s "
+            lines.append(f"| {r['workload']} | {gb_per_s(r['ours-mbps']):.2f} GB/s | {gb_per_s(r['qemu-mbps']):.2f} GB/s "
                          f"| {r['ratio']}x |")
         lines.append("")
     if results.get("converge"):
         lines += ["| dirty rate | brake | outcome | total time | downtime (limit) | passes | peak throttle "
                   "| lost work |", "|---|---|---|---|---|---|---|---|"]
         for r in results["converge"]:
-            lines.append(f"| {r['share']}x {r['bandwidth'] // MiB} MiB/s | {r['mode']} | {r['status']} "
-                         f"| {r['total_ms']} ms | {r['downtime_ms'] if r['downtime_ms'] is not None else '-'} ms "
-                         f"({r['downtime_limit_ms']}) | {r['passes']} | {r['peak_throttle']} % "
-                         f"| {r['lost_work'] * 100:.0f} % |")
+            lines.append(f"| {r['dirty-share']}x {r['max-bandwidth'] // MiB} MiB/s | {r['mode']} | {r['status']} "
+                         f"| {r['total-time']} ms | {r['downtime'] if r['downtime'] is not None else '-'} ms "
+                         f"({r['downtime-limit']}) | {r['dirty-sync-count']} | {r['peak-cpu-throttle-percentage']} % "
+                         f"| {r['lost-work'] * 100:.0f} % |")
         lines.append("")
     if results.get("targets"):
         lines += ["| target | value | wanted | met |", "|---|---|---|---|"]
@@ -93,13 +94,13 @@ def plots(results: dict, out: str) -> list[str]:
         fig, axes = plt.subplots(1, len(DOWNTIME_LIMITS), figsize=(11, 4), sharey=True)
         for ax, limit in zip(axes, DOWNTIME_LIMITS, strict=True):
             for r in results["running"]:
-                if r["downtime_limit_ms"] != limit:
+                if r["downtime-limit"] != limit:
                     continue
-                t = [s[0] for s in r["samples"]]
+                t = [s[0] / 1000 for s in r["samples"]]
                 rem = [s[1] / MiB for s in r["samples"]]
                 ax.plot(t, rem, drawstyle="steps-post",
-                        label=f"{int(r['dirty_share'] * 100)} % dirty: {r['passes']} passes, "
-                              f"downtime {r['downtime_ms']} ms")
+                        label=f"{int(r['dirty-share'] * 100)} % dirty: {r['dirty-sync-count']} passes, "
+                              f"downtime {r['downtime']} ms")
             ax.set_title(f"downtime limit {limit} ms, {RUNNING_BANDWIDTH // MiB} MiB/s")
             ax.set_xlabel("seconds since migrate")
             ax.grid(alpha=0.3)
@@ -114,9 +115,9 @@ def plots(results: dict, out: str) -> list[str]:
         rows = results["scaling"]
         sizes = [r["ram"] / MiB for r in rows]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        a1.plot(sizes, [r["throughput"] / 1e9 for r in rows], "o-", label="livemig (tcp)")
+        a1.plot(sizes, [gb_per_s(r["mbps"]) for r in rows], "o-", label="livemig (tcp)")
         if "tcp" in results.get("baseline", {}):
-            a1.axhline(results["baseline"]["tcp"]["bytes_per_s"] / 1e9, ls="--", color="gray",
+            a1.axhline(gb_per_s(results["baseline"]["tcp"]["mbps"]), ls="--", color="gray",
                        label="raw tcp baseline")
         a1.set_xscale("log", base=2)
         a1.set_xlabel("guest RAM (MiB)")
@@ -124,9 +125,9 @@ def plots(results: dict, out: str) -> list[str]:
         a1.set_ylim(bottom=0)
         a1.set_title("throughput, stopped incompressible guest")
         a1.legend()
-        a2.plot(sizes, [r["cpu_src_per_gib"] for r in rows], "o-", label="source")
-        a2.plot(sizes, [r["cpu_dst_per_gib"] for r in rows], "o-", label="destination")
-        a2.plot(sizes, [r["seconds_per_gib"] for r in rows], "o--", label="wall time")
+        a2.plot(sizes, [r["cpu-src-per-gib"] / 1000 for r in rows], "o-", label="source")
+        a2.plot(sizes, [r["cpu-dst-per-gib"] / 1000 for r in rows], "o-", label="destination")
+        a2.plot(sizes, [r["time-per-gib"] / 1000 for r in rows], "o--", label="wall time")
         a2.set_xscale("log", base=2)
         a2.set_xlabel("guest RAM (MiB)")
         a2.set_ylabel("seconds per GiB")
@@ -143,15 +144,15 @@ def plots(results: dict, out: str) -> list[str]:
         written.append(path)
     if results.get("converge"):
         rows = results["converge"]
-        shares = sorted({r["share"] for r in rows})
+        shares = sorted({r["dirty-share"] for r in rows})
         modes = list(dict.fromkeys(r["mode"] for r in rows))
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         width = 0.8 / len(modes)
         for i, mode in enumerate(modes):
-            mine = {r["share"]: r for r in rows if r["mode"] == mode}
+            mine = {r["dirty-share"]: r for r in rows if r["mode"] == mode}
             xs = [j + i * width for j in range(len(shares))]
-            a1.bar(xs, [mine[s]["lost_work"] * 100 for s in shares], width, label=mode)
-            a2.bar(xs, [mine[s]["downtime_ms"] or 0 if mine[s]["completed"] else 0 for s in shares], width,
+            a1.bar(xs, [mine[s]["lost-work"] * 100 for s in shares], width, label=mode)
+            a2.bar(xs, [mine[s]["downtime"] or 0 if mine[s]["completed"] else 0 for s in shares], width,
                    label=mode, hatch=None)
             for x, s in zip(xs, shares, strict=True):
                 if not mine[s]["completed"]:
@@ -163,7 +164,7 @@ def plots(results: dict, out: str) -> list[str]:
             ax.legend(fontsize=8)
         a1.set_ylabel("guest's lost work (%)")
         a1.set_title("work the guest lost to the brakes")
-        a2.axhline(rows[0]["downtime_limit_ms"] * 1.2, ls="--", color="gray")
+        a2.axhline(rows[0]["downtime-limit"] * 1.2, ls="--", color="gray")
         a2.set_ylabel("downtime (ms)")
         a2.set_title("downtime (dashed: limit + 20 %)")
         fig.tight_layout()

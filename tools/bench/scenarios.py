@@ -25,12 +25,23 @@ from .targets import (
     SCALING_SIZES,
     GiB,
     MiB,
+    gb_per_s,
+    mbps,
     targets,
 )
 
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def cpu_ms(runs: list[Run], prefix: str, per: float = 1.0) -> float:
+    """The median over runs of one side's CPU time (ms), divided by `per`."""
+    return round(median([sum(v for k, v in r.cpu.items() if k.startswith(prefix)) for r in runs]) * 1000 / per, 1)
+
+
+def cpu_per_actor(runs: list[Run]) -> dict[str, float]:
+    return {k: round(median([r.cpu.get(k, 0) for r in runs]) * 1000, 1) for k in runs[0].cpu}
 
 
 class Bench:
@@ -71,20 +82,19 @@ class Bench:
                     self.log(f"  stopped {fill:<6} {t} run {i + 1}: {ram / run.info['total-time'] * 1e3 / 1e9:.2f}"
                              f" GB/s ({run.info['total-time']} ms)")
         self.results["baseline"] = {
-            t: {"bytes": ram, "seconds": base[t], "bytes_per_s": ram / median(base[t])} for t in transports}
+            t: {"bytes": ram, "runs-time": [round(s * 1000, 1) for s in base[t]], "mbps": mbps(ram / median(base[t]))}
+            for t in transports}
         out = self.results.setdefault("stopped", [])
         for (fill, t), rs in runs.items():
-            total = median([r.info["total-time"] / 1000 for r in rs])
-            rate = ram / total
+            total = median([r.info["total-time"] for r in rs])
+            rate = mbps(ram / total * 1000)
             out.append({
                 "fill": fill, "transport": t, "ram": ram,
-                "total_seconds": total, "runs_seconds": [r.info["total-time"] / 1000 for r in rs],
-                "throughput": rate, "ratio": rate / self.results["baseline"][t]["bytes_per_s"],
-                "downtime_ms": median([r.info.get("downtime", 0) for r in rs]),
+                "total-time": total, "runs-total-time": [r.info["total-time"] for r in rs],
+                "mbps": rate, "ratio": rate / self.results["baseline"][t]["mbps"],
+                "downtime": median([r.info.get("downtime", 0) for r in rs]),
                 "transferred": rs[0].info["ram"].get("transferred", 0),
-                "cpu_src": median([sum(v for k, v in r.cpu.items() if k.startswith("src/")) for r in rs]),
-                "cpu_dst": median([sum(v for k, v in r.cpu.items() if k.startswith("dst/")) for r in rs]),
-                "cpu_per_actor": {k: median([r.cpu.get(k, 0) for r in rs]) for k in rs[0].cpu},
+                "cpu-src": cpu_ms(rs, "src/"), "cpu-dst": cpu_ms(rs, "dst/"), "cpu-per-actor": cpu_per_actor(rs),
             })
 
     # 7 ---------------------------------------------------------------------------------
@@ -102,16 +112,12 @@ class Bench:
                 self.log(f"  {'tls' if tls else 'plaintext':<9} tcp run {i + 1}: "
                          f"{ram / run.info['total-time'] * 1e3 / 1e9:.2f} GB/s ({run.info['total-time']} ms)")
         gib = ram / GiB
-
-        def side(rs: list[Run], prefix: str) -> float:
-            return median([sum(v for k, v in r.cpu.items() if k.startswith(prefix)) for r in rs]) / gib
-
-        rate = {tls: ram / median([r.info["total-time"] / 1000 for r in rs]) for tls, rs in runs.items()}
+        rate = {tls: mbps(ram / median([r.info["total-time"] for r in rs]) * 1000) for tls, rs in runs.items()}
         self.results["tls"] = {
             "ram": ram, "transport": "tcp", "session": runs[True][0].info.get("x-tls"),
-            "plaintext_throughput": rate[False], "tls_throughput": rate[True], "ratio": rate[True] / rate[False],
-            "cpu_src_per_gib": {"plaintext": side(runs[False], "src/"), "tls": side(runs[True], "src/")},
-            "cpu_dst_per_gib": {"plaintext": side(runs[False], "dst/"), "tls": side(runs[True], "dst/")},
+            "plaintext-mbps": rate[False], "tls-mbps": rate[True], "ratio": rate[True] / rate[False],
+            "cpu-src-per-gib": {"plaintext": cpu_ms(runs[False], "src/", gib), "tls": cpu_ms(runs[True], "src/", gib)},
+            "cpu-dst-per-gib": {"plaintext": cpu_ms(runs[False], "dst/", gib), "tls": cpu_ms(runs[True], "dst/", gib)},
         }
 
     # 4 ---------------------------------------------------------------------------------
@@ -126,18 +132,19 @@ class Bench:
                 run = migrate(guest, "tcp", self.workdir, params, self.tag(), settle=0.5, poll=0.02)
                 info = run.info
                 expected = info.get("x-expected-downtime", 0)  # the estimate at switchover
-                row = {"dirty_share": share, "workload": workload, "downtime_limit_ms": limit,
-                       "bandwidth": RUNNING_BANDWIDTH, "ram": RUNNING_RAM,
-                       "total_ms": info["total-time"], "passes": info["ram"].get("dirty-sync-count"),
-                       "downtime_ms": info.get("downtime"), "guest_downtime_ms": info.get("x-guest-downtime"),
-                       "expected_downtime_ms": expected, "transferred": info["ram"].get("transferred"),
-                       "switchover_ms": info.get("x-switchover", {}),
-                       "samples": run.samples}
-                row["within_limit"] = row["downtime_ms"] <= limit + DOWNTIME_SLACK_MS
+                row = {"dirty-share": share, "workload": workload, "downtime-limit": limit,
+                       "max-bandwidth": RUNNING_BANDWIDTH, "ram": RUNNING_RAM,
+                       "total-time": info["total-time"], "dirty-sync-count": info["ram"].get("dirty-sync-count"),
+                       "downtime": info.get("downtime"), "x-guest-downtime": info.get("x-guest-downtime"),
+                       "x-expected-downtime": expected, "transferred": info["ram"].get("transferred"),
+                       "x-switchover": info.get("x-switchover", {}),
+                       # (ms since migrate, remaining bytes, expected downtime ms)
+                       "samples": [(round(t * 1000, 1), left, exp) for t, left, exp in run.samples]}
+                row["within-limit"] = row["downtime"] <= limit + DOWNTIME_SLACK_MS
                 out.append(row)
                 self.log(f"  running {int(share * 100):>2} % dirty, limit {limit:>3} ms: "
-                         f"{row['passes']} passes, {row['total_ms']} ms, downtime {row['downtime_ms']} ms "
-                         f"(guest {row['guest_downtime_ms']} ms, expected {expected} ms)")
+                         f"{row['dirty-sync-count']} passes, {row['total-time']} ms, downtime {row['downtime']} ms "
+                         f"(guest {row['x-guest-downtime']} ms, expected {expected} ms)")
 
     # 5 ---------------------------------------------------------------------------------
     def scaling(self) -> None:
@@ -150,21 +157,18 @@ class Bench:
                     migrate(Guest(size, "random"), "tcp", self.workdir, {"max-bandwidth": 0}, self.tag()))
         for size, runs in by_size.items():
             gib = size / GiB
-            secs = median([r.info["total-time"] / 1000 for r in runs])
+            total = median([r.info["total-time"] for r in runs])
             private: dict[str, int] = {}
             for r in runs:
                 for k, v in r.private.items():
                     private[k] = max(private.get(k, 0), v)
-            row = {"ram": size, "seconds": secs, "seconds_per_gib": secs / gib, "throughput": size / secs,
-                   "cpu_src_per_gib": median([sum(v for k, v in r.cpu.items() if k.startswith("src/"))
-                                              for r in runs]) / gib,
-                   "cpu_dst_per_gib": median([sum(v for k, v in r.cpu.items() if k.startswith("dst/"))
-                                              for r in runs]) / gib,
-                   "cpu_per_actor": {k: median([r.cpu.get(k, 0) for r in runs]) for k in runs[0].cpu},
-                   "private": private}
+            row = {"ram": size, "total-time": total, "time-per-gib": round(total / gib, 1),
+                   "mbps": mbps(size / total * 1000),
+                   "cpu-src-per-gib": cpu_ms(runs, "src/", gib), "cpu-dst-per-gib": cpu_ms(runs, "dst/", gib),
+                   "cpu-per-actor": cpu_per_actor(runs), "private": private}
             out.append(row)
-            self.log(f"  scaling {size // MiB:>5} MiB: {row['seconds_per_gib']:.2f} s/GiB, CPU "
-                     f"{row['cpu_src_per_gib']:.2f} + {row['cpu_dst_per_gib']:.2f} s/GiB, largest private "
+            self.log(f"  scaling {size // MiB:>5} MiB: {row['time-per-gib']:.0f} ms/GiB, CPU "
+                     f"{row['cpu-src-per-gib']:.0f} + {row['cpu-dst-per-gib']:.0f} ms/GiB, largest private "
                      f"{max(private.values()) / MiB:.0f} MiB ({max(private, key=private.get)})")
 
     # 6 ---------------------------------------------------------------------------------
@@ -178,8 +182,8 @@ class Bench:
             return
         self.results["qcow2"] = block_bench.run(4096, 3, None)
         for r in self.results["qcow2"]["results"]:
-            self.log(f"  qcow2 {r['workload']:<9}: {r['ours_mib_per_s']} MiB/s vs qemu-img "
-                     f"{r['qemu_mib_per_s']} MiB/s ({r['ratio']}x)")
+            self.log(f"  qcow2 {r['workload']:<9}: {gb_per_s(r['ours-mbps']):.2f} GB/s vs qemu-img "
+                     f"{gb_per_s(r['qemu-mbps']):.2f} GB/s ({r['ratio']}x)")
 
     def save(self) -> str:
         self.results["targets"] = targets(self.results)
