@@ -22,12 +22,11 @@ from livemig.machine.profile import profile
 from livemig.machine.ram import PAGE_SIZE
 from livemig.protocol import blockmig, postcopy, returnpath, savevm
 from livemig.protocol.devices import (
-    DEVICES,
     DIGEST_SECTION,
     SWITCHOVER_GO,
     SWITCHOVER_SECTION,
     VCPU_SECTION,
-    Device,
+    device_loaders,
 )
 from livemig.protocol.messages import Message
 from livemig.protocol.objects import ObjectError, create
@@ -241,18 +240,9 @@ class Receiver:
         self.notify("started", {"tls": tls_info(channel)})
         t0 = time.monotonic()
         states: dict[str, dict[int, object]] = {}
-
-        def loader_for(device: Device):
-            def load(r: savevm.BufferedReader, instance: int, version: int) -> None:
-                if device.idstr == VCPU_SECTION and instance >= self.vcpus:
-                    raise savevm.StreamError(
-                        f"vCPU {instance} in the stream but this guest has {self.vcpus} vCPUs")
-                states.setdefault(device.idstr, {})[instance] = device.load(r, version)
-            return load
-
         wanted = [*((VCPU_SECTION, SWITCHOVER_SECTION, DIGEST_SECTION) if self.profile.has_vcpus else ()),
                   *self.profile.devices]
-        loaders = {name: loader_for(DEVICES[name]) for name in wanted}
+        loaders = device_loaders(wanted, self.vcpus, states)
         blocks = [RamBlock(b.name, self.ram.block_pages(b)) for b in self.ram.blocks]
         images: dict[str, Image] = {}
         block_loader = blockmig.BlockLoader(lambda name: self.block_target(name, images))

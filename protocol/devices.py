@@ -120,6 +120,26 @@ DEVICES: dict[str, Device] = {
 }
 
 
+def device_loaders(names: list[str], vcpus: int,
+                   states: dict[str, dict[int, object]]) -> dict[str, savevm.DeviceLoader]:
+    """FULL-section loaders for the devices `names` of a guest with `vcpus`
+    vCPUs, each keeping its state in states[idstr][instance]: one instance
+    per vCPU, instance 0 of every other device, so that what is kept is
+    bounded by the guest, not by the stream (StreamLoader takes each once)."""
+    def loader(device: Device) -> savevm.DeviceLoader:
+        limit = vcpus if device.idstr == VCPU_SECTION else 1
+
+        def load(r: savevm.BufferedReader, instance: int, version: int) -> None:
+            if instance >= limit:
+                if device.idstr == VCPU_SECTION:
+                    raise savevm.StreamError(f"vCPU {instance} in the stream but this guest has {vcpus} vCPUs")
+                raise savevm.StreamError(f"section {device.idstr!r} instance {instance}: this guest has only "
+                                         "instance 0")
+            states.setdefault(device.idstr, {})[instance] = device.load(r, version)
+        return load
+    return {name: loader(DEVICES[name]) for name in names}
+
+
 def full_section(section_id: int, device: Device, instance: int, payload: bytes) -> list[bytes]:
     return [savevm.section_start(savevm.SECTION_FULL, section_id, device.idstr, instance, device.version),
             payload, savevm.footer(section_id)]

@@ -32,6 +32,7 @@ RAM_MULTIFD_FLUSH = 0x200
 RAM_KNOWN_FLAGS = RAM_ZERO | RAM_MEM_SIZE | RAM_PAGE | RAM_EOS | RAM_CONTINUE | RAM_XBZRLE | RAM_MULTIFD_FLUSH
 
 PAGE_MASK = PAGE_SIZE - 1
+MAX_RAM_BLOCKS = 1024  # in one block list (a QEMU pc guest has about 10)
 
 _be64 = struct.Struct(">Q")
 
@@ -276,11 +277,18 @@ class RamLoader:
             known[index] = False
 
     def _mem_size(self, r: BufferedReader, total: int) -> None:
+        """The block list: each block named once and checked against this
+        guest's (name and size) as it is read, so a list can hold no more
+        entries than the guest has blocks."""
         seen = 0
-        names = []
+        names: set[str] = set()
         while seen < total:
             name = r.idstr()
             length = r.be64()
+            if name in names:
+                raise StreamError(f"RAM block {name!r} listed twice in the block list")
+            if len(names) >= MAX_RAM_BLOCKS:
+                raise StreamError(f"RAM block list of more than {MAX_RAM_BLOCKS} blocks")
             block = self.blocks.get(name)
             if block is None and self.create_block is not None:
                 block = self.blocks[name] = self.create_block(name, length)
@@ -292,7 +300,7 @@ class RamLoader:
             if length != block.size:
                 raise StreamError(
                     f"RAM block {name!r} has {length} bytes in the stream but {block.size} here")
-            names.append(name)
+            names.add(name)
             seen += length
         if seen != total:
             raise StreamError(f"RAM block sizes add up to {seen}, MEM_SIZE says {total}")
@@ -384,7 +392,7 @@ class RamSkipper:
                 raise StreamError(f"unsupported RAM record flags {flags:#x}")
             if flags & RAM_MEM_SIZE:
                 total, seen = word & ~PAGE_MASK, 0
-                for _ in range(1024):
+                for _ in range(MAX_RAM_BLOCKS):
                     if seen >= total:
                         break
                     r.idstr()

@@ -48,8 +48,11 @@ COMMAND_NAMES = {1: "OPEN_RETURN_PATH", 2: "PING", 3: "POSTCOPY_ADVISE", 4: "POS
                  9: "POSTCOPY_RESUME", 10: "RECV_BITMAP", 11: "SWITCHOVER_START"}
 
 GLOBALSTATE_RUNSTATE_LEN = 100
-MAX_VMDESC = 16 << 20
+# QEMU's vmdesc for a q35 guest with a dozen devices is 70 KiB; decoded
+# JSON costs up to 20 times its text, so this bounds it to about 20 MiB.
+MAX_VMDESC = 1 << 20
 MAX_MACHINE_NAME = 256
+MAX_CAPABILITIES = 64  # in the configuration section (QEMU 9.2 knows 2)
 
 _be32 = struct.Struct(">I")
 _be64 = struct.Struct(">Q")
@@ -252,6 +255,10 @@ class StreamLoader:
         self.on_command = on_command
         self.return_path = False  # the source asked for answers on the return path
         self.open_sections: dict[int, tuple[str, int]] = {}  # section id -> (idstr, version)
+        # Each live section starts once, each device section comes once: a
+        # stream of repeats must not grow what the destination keeps.
+        self.started: set[str] = set()
+        self.loaded: set[tuple[str, int]] = set()
         self.refusal: str | None = None  # the stream is refused; reading on only to say more
 
     def load(self, r: BufferedReader, read_trailer: bool = True) -> LoadResult:
@@ -293,13 +300,20 @@ class StreamLoader:
                 idstr = r.idstr()
                 instance = r.be32()
                 ver = r.be32()
-                result.sections.append((idstr, instance, ver))
                 if idstr in self.live and instance == 0:
                     if kind == SECTION_FULL:
                         raise StreamError(f"{idstr} section sent as FULL")
+                    if idstr in self.started:
+                        raise StreamError(f"section {idstr!r} started a second time (section id {sid})")
+                    self.started.add(idstr)
+                    result.sections.append((idstr, instance, ver))
                     self.open_sections[sid] = (idstr, ver)
                     self.live[idstr].load(r, ver)
                 elif kind == SECTION_FULL and idstr in self.devices:
+                    if (idstr, instance) in self.loaded:
+                        raise StreamError(f"section {idstr!r} instance {instance} sent a second time")
+                    self.loaded.add((idstr, instance))
+                    result.sections.append((idstr, instance, ver))
                     self.devices[idstr](r, instance, ver)
                     if r.peek_u8() == SUBSECTION:
                         # Optional device state the loader does not know (e.g. QEMU's
@@ -419,7 +433,10 @@ def read_configuration(r: BufferedReader) -> dict:
                 raise StreamError(f"stream uses target pages of {1 << bits} bytes; livemig needs {PAGE_SIZE}")
             config["target-page-bits"] = bits
         elif name == CONFIG_CAPABILITIES:
-            caps = [r.idstr() for _ in range(r.be32())]
+            count = r.be32()
+            if count > MAX_CAPABILITIES:
+                raise StreamError(f"configuration section lists {count} capabilities")
+            caps = [r.idstr() for _ in range(count)]
             refused = [c for c in caps if c in RAM_FORMAT_CAPABILITIES]
             if refused:
                 raise StreamError(f"stream was made with capability {refused[0]!r}, which changes the RAM "

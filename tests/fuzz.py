@@ -12,6 +12,7 @@ answer or close, and keep serving other clients."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import random
 import resource
@@ -19,12 +20,14 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from livemig.protocol import devices, savevm, xbzrle
 from livemig.protocol.ram import (
     RAM_CONTINUE,
+    RAM_MEM_SIZE,
     RAM_XBZRLE,
     PageEncoder,
     RamBlock,
@@ -83,25 +86,32 @@ def xbzrle_records(rng: random.Random, held: np.ndarray) -> list[bytes]:
     return out
 
 
-def load(data: bytes) -> bool:
-    """True if the stream loads; False if refused with StreamError. Anything
-    else propagates: that is a bug."""
+def load(data: bytes, chunks: Iterator[bytes] | None = None) -> bool:
+    """True if the stream (`data`, or else `chunks`) loads; False if refused
+    with StreamError. Anything else propagates: that is a bug."""
     pages = np.zeros((PAGES, 4096), np.uint8)
     pos = 0
+    source = iter(chunks if chunks is not None else ())
 
     def read_into(buf: memoryview) -> int:
-        nonlocal pos
+        nonlocal pos, data
+        while pos == len(data):
+            data, pos = next(source, None), 0
+            if data is None:
+                data = b""
+                return 0
         n = min(len(buf), len(data) - pos)
         buf[:n] = data[pos:pos + n]
         pos += n
         return n
 
-    loaders = {name: (lambda dev: lambda r, _i, v: dev.load(r, v))(devices.DEVICES[name])
-               for name in (devices.VCPU_SECTION, devices.SWITCHOVER_SECTION, devices.DIGEST_SECTION,
-                            "globalstate")}
+    # What the receiver keeps, kept the same way.
+    loaders = devices.device_loaders([devices.VCPU_SECTION, devices.SWITCHOVER_SECTION, devices.DIGEST_SECTION,
+                                      "globalstate"], 1, {})
     loader = savevm.StreamLoader(RamLoader([RamBlock("pc.ram", pages)]), loaders, machine="pc")
     try:
-        loader.load(savevm.BufferedReader(read_into, capacity=1 << 20))
+        # A flood gets the receiver's own buffer; mutations a smaller one, for speed.
+        loader.load(savevm.BufferedReader(read_into, capacity=1 << 20 if chunks is None else 8 << 20))
     except savevm.StreamError:
         return False
     return True
@@ -128,6 +138,119 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
             cut = rng.randrange(len(other))
             buf = buf[:at] + other[cut:cut + rng.randrange(1, 4096)]
     return bytes(buf)
+
+
+# Floods ---------------------------------------------------------------------------------------
+# Streams whose counts and lengths are each within the format but add up to
+# far more than a guest can hold: what used to grow a destination's memory
+# with its input. Each yields its bytes in chunks, so that the sender holds
+# little of it; `head` is a stream's header and configuration section.
+
+CHUNK = 1 << 20
+
+
+def _chunks(head: bytes, record: Callable[[int], bytes], n: int, tail: bytes = b"") -> Iterator[bytes]:
+    yield head
+    buf = bytearray()
+    for i in range(n):
+        buf += record(i)
+        if len(buf) >= CHUNK:
+            yield bytes(buf)
+            buf.clear()
+    yield bytes(buf) + tail
+
+
+def mem_size_flood(head: bytes, block: str, size: int, n: int = 4_000_000) -> Iterator[bytes]:
+    """A MEM_SIZE record that lists the same RAM block n times."""
+    entry = savevm.encode_idstr(block) + struct.pack(">Q", size)
+    start = savevm.section_start(savevm.SECTION_START, 2, "ram", 0, 4) + struct.pack(">Q", (n * size) | RAM_MEM_SIZE)
+    return _chunks(head + start, lambda _i: entry, n)
+
+
+def section_flood(head: bytes, n: int = 1_000_000, instances: bool = False) -> Iterator[bytes]:
+    """n switchover sections: all instance 0, or each its own instance."""
+    dev = devices.DEVICES[devices.SWITCHOVER_SECTION]
+    payload = dev.encode(None)
+    return _chunks(head, lambda i: b"".join(devices.full_section(i + 3, dev, i if instances else 0, payload)), n)
+
+
+def digest_flood(head: bytes, n: int = 4000, blocks: int = 256) -> Iterator[bytes]:
+    """n digest sections (each its own instance), each naming `blocks` RAM blocks."""
+    dev = devices.DEVICES[devices.DIGEST_SECTION]
+    payload = dev.encode({f"flood.block.{k:04d}.{'x' * 40}": bytes(devices.DIGEST_SIZE) for k in range(blocks)})
+    return _chunks(head, lambda i: b"".join(devices.full_section(i + 3, dev, i, payload)), n)
+
+
+def live_flood(head: bytes, n: int = 1_000_000) -> Iterator[bytes]:
+    """n RAM sections started (each under a new id), none ended."""
+    return _chunks(head, lambda i: savevm.section_start(savevm.SECTION_START, i + 2, "ram", 0, 4)
+                   + ram_eos() + savevm.footer(i + 2), n)
+
+
+def capability_flood(machine: str, n: int = 4_000_000) -> Iterator[bytes]:
+    """A configuration section whose capability list has n entries."""
+    sub = (bytes([savevm.SUBSECTION]) + savevm.encode_idstr(savevm.CONFIG_CAPABILITIES)
+           + struct.pack(">II", 1, n))
+    return _chunks(savevm.header() + savevm.configuration(machine) + sub,
+                   lambda i: savevm.encode_idstr(f"{i % 4096:03x}"), n)
+
+
+def vmdesc_flood(body: bytes, size: int = 6 << 20) -> Iterator[bytes]:
+    """A stream up to its EOF (`body`), then a vmdesc of `size` bytes of
+    empty objects (each costs the decoder about 20 times its text)."""
+    text = b"[" + b"{}," * ((size - 4) // 3) + b"{}]"
+    yield body + bytes([savevm.VMDESCRIPTION]) + struct.pack(">I", len(text))
+    yield from (text[i:i + CHUNK] for i in range(0, len(text), CHUNK))
+
+
+def floods(head: bytes, body: bytes, machine: str, block: str, size: int) -> dict[str, Callable[[], Iterator[bytes]]]:
+    """Every flood, by name, for a destination with the RAM block `block` of `size` bytes."""
+    return {"mem-size": lambda: mem_size_flood(head, block, size),
+            "sections": lambda: section_flood(head),
+            "instances": lambda: section_flood(head, instances=True),
+            "digests": lambda: digest_flood(head),
+            "live-sections": lambda: live_flood(head),
+            "capabilities": lambda: capability_flood(machine),
+            "vmdesc": lambda: vmdesc_flood(body)}
+
+
+def stream_head(stream: bytes) -> bytes:
+    """The header and configuration section of a stream."""
+    r = savevm.BufferedReader(io.BytesIO(stream).readinto, 1 << 16)
+    r.be32(), r.be32()
+    if r.u8() != savevm.CONFIGURATION:
+        raise ValueError("the stream has no configuration section")
+    savevm.read_configuration(r)
+    return stream[:r.consumed]
+
+
+def peak_growth(pid: int | str = "self") -> Callable[[], int]:
+    """Resets the peak resident size of process `pid` (clear_refs 5); the
+    function returned gives how far the peak rose above the size at reset."""
+    def status(key: str) -> int:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith(key))
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+    start = status("VmRSS:")
+    return lambda: status("VmHWM:") - start
+
+
+def fuzz_floods(limit: int = 64 << 20) -> dict:
+    """Each flood against the loader: refused, and the peak of this process's
+    memory rises by less than `limit` (the input is generated, not held).
+    Returns the rise in MiB per flood."""
+    base = valid_stream(random.Random(0))
+    head = stream_head(base)
+    body = base[:base.rindex(savevm.vmdescription({"page_size": 4096, "devices": []}))]
+    out = {}
+    for name, flood in floods(head, body, "pc", "pc.ram", PAGES * 4096).items():
+        growth = peak_growth()
+        loaded = load(b"", flood())
+        assert not loaded, f"flood {name} loaded"
+        assert growth() < limit, f"flood {name}: memory rose by {growth() >> 20} MiB"
+        out[name] = round(growth() / (1 << 20), 1)
+    return out
 
 
 def fuzz_streams(cases: int, seconds: float, seed: int = 0, report=print) -> dict:
@@ -267,6 +390,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     print("stream fuzzing:", fuzz_streams(args.stream_cases, args.seconds, args.seed), flush=True)
+    print("floods (peak MiB):", fuzz_floods(), flush=True)
     from livemig.tools.launch import HostProcess
 
     with HostProcess(f"fuzz{time.time_ns() % 100000}", "--ram", "16M", "--workload", "idle") as host:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 
 import pytest
 
 from livemig.protocol import savevm
 from livemig.tools.bench.accounting import actor_pids, private_memory
 from tests.conftest import guest_args, replay_matches
+from tests.fuzz import floods, peak_growth, stream_head
 
 ARGS = guest_args(ram="32M", workload="memtouch:rate=2M,wss=4M")
 
@@ -41,6 +43,62 @@ def test_deep_vmdesc_fails_and_the_next_migration_completes(hosts, tmp_path, por
     assert dst.cmd("query-status")["status"] == "inmigrate"
     assert private_memory(receiver)["private"] - idle < 64 << 20
     dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")  # accepted at once
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    assert src.wait_migration(60)["status"] == "completed"
+    dst.wait_status("running", 30)
+    result = replay_matches(dst, tmp_path)
+    assert result["ram_equal"] and result["vcpu_equal"]
+
+
+FLOOD_CAUSES = {"mem-size": "listed twice in the block list", "sections": "sent a second time",
+                "instances": "this guest has only instance 0", "digests": "this guest has only instance 0",
+                "live-sections": "started a second time", "capabilities": "lists 4000000 capabilities",
+                "vmdesc": "is too large"}
+
+
+def send(port: int, chunks) -> None:
+    """A stream to the destination, for as long as it reads."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            for chunk in chunks:
+                s.sendall(chunk)
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # refused and closed mid-stream
+
+
+def test_floods_fail_in_bounded_memory_and_the_next_migration_completes(hosts, tmp_path, port):
+    """Each count in the stream within its field but beyond what the guest
+    holds (a block list naming pc.ram 4 million times, a million sections,
+    4,000 digest sections, ...): the destination fails with the cause, the
+    peak and the kept private memory of its receiver and coordinator stay
+    within 64 MiB of idle, and it takes the next migration at once."""
+    dst = hosts.start("dst", *ARGS, "--incoming", f"tcp:127.0.0.1:{port}")
+    src = hosts.start("src", *ARGS)
+    path = tmp_path / "good.mig"
+    src.cmd("migrate", uri=f"file:{path}")
+    assert src.wait_migration(60)["status"] == "completed"
+    src.cmd("cont")
+    good = path.read_bytes()
+    guest = dst.cmd("x-query-host")["guest"]
+    block, size = guest["blocks"][0]
+    body = good[:good.rindex(b'{"page_size"') - 5]
+    pids = actor_pids(dst.proc.pid)
+    receiving = [pids["receiver"], pids["coordinator"]]
+    for name, flood in floods(stream_head(good), body, guest["machine"], block, size).items():
+        idle = [private_memory(pid)["private"] for pid in receiving]
+        peaks = [peak_growth(pid) for pid in receiving]
+        sender = threading.Thread(target=send, args=(port, flood()))
+        sender.start()
+        info = dst.wait_migration(60, states=("failed",))
+        sender.join(30)
+        assert FLOOD_CAUSES[name] in info.get("error-desc", ""), (name, info)
+        rises = [(peak(), private_memory(pid)["private"] - before)
+                 for pid, before, peak in zip(receiving, idle, peaks, strict=True)]
+        print(f"{name}: peak and kept rise (MiB) of receiver, coordinator:",
+              [(round(p / 2**20, 1), round(k / 2**20, 1)) for p, k in rises])
+        assert all(p < 64 << 20 and k < 64 << 20 for p, k in rises), (name, rises)
+        dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")  # accepted at once
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     assert src.wait_migration(60)["status"] == "completed"
     dst.wait_status("running", 30)
