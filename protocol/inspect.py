@@ -38,7 +38,7 @@ class Section:
     offset: int  # of its first header byte
     bytes: int = 0  # every piece, headers and footers included
     pieces: dict[str, int] = field(default_factory=dict)
-    state: object = None  # decoded device state, for devices livemig knows
+    state: object = None  # decoded device state, for devices livemig knows (JSON's types)
     described: bool = False  # the vmdesc trailer describes it
 
     def as_dict(self) -> dict:
@@ -48,6 +48,17 @@ class Section:
         if self.state is not None:
             out["state"] = self.state
         return out
+
+
+def _plain(value: object) -> object:
+    """A decoded state as JSON can carry it: bytes (a digest) as hex."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 @dataclass
@@ -239,9 +250,9 @@ class _Scanner:
             desc = self.devices.get((name, instance))
             if desc is not None:
                 sec.described = True
-                sec.state = _decode(name, version, _skip_described(r, desc, where))
+                sec.state = _plain(_decode(name, version, _skip_described(r, desc, where)))
             elif name in DEVICES:
-                sec.state = DEVICES[name].load(r, version)
+                sec.state = _plain(DEVICES[name].load(r, version))
             elif self.info.vmdesc is None:
                 raise savevm.StreamError(f"cannot skip {where} at offset {at}: the stream has no vmdesc "
                                          "trailer to give its size")
