@@ -30,6 +30,7 @@ import zmq
 
 from livemig.machine.runstate import MIGRATION_END
 from livemig.protocol.units import parse_size
+from livemig.tools import rig_postcopy
 from livemig.tools.demo import verify
 from livemig.tools.launch import HostProcess, free_port
 from livemig.tools.rig_report import report  # noqa: F401 - `livemig rig report`, the tests
@@ -255,17 +256,30 @@ class Rig:
         name = f"{spec.name}-{host}-{uuid.uuid4().hex[:4]}"
         return HostProcess(name, *spec.args(), *extra, prefix=self.net.prefix(host), env=self.env)
 
+    def port(self, *key) -> int:
+        # Each namespace has its own ports; on shared loopback ask the kernel for a free one.
+        return free_port() if self.net.loopback else 20000 + (abs(hash(key)) % 20000)
+
     def migrate(self, guest: str, target: str, params: dict, caps: dict, run_id: str,
-                collector: Collector, during=None, timeout: float | None = None) -> dict:
+                collector: Collector, during=None, timeout: float | None = None,
+                migration: dict | None = None) -> dict:
         spec = self.scenario.guests[guest]
         source_host, src = self.guests[guest]
-        # Each namespace has its own ports; on shared loopback ask the kernel for a free one.
-        port = free_port() if self.net.loopback else 20000 + (abs(hash((run_id, guest, target))) % 20000)
-        uri = f"tcp:{self.net.address(source_host, target)}:{port}"
-        dst = self.start_guest(spec, target, "--incoming", uri)
+        address = self.net.address(source_host, target)
+        uri = f"tcp:{address}:{self.port(run_id, guest, target)}"
+        postcopy = rig_postcopy.wanted(caps)
+        # A post-copy destination learns its capabilities and parameters before it listens.
+        dst = self.start_guest(spec, target, "--incoming", "defer" if postcopy else uri)
         collector.watch(src)
         collector.watch(dst)
         time.sleep(0.2)
+        switch = None
+        if postcopy:
+            rig_postcopy.prepare(dst, caps, params, uri)
+            switch = rig_postcopy.Switch(src, dst, migration or {},
+                                         lambda up: self.net.set_link(source_host, target, up),
+                                         lambda: f"tcp:{address}:{self.port(run_id, guest, target, time.time())}")
+            during = None  # a post-copy migration's link cut counts from postcopy-active
         if caps:
             src.cmd("migrate-set-capabilities", capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
         src.cmd("migrate-set-parameters", **params)
@@ -285,6 +299,8 @@ class Rig:
             throttle = max(throttle, info.get("cpu-throttle-percentage", 0))
             if info.get("status") in MIGRATION_END:
                 break
+            if switch is not None:
+                switch.poll(info["status"])
             if during is not None and time.monotonic() - start > during[0]:
                 during[1]()
                 during = None
@@ -317,6 +333,8 @@ class Rig:
             result["peak-cpu-throttle-percentage"] = throttle
         if cancel_ms is not None:
             result["cancel-time"] = cancel_ms
+        if switch is not None:
+            result.update(switch.figures(info))
         moving_ms = (info.get("total-time") or 0) - (info.get("setup-time") or 0)
         if moving_ms > 0 and ram.get("transferred"):
             # Everything on the wire from the end of setup to the end: what the link carried,
@@ -372,15 +390,15 @@ class Rig:
             time.sleep(0.3)
             for m in self.scenario.migrations:
                 during = None
+                src_host = self.guests[m["guest"]][0]
                 if m.get("link_down_after"):
-                    src_host = self.guests[m["guest"]][0]
                     during = (float(m["link_down_after"]),
                               lambda s=src_host, t=m["to"]: self.net.set_link(s, t, False))
                 self.results.append(self.migrate(m["guest"], m["to"], {**params, **m.get("parameters", {})},
                                                  {**caps, **m.get("capabilities", {})}, run_id, collector, during,
-                                                 m.get("timeout")))
-                if during is not None or m.get("link_down_after"):
-                    self.net.set_link(self.guests[m["guest"]][0], m["to"], True)
+                                                 m.get("timeout"), m))
+                if m.get("link_down_after"):
+                    self.net.set_link(src_host, m["to"], True)
             if self.scenario.evacuation:
                 self.evacuate(run_id, params, caps, collector)
         finally:

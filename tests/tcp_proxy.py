@@ -1,0 +1,53 @@
+"""A TCP proxy for tests: forwards one connection both ways and can reset it
+(SO_LINGER 0, so both ends see RST), as a middlebox dropping a flow does."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+
+class Proxy:
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.forwarded = 0  # bytes, both ways
+        self.lock = threading.Lock()
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self.upstream, timeout=10)
+            server.settimeout(None)
+            with self.lock:
+                self.sockets += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    def pump(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                b.sendall(data)
+                with self.lock:
+                    self.forwarded += len(data)
+        except OSError:
+            pass
+
+    def reset(self) -> None:
+        """Abort every forwarded connection with RST on both sides."""
+        with self.lock:
+            for s in self.sockets:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+            self.sockets = []
+
+    def close(self) -> None:
+        self.listener.close()
+        self.reset()
