@@ -14,6 +14,7 @@ class Proxy:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.sockets: list[socket.socket] = []
+        self.pumps: list[threading.Thread] = []
         self.forwarded = 0  # bytes, both ways
         self.lock = threading.Lock()
         threading.Thread(target=self.serve, daemon=True).start()
@@ -29,7 +30,10 @@ class Proxy:
             with self.lock:
                 self.sockets += [client, server]
             for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+                t = threading.Thread(target=self.pump, args=(a, b), daemon=True)
+                t.start()
+                with self.lock:
+                    self.pumps.append(t)
 
     def pump(self, a: socket.socket, b: socket.socket) -> None:
         try:
@@ -41,12 +45,20 @@ class Proxy:
             pass
 
     def reset(self) -> None:
-        """Abort every forwarded connection with RST on both sides."""
+        """Abort every forwarded connection with RST on both sides. A socket
+        sends its RST when its last user lets go, so the pumps blocked in
+        recv are woken (shutdown of the read side sends nothing) and joined
+        before the close."""
         with self.lock:
-            for s in self.sockets:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                s.close()
-            self.sockets = []
+            sockets, self.sockets = self.sockets, []
+            pumps, self.pumps = self.pumps, []
+        for s in sockets:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.shutdown(socket.SHUT_RD)
+        for t in pumps:
+            t.join(10)
+        for s in sockets:
+            s.close()
 
     def close(self) -> None:
         self.listener.close()

@@ -22,8 +22,8 @@ EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 LONG = os.environ.get("LIVEMIG_LONG") == "1"
 needs_rig = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tc"),
                                reason="network namespaces and tc need root and iproute2")
-LINK = 4 << 20  # bytes/s on loopback
-GUEST = guest_args(ram="32M", workload="memtouch:rate=16M,wss=24M")
+LINK = 8 << 20  # bytes/s on loopback: max-bandwidth and max-postcopy-bandwidth
+GUEST = guest_args(ram="32M", workload="memtouch:rate=32M,wss=24M")  # 4x the link
 
 
 def test_proxy_reset_mid_postcopy_then_recover(hosts, tmp_path, port):
@@ -38,7 +38,7 @@ def test_proxy_reset_mid_postcopy_then_recover(hosts, tmp_path, port):
         for h in (src, dst):
             h.cmd("migrate-set-capabilities", capabilities=[*POSTCOPY, {"capability": "postcopy-blocktime",
                                                                         "state": True}])
-        src.cmd("migrate-set-parameters", **{"max-bandwidth": LINK, "max-postcopy-bandwidth": LINK // 2})
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": LINK, "max-postcopy-bandwidth": LINK})
         time.sleep(0.3)
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
         wait_status(src, "active", 10)
