@@ -221,9 +221,11 @@ def tls_creds_id(mon: Qmp) -> str:
 
 def migration_settings(mon: Qmp, flags: dict, params: dict) -> tuple[list[dict], dict]:
     """The capabilities virsh's flags ask for, refused in one line if the host lacks one,
-    and the parameters that go with them."""
+    and the parameters that go with them. return-path is always on, as libvirt turns it
+    on for every migration it runs (QEMU's default, off, leaves a source blind to a
+    destination that failed)."""
     have = {c["capability"] for c in mon("query-migrate-capabilities")}
-    caps = []
+    caps = [{"capability": "return-path", "state": True}]
     for key, (flag, cap) in CAPABILITY_FLAGS.items():
         if flags[key]:
             if cap not in have:
@@ -300,8 +302,7 @@ def migrate(uri, detach, as_json, timeout, blk, inc, bandwidth, downtime, auto_c
     mon = connect(host, qmp)
     try:
         caps, params = migration_settings(mon, flags, params)
-        if caps:
-            mon("migrate-set-capabilities", capabilities=caps)
+        mon("migrate-set-capabilities", capabilities=caps)
         if params:
             mon("migrate-set-parameters", **params)
         mon("migrate", **args)

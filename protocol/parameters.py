@@ -114,7 +114,7 @@ CAPABILITIES: dict[str, Capability] = {c.name: c for c in (
     Capability("x-colo", supported=False),
     Capability("release-ram", supported=False),
     Capability("block", supported=False),  # migrate's blk / inc arguments do block migration
-    Capability("return-path", True),
+    Capability("return-path"),  # off as in QEMU; livemig's clients turn it on (docs/monitor.md)
     Capability("pause-before-switchover"),
     Capability("dirty-bitmaps", supported=False),
     Capability("postcopy-blocktime"),

@@ -40,9 +40,9 @@ class Hosts:
         self.tag = tag
         self.started: list[HostProcess] = []
 
-    def start(self, name: str, *args: str, pass_fds: tuple[int, ...] = ()) -> HostProcess:
+    def start(self, name: str, *args: str, pass_fds: tuple[int, ...] = (), return_path: bool = True) -> HostProcess:
         h = HostProcess(f"{name}-{uuid.uuid4().hex[:6]}", *args, pass_fds=pass_fds,
-                        env={"LIVEMIG_TEST_TAG": self.tag})
+                        env={"LIVEMIG_TEST_TAG": self.tag}, return_path=return_path)
         self.started.append(h)
         return h
 

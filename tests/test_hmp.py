@@ -106,8 +106,8 @@ def test_hmp_text_matches_qemu(hosts, qemu, tmp_path):
         params = [m.cmd("query-migrate-parameters") for m in both]
         for key in ("max-bandwidth", "downtime-limit"):
             assert params[0][key] == params[1][key], key
-        # Every parameter and capability both have prints the same line (livemig turns
-        # return-path on by default; QEMU leaves it off).
+        # Every parameter and capability both have prints the same line (the launcher
+        # turns return-path on, as libvirt does; QEMU's default is off).
         hmp(ours, "migrate_set_capability return-path off")
         for info in ("info migrate_parameters", "info migrate_capabilities"):
             mine, theirs = (hmp(m, info).split("\r\n") for m in both)

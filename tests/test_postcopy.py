@@ -156,3 +156,20 @@ def test_pause_and_recover_mid_postcopy(hosts, tmp_path, port):
     assert pc["placed-twice"] == 0 and pc["missing"] == 0, pc
     result = replay_matches(dst, tmp_path)
     assert result["ram_equal"] and result["vcpu_equal"], result
+
+
+def test_postcopy_opens_the_return_path_without_the_capability(hosts, tmp_path, port):
+    """As QEMU: postcopy-ram alone opens the return path (return-path off, its default)."""
+    uri = f"tcp:127.0.0.1:{port}"
+    src = hosts.start("src", *GUEST, return_path=False)
+    dst = hosts.start("dst", *GUEST, "--incoming", uri, return_path=False)
+    for h in (src, dst):
+        h.cmd("migrate-set-capabilities", capabilities=POSTCOPY)
+    assert not {c["capability"]: c["state"] for c in src.cmd("query-migrate-capabilities")}["return-path"]
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 * LINK, "x-postcopy-after-passes": 1})
+    src.cmd("migrate", uri=uri)
+    final = src.wait_migration(120)
+    assert final["status"] == "completed" and final["ram"]["postcopy-bytes"] > 0, final
+    assert dst.wait_migration(30)["status"] == "completed"
+    result = replay_matches(dst, tmp_path)
+    assert result["ram_equal"] and result["vcpu_equal"], result

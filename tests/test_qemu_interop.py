@@ -170,7 +170,7 @@ def test_livemig_to_qemu_round_trip(hosts, qemu, scratch, tmp_path, transport, s
     src.cmd("migrate", uri=uri)
     info = src.wait_migration(120)
     assert info["status"] == "completed", info
-    # QEMU answered on the return path (livemig's return-path capability is on by default).
+    # QEMU answered on the return path (the launcher turns livemig's return-path on, as libvirt does).
     assert "x-guest-downtime" in info, info
     assert dst.wait_migration(30)["status"] == "completed"
     assert dst.status() == expect

@@ -26,10 +26,15 @@ class HostProcess:
     """One `livemig host` process tree, stopped for sure when closed."""
 
     def __init__(self, name: str, *args: str, pass_fds: tuple[int, ...] = (), timeout: float = 60,
-                 env: dict | None = None, prefix: tuple[str, ...] = (), wait: bool = True) -> None:
+                 env: dict | None = None, prefix: tuple[str, ...] = (), wait: bool = True,
+                 return_path: bool = True) -> None:
         """`prefix` runs the host under another command, e.g. `ip netns exec NS`;
-        `wait=False` returns at once (call wait_started before using it)."""
+        `wait=False` returns at once (call wait_started before using it). As
+        libvirt does for every migration it runs (not tunnelled), the host gets
+        capability return-path on, unless `return_path` is False: QEMU's default
+        (off) leaves a source unable to learn that the destination failed."""
         self.name = name
+        self.return_path = return_path
         cmd = [*prefix, sys.executable, "-P", "-m", "livemig.cli.main", "host", "--name", name, "--json", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      pass_fds=pass_fds, start_new_session=True,
@@ -48,6 +53,8 @@ class HostProcess:
         self.info = json.loads(line)
         self.qmp_addr = self.info["qmp"]
         self.events = self.info["events"]
+        if self.return_path:
+            self.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
 
     def qmp(self):
         from qemu.qmp.legacy import QEMUMonitorProtocol

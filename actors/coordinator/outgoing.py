@@ -96,7 +96,9 @@ class Outgoing:
                                                        "xbzrle_cache_size": cache},
                                            timeout=timeout / 1000 + 30)  # the TLS handshake has `timeout`
             mig.tls = reply.data["result"].get("tls")
-            return_path = reply.data["result"]["return_path"] and self.capabilities["return-path"]
+            # As QEMU: post-copy opens the return path whatever the capability says.
+            return_path = reply.data["result"]["return_path"] and (
+                self.capabilities["return-path"] or self.capabilities["postcopy-ram"])
             blocks = [(b.name, b.size) for b in self.ram.blocks]
             head = [savevm.header(), savevm.configuration(self.guest.machine)]
             if return_path:

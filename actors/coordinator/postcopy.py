@@ -39,8 +39,7 @@ class Postcopy:
         if not self.capabilities.get("postcopy-ram"):
             return []
         if not return_path:
-            raise MigrationFailed("postcopy-ram needs a return path (a tcp:, unix: or socket fd: URI "
-                                  "and capability return-path)")
+            raise MigrationFailed("postcopy-ram needs a return path (a tcp:, unix: or socket fd: URI)")
         return [savevm.command(savevm.CMD_PING, struct.pack(">I", 1)), postcopy.advise()]
 
     async def postcopy_prepare(self, runstate: str, stop_at: float) -> bytes:
