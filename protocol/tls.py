@@ -3,11 +3,14 @@
 The credential and authorization objects are in protocol/tlscreds.py. The
 handshake runs first on a freshly connected channel, before any savevm byte.
 
-`TlsChannel` runs the TLS engine over memory BIOs and does its own I/O on the
-raw descriptors: that works the same over sockets and over an exec command's
-two pipes, keeps a deadline over the whole handshake, and lets the source's
-return-path thread read while the writer writes (one lock guards the engine,
-nobody waits on I/O while holding it).
+Over a socket (tcp, unix, fd: of a socket), `SocketTlsChannel` lets OpenSSL
+do the socket I/O itself (an ssl.SSLSocket): one call encrypts and sends a
+whole batch, no copy through Python. Over an exec: command's two pipes,
+`TlsChannel` runs the engine over memory BIOs and does its own I/O on the
+descriptors. Both keep a deadline over the whole handshake and let the
+source's return-path thread read while the writer writes: one lock guards the
+engine, the descriptors are non-blocking, and nobody waits on I/O while
+holding the lock.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import ctypes
 import errno
 import os
 import select
+import socket
 import ssl
 import threading
 import time
@@ -50,9 +54,11 @@ class Tls:
     def server_side(self) -> bool:
         return self.creds.endpoint == "server"
 
-    def wrap(self, channel: Channel, timeout: float | None) -> TlsChannel:
+    def wrap(self, channel: Channel, timeout: float | None) -> Channel:
         """Run the handshake on a freshly opened channel; close it on failure."""
         try:
+            if channel.sock is not None:
+                return SocketTlsChannel(channel, self, timeout)
             return TlsChannel(channel, self, timeout)
         except BaseException:
             channel.abort()
@@ -86,7 +92,7 @@ def _why(exc: BaseException, server: bool) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         whose = "the source's client certificate" if server else "the destination's certificate"
         return f"{whose} was refused: {exc.verify_message}"
-    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ConnectionResetError | BrokenPipeError):
         return f"the {peer} closed the connection during the TLS handshake (does it use TLS?)"
     if isinstance(exc, TimeoutError):
         return "timed out"
@@ -131,11 +137,48 @@ _libc.process_vm_readv.restype = ctypes.c_ssize_t
 _IOV_MAX = 1024
 
 
-def _gather(table: np.ndarray, dest: int, total: int) -> None:
-    """Copy the vectors of an iovec table to `dest` in order: one
-    process_vm_readv from our own process per IOV_MAX vectors (the kernel
-    copies; three times faster than a memmove per vector from Python), or
-    memmove where the system refuses it."""
+def _rows(addrs: np.ndarray, size: int) -> np.ndarray | None:
+    """The vectors of `size` bytes at `addrs` as an (n, size) array: a view of
+    one run when they are consecutive, else gathered rows of the span they lie
+    in; None when they do not sit on one grid of `size`."""
+    lo = int(addrs.min())
+    offsets = addrs - np.uint64(lo)
+    if np.any(offsets % np.uint64(size)):
+        return None
+    span = int(offsets.max()) + size
+    whole = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(lo)).reshape(-1, size)
+    rows = (offsets // np.uint64(size)).astype(np.intp)
+    if rows[0] == 0 and len(rows) == len(whole) and np.all(np.diff(rows) == 1):
+        return whole
+    return whole[rows]
+
+
+def _gather_records(table: np.ndarray, out: np.ndarray) -> bool:
+    """Copy a table of (header, page) vector pairs, each pair of the same two
+    sizes (the ram writer's), into `out` with numpy; False for other tables."""
+    if len(table) % 2 or not len(table):
+        return False
+    sizes = table[:2, 1]
+    head, body = int(sizes[0]), int(sizes[1])
+    if np.any(table[0::2, 1] != sizes[0]) or np.any(table[1::2, 1] != sizes[1]):
+        return False
+    parts = [_rows(table[0::2, 0], head), _rows(table[1::2, 0], body)]
+    if parts[0] is None or parts[1] is None:
+        return False
+    grid = out[:len(table) // 2 * (head + body)].reshape(-1, head + body)
+    grid[:, :head] = parts[0]
+    grid[:, head:] = parts[1]
+    return True
+
+
+def _gather(table: np.ndarray, out: np.ndarray, total: int) -> None:
+    """Copy the vectors of an iovec table to `out` in order: with numpy for the
+    ram writer's (header, page) pairs (a strided copy per run of pages), else
+    one process_vm_readv from our own process per IOV_MAX vectors, or memmove
+    where the system refuses it."""
+    if _gather_records(table, out):
+        return
+    dest = out.ctypes.data
     local = np.array([[dest, total]], np.uint64)
     at = 0
     for start in range(0, len(table), _IOV_MAX):
@@ -150,13 +193,22 @@ def _gather(table: np.ndarray, dest: int, total: int) -> None:
             at += want
 
 
+def _joined(buf: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, memoryview]:
+    """The vectors of `table` gathered into `buf` (grown as needed): (buf, the bytes)."""
+    total = int(table[:, 1].sum())
+    if len(buf) < total:
+        buf = np.empty(total, np.uint8)
+    _gather(table, buf, total)
+    return buf, memoryview(buf)[:total]
+
+
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
 
 def tls_info(channel: Channel) -> dict | None:
     """What a channel's TLS session is, for query-migrate (None for plaintext)."""
-    if not isinstance(channel, TlsChannel):
+    if not isinstance(channel, TlsChannel | SocketTlsChannel):
         return None
     info = {"version": channel.version, "cipher": channel.cipher}
     if channel.peer_dn:
@@ -165,21 +217,19 @@ def tls_info(channel: Channel) -> dict | None:
 
 
 class TlsChannel(Channel):
-    """A Channel whose bytes go through a TLS session over the raw channel's
-    descriptors (a socket, or an exec command's stdout and stdin)."""
+    """A Channel whose bytes go through a TLS session over memory BIOs, with
+    our own I/O on the raw channel's descriptors (an exec command's stdout and
+    stdin; sockets use SocketTlsChannel)."""
 
     def __init__(self, raw: Channel, tls: Tls, timeout: float | None) -> None:
-        if raw.sock is not None:
-            rfd = wfd = raw.sock.fileno()
-            raw.sock.setblocking(False)
-        elif raw.proc is not None and raw.proc.stdin is not None and raw.proc.stdout is not None:
+        if raw.proc is not None and raw.proc.stdin is not None and raw.proc.stdout is not None:
             rfd, wfd = raw.proc.stdout.fileno(), raw.proc.stdin.fileno()
             os.set_blocking(rfd, False)
             os.set_blocking(wfd, False)
         else:
             raise TlsError("TLS needs a two-way channel (a socket, or an exec: command's stdin and "
                            "stdout); this one only goes one way")
-        super().__init__(wfd, raw.sock, raw.proc, raw.owns_fd)
+        super().__init__(wfd, None, raw.proc, raw.owns_fd)
         self.rfd = rfd
         self.tls = tls
         self.timeout = timeout
@@ -190,7 +240,7 @@ class TlsChannel(Channel):
         self._wlock = threading.Lock()  # one writer at a time, records in order
         self._rlock = threading.Lock()
         self._rbuf = bytearray(CHUNK)
-        self._joined = bytearray()
+        self._joined = np.zeros(0, np.uint8)
         self.peer_dn = ""
         try:
             self._handshake(_deadline(timeout))
@@ -303,12 +353,9 @@ class TlsChannel(Channel):
     def write_vectors(self, table: np.ndarray) -> int:
         """Gather the vectors into one buffer (the engine encrypts from one
         buffer) and write it."""
-        total = int(table[:, 1].sum())
-        if len(self._joined) < total:
-            self._joined = bytearray(total)
-        _gather(table, ctypes.addressof(ctypes.c_char.from_buffer(self._joined)), total)
-        self.write(memoryview(self._joined)[:total])
-        return total
+        self._joined, view = _joined(self._joined, table)
+        self.write(view)
+        return len(view)
 
     def read_into(self, buf: memoryview) -> int:
         if not len(buf):
@@ -387,3 +434,160 @@ class TlsChannel(Channel):
                     return
             except OSError:
                 return
+
+
+class SocketTlsChannel(Channel):
+    """A Channel whose bytes go through a TLS session that OpenSSL runs on the
+    socket itself (ssl.SSLSocket): a write encrypts and sends a whole batch in
+    one call, a read decrypts the records the socket holds into the caller's
+    buffer."""
+
+    def __init__(self, raw: Channel, tls: Tls, timeout: float | None) -> None:
+        assert raw.sock is not None
+        sock = tls.context.wrap_socket(raw.sock, server_side=tls.server_side, server_hostname=tls.hostname,
+                                       do_handshake_on_connect=False, suppress_ragged_eofs=False)
+        sock.setblocking(False)  # waits are ours, with a deadline, outside the lock
+        super().__init__(sock.fileno(), sock, None, raw.owns_fd)
+        self.ssl = sock
+        self.tls = tls
+        self.timeout = timeout
+        self._lock = threading.Lock()  # the TLS engine: one call at a time
+        self._wlock = threading.Lock()  # one writer at a time, records in order
+        self._rlock = threading.Lock()
+        self._joined = np.zeros(0, np.uint8)
+        self.peer_dn = ""
+        try:
+            self._start(timeout)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _start(self, timeout: float | None) -> None:
+        tls, sock = self.tls, self.ssl
+        try:
+            self._call(sock.do_handshake, _deadline(timeout))
+        except TimeoutError:
+            peer = "source" if tls.server_side else "destination"
+            raise TlsError(f"TLS handshake failed: the {peer} did not complete it within {timeout:g} s") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsError(f"TLS handshake failed: {_why(exc, tls.server_side)}") from None
+        self.cipher, self.version, _ = sock.cipher()
+        if tls.server_side and tls.creds.verify_peer:
+            self.peer_dn = peer_dn(sock.getpeercert() or {})
+            if tls.authz is not None and not tls.authz.allows(self.peer_dn):
+                raise TlsError(f"TLS client {self.peer_dn!r} is not allowed by "
+                               f"{tls.authz.qom_type} {tls.authz.id!r}")
+
+    def _call(self, op: Any, deadline: float | None, *args: Any) -> Any:
+        """Run one engine operation, waiting (without the lock) for the socket
+        whenever it wants to read or write."""
+        while True:
+            with self._lock:
+                try:
+                    return op(*args)
+                except ssl.SSLWantReadError:
+                    event = select.POLLIN
+                except ssl.SSLWantWriteError:
+                    event = select.POLLOUT
+            _wait(self.fd, event, deadline)
+
+    def settimeout(self, seconds: float | None) -> None:
+        self.timeout = seconds
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        if not len(view):
+            return
+        with self._wlock:
+            try:
+                # SSL_write takes the whole buffer; after a wait it resumes where it stopped.
+                self._call(self.ssl.write, _deadline(self.timeout), view)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+                raise TlsError(self._why_closed()) from None
+            except ssl.SSLError as exc:
+                raise TlsError(f"TLS session failed: {_why(exc, self.tls.server_side)}") from None
+            self.out += len(view)
+
+    def write_vectors(self, table: np.ndarray) -> int:
+        """Gather the vectors into one buffer (the engine encrypts from one
+        buffer) and write it."""
+        self._joined, view = _joined(self._joined, table)
+        self.write(view)
+        return len(view)
+
+    def read_into(self, buf: memoryview) -> int:
+        if not len(buf):
+            return 0
+        with self._rlock:
+            got = self._call(self._read_records, _deadline(self.timeout), buf)
+            return got
+
+    def _read_records(self, buf: memoryview) -> int:
+        """As many decrypted records as the socket holds and `buf` takes (the
+        engine returns one record per call); raises SSLWantReadError when none."""
+        got = 0
+        try:
+            while got < len(buf):
+                n = self.ssl.read(len(buf) - got, buf[got:])
+                if not n:
+                    break
+                got += n
+        except ssl.SSLWantReadError:
+            if not got:
+                raise
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError):
+            pass  # QEMU ends without close_notify; the stream's own end marks a whole stream
+        except ssl.SSLError as exc:
+            if not got:
+                raise TlsError(f"TLS session failed: {_why(exc, self.tls.server_side)}") from None
+        return got
+
+    def _why_closed(self) -> str:
+        """The peer shut the session while we wrote: its alert, if one came, says why."""
+        peer = "source" if self.tls.server_side else "destination"
+        try:
+            with self._lock:
+                self.ssl.read(1)
+        except ssl.SSLError as exc:
+            if exc.reason and not isinstance(exc, ssl.SSLEOFError | ssl.SSLWantReadError):
+                return f"TLS session failed: {_why(exc, self.tls.server_side)}"
+        except OSError:
+            pass
+        return (f"the {peer} closed the TLS session (if it refused this host's certificate or "
+                f"its tls-authz denied it, the {peer} says which)")
+
+    def shutdown_write(self) -> None:
+        try:
+            socket.socket.shutdown(self.ssl, socket.SHUT_WR)  # SSLSocket.shutdown would drop the session
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        try:
+            socket.socket.shutdown(self.ssl, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _close_notify(self) -> None:
+        deadline = _deadline(CLOSE_WAIT)
+        while True:
+            with self._lock:
+                try:
+                    self.ssl.unwrap()
+                    return
+                except ssl.SSLWantWriteError:
+                    pass
+                except (OSError, ssl.SSLError, ValueError):
+                    return  # WantRead: ours is sent, the peer's is not awaited
+            try:
+                _wait(self.fd, select.POLLOUT, deadline)
+            except TimeoutError:
+                return
+
+    def close(self) -> int:
+        if not self.closed and self._wlock.acquire(timeout=CLOSE_WAIT):
+            try:
+                self._close_notify()
+            finally:
+                self._wlock.release()
+        return super().close()
