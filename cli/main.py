@@ -602,7 +602,8 @@ main.add_command(stream)
 @click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Runs per figure; medians are reported.")
 @click.option("--only", "sections", multiple=True,
-              type=click.Choice(["stopped", "zero", "running", "scaling", "qcow2", "tls", "converge"]),
+              type=click.Choice(["stopped", "zero", "running", "scaling", "qcow2", "tls", "converge",
+                                 "postcopy"]),
               help="Run only these sections of the full benchmark (repeatable).")
 def bench(quick, out, repeat, sections) -> None:
     """Measure migration throughput and downtime against raw sockets, side by side."""

@@ -105,3 +105,18 @@ def test_rig_postcopy_example_needs_postcopy(tmp_path):
     assert_postcopy_done(cut, recoveries=1)
     assert_postcopy_done(back, recoveries=0)
     print(f"\npre-copy {pre}\ncut {cut}\nback {back}")
+
+
+def test_bench_postcopy_row():
+    """One row of `scripts/bench --only postcopy`: 4x the loopback bandwidth,
+    post-copy after the first pass, two vCPUs with QEMU's blocktime names."""
+    from livemig.tools.bench.postcopy import LOOPBACK_BANDWIDTH, VCPUS, one
+    from livemig.tools.bench.report import summary
+
+    row = one("loopback", 4.0, LOOPBACK_BANDWIDTH, "postcopy", {"LIVEMIG_TEST_TAG": TAG})
+    assert row["completed"] and row["verified"], row
+    assert row["placed_twice"] == 0 and row["missing"] == 0 and row["faults"] > 0, row
+    assert 0 < row["fault_p50_ms"] <= row["fault_p99_ms"], row
+    assert len(row["vcpu_blocktime_ms"]) == VCPUS and row["blocktime_ms"] <= max(row["vcpu_blocktime_ms"]), row
+    assert row["downtime_ms"] < 1000, row
+    assert "| loopback | 4.0x 17 MB/s | postcopy | completed |" in summary({"postcopy": [row]})

@@ -7,6 +7,7 @@ import os
 import sys
 
 from .converge import converge
+from .postcopy import postcopy
 from .report import plots, summary
 from .scenarios import Bench
 from .targets import GiB
@@ -20,7 +21,7 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
 
     bench = Bench(out, repeat or 3, log)
     bench.results["quick"] = quick
-    wanted = set(sections) or {"stopped", "zero", "running", "scaling", "qcow2", "tls", "converge"}
+    wanted = set(sections) or {"stopped", "zero", "running", "scaling", "qcow2", "tls", "converge", "postcopy"}
     try:
         if quick:
             log("1+2: baseline and stopped 1 GiB incompressible guest, tcp")
@@ -46,6 +47,10 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
             if "converge" in wanted:
                 log("8: convergence: dirty rates 0.5x-4x the bandwidth, no brake / auto-converge / dirty-limit")
                 bench.results["converge"] = converge(log, bench.tag)
+            if "postcopy" in wanted:
+                log("9: post-copy against pre-copy, loopback and a 1 Gbit/s rig link: downtime, fault latency, "
+                    "blocktime per vCPU")
+                bench.results["postcopy"] = postcopy(log)
     finally:
         bench.close()
     path = bench.save()

@@ -7,6 +7,10 @@ import os
 from .targets import DOWNTIME_LIMITS, RUNNING_BANDWIDTH, MiB, gb_per_s
 
 
+def ms(value) -> str:
+    return "-" if value is None else f"{value} ms"
+
+
 def summary(results: dict) -> str:
     """The figures as Markdown tables (printed, and saved as summary.md)."""
     lines = []
@@ -73,6 +77,18 @@ def summary(results: dict) -> str:
                          f"| {r['total-time']} ms | {r['downtime'] if r['downtime'] is not None else '-'} ms "
                          f"({r['downtime-limit']}) | {r['dirty-sync-count']} | {r['peak-cpu-throttle-percentage']} % "
                          f"| {r['lost-work'] * 100:.0f} % |")
+        lines.append("")
+    if results.get("postcopy"):
+        lines += ["| link | dirty rate | mode | outcome | total time | downtime (expected) | fault p50 / p99 "
+                  "| blocktime (per vCPU) | verified |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["postcopy"]:
+            expected = f" ({r['expected_downtime_ms']} ms)" if r["expected_downtime_ms"] is not None else ""
+            fault = f"{r['fault_p50_ms']} / {r['fault_p99_ms']} ms" if r["fault_p50_ms"] is not None else "-"
+            outcome = r["status"] + (f" at {r['timeout_s']:.0f} s" if r["status"] == "cancelled" else "")
+            block = f"{r['blocktime_ms']} ms ({r['vcpu_blocktime_ms']})" if r["blocktime_ms"] is not None else "-"
+            lines.append(f"| {r['link']} | {r['share']}x {r['bandwidth'] / 1e6:.0f} MB/s | {r['mode']} "
+                         f"| {outcome} | {ms(r['total_ms'])} | {ms(r['downtime_ms'])}{expected} "
+                         f"| {fault} | {block} | {r['verified']} |")
         lines.append("")
     if results.get("targets"):
         lines += ["| target | value | wanted | met |", "|---|---|---|---|"]

@@ -26,6 +26,8 @@ TARGET_ZERO_RATIO = 3.0
 DOWNTIME_SLACK_MS = 20
 SCALING_SPREAD = 0.20
 PRIVATE_LIMIT = 150 * MiB
+POSTCOPY_DOWNTIME_MS = 50  # issue 16: at any dirty rate
+POSTCOPY_P99_MS = 5.0  # issue 16: fault latency on loopback
 
 RUNNING_RAM = 256 * MiB
 RUNNING_BANDWIDTH = 128 * MiB  # bytes/s, QEMU's default max-bandwidth
@@ -80,4 +82,13 @@ def targets(res: dict) -> list[dict]:
             add(f"{share}x dirty: lost work, dirty-limit vs auto-converge",
                 f"{limited['lost-work'] * 100:.0f} % vs {auto['lost-work'] * 100:.0f} %",
                 "dirty-limit less", limited["lost-work"] < auto["lost-work"])
+    # issue 16: post-copy's downtime at any dirty rate, and its fault latency on loopback.
+    for r in res.get("postcopy", []):
+        if r["mode"] != "postcopy":
+            continue
+        add(f"post-copy downtime, {r['link']} {r['share']}x", r["downtime_ms"] if r["completed"] else "not done",
+            f"<= {POSTCOPY_DOWNTIME_MS} ms", r["completed"] and r["downtime_ms"] <= POSTCOPY_DOWNTIME_MS)
+        if r["link"] == "loopback" and r["fault_p99_ms"] is not None:
+            add(f"post-copy fault latency p99, loopback {r['share']}x", r["fault_p99_ms"],
+                f"<= {POSTCOPY_P99_MS} ms", r["fault_p99_ms"] <= POSTCOPY_P99_MS)
     return out
