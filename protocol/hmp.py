@@ -36,7 +36,8 @@ class HmpCommand:
     help: str
 
     def describe(self) -> str:
-        return f"{self.name} {self.usage} -- {self.help}\n"
+        names = "|".join([self.name, *(a for a, n in ALIASES.items() if n == self.name)])
+        return f"{names} {self.usage} -- {self.help}\n"
 
     def parse(self, words: list[str]) -> dict:
         spec = self.usage.split()
@@ -64,7 +65,7 @@ class HmpCommand:
 
 
 HMP: dict[str, HmpCommand] = {}
-ALIASES = {"c": "cont", "?": "help"}
+ALIASES = {"c": "cont", "s": "stop", "q": "quit", "?": "help"}  # QEMU's
 
 
 def hmp(name: str, usage: str = ""):
@@ -402,6 +403,13 @@ async def hmp_migrate_set_capability(q: Execute, a: dict) -> str:
 async def hmp_stop(q: Execute, a: dict) -> str:
     """stop emulation"""
     await q("stop", {})
+    return ""
+
+
+@hmp("quit")
+async def hmp_quit(q: Execute, a: dict) -> str:
+    """quit the emulator"""
+    await q("quit", {})
     return ""
 
 

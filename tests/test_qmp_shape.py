@@ -221,10 +221,15 @@ def test_names_defaults_and_refusals_against_qemu(hosts, tmp_path):
         assert "does not accept value 'bogus'" in refusal(mon, "bogus", True)
         ours_help = mon.cmd("human-monitor-command", **{"command-line": "help"})
         q_names = {line.split()[0].split("|")[0] for line in q_help.splitlines() if line[:1].isalpha()}
-        ours_names = {line.split()[0] for line in ours_help.splitlines() if line[:1].isalpha()}
+        ours_names = {line.split()[0].split("|")[0] for line in ours_help.splitlines() if line[:1].isalpha()}
+        aliases = {line.split()[0] for line in ours_help.splitlines() if "|" in line.split()[0]}
+        assert aliases == {n for n in (line.split()[0] for line in q_help.splitlines() if line[:1].isalpha())
+                           if "|" in n and n.split("|")[0] in ours_names}, aliases
         assert ours_names <= q_names, ours_names - q_names
         assert [mon.cmd("human-monitor-command", **{"command-line": line})
                 for line in ("migrate_set_speed 1", "migrate_set_downtime 1")] == q_gone
+        assert mon.cmd("human-monitor-command", **{"command-line": "q"}) == ""  # QEMU's quit|q
+        assert host.proc.wait(30) == 0
     finally:
         mon.close()
     text = DOC.read_text()
