@@ -56,6 +56,8 @@ def test_proxy_reset_mid_postcopy_then_recover(hosts, tmp_path, port):
         src.cmd("migrate", uri=again, resume=True)
         final = src.wait_migration(120)
         assert final["status"] == "completed", final
+        # Every connection's bytes count, the broken one's too: pre-copy's and post-copy's.
+        assert final["ram"]["transferred"] > final["ram"]["postcopy-bytes"] > 0, final
         dinfo = dst.wait_migration(30)
         assert dinfo["status"] == "completed", dinfo
         pc = dinfo["x-postcopy"]

@@ -72,6 +72,7 @@ class Postcopy:
         if self.writer_failure:
             raise MigrationFailed(self.writer_failure)
         mig.go_sent = True  # RUN is out: never resume the guest here
+        self.wire_earlier = 0  # bytes on connections broken since (the writer counts per connection)
         mig.downtime = int((time.monotonic() - stop_at) * 1000)
         mig.step("package", stop_at)
         self.set_status(MigrationStatus.POSTCOPY_ACTIVE)
@@ -103,7 +104,7 @@ class Postcopy:
             raise MigrationFailed(answer["desc"] or "destination failed in post-copy")
         mig.step("answered", stop_at)
         await self.writer.call("close", timeout=40)
-        mig.ram["transferred"] = self.wire_bytes
+        mig.ram["transferred"] = self.wire_earlier + self.wire_bytes
         mig.end = time.monotonic()
         mig.ram["remaining"] = 0
         self.set_runstate(RunState.POSTMIGRATE)
@@ -116,6 +117,8 @@ class Postcopy:
         log.warning("post-copy paused: %s", desc)
         mig.error = desc
         self.set_status(MigrationStatus.POSTCOPY_PAUSED)
+        self.wire_earlier += self.wire_bytes
+        self.wire_bytes = 0
         try:
             await self.writer.call("close", {"abort": True}, timeout=40)
         except ActorError as exc:
