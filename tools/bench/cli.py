@@ -11,6 +11,7 @@ from .postcopy import postcopy
 from .report import plots, summary
 from .scenarios import Bench
 from .targets import GiB
+from .xbzrle import xbzrle_bench
 
 
 def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None,
@@ -21,7 +22,8 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
 
     bench = Bench(out, repeat or 3, log)
     bench.results["quick"] = quick
-    wanted = set(sections) or {"stopped", "zero", "running", "scaling", "qcow2", "tls", "converge", "postcopy"}
+    wanted = set(sections) or {"stopped", "zero", "running", "scaling", "qcow2", "tls", "converge", "postcopy",
+                                 "xbzrle"}
     try:
         if quick:
             log("1+2: baseline and stopped 1 GiB incompressible guest, tcp")
@@ -51,6 +53,9 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
                 log("9: post-copy against pre-copy, loopback and a 1 Gbit/s rig link: downtime, fault latency, "
                     "blocktime per vCPU")
                 bench.results["postcopy"] = postcopy(log)
+            if "xbzrle" in wanted:
+                log("10: XBZRLE: wire bytes with and without, guests rewriting 64 and 512 bytes of pages")
+                bench.results["xbzrle"] = xbzrle_bench(log, bench.tag)
     finally:
         bench.close()
     path = bench.save()

@@ -40,7 +40,7 @@ class Run:
 class Hosts:
     """A source and a destination host, started in parallel and always stopped."""
 
-    def __init__(self, guest: Guest, uri: str, tag: str, tls: Pki | None = None) -> None:
+    def __init__(self, guest: Guest, uri: str, tag: str, tls: Pki | None = None, env: dict | None = None) -> None:
         self.guest = guest
         src_args = [*guest.args(), "--fill", guest.fill]
         # A real destination starts from zeroed RAM; its receiver prefaults it.
@@ -49,8 +49,8 @@ class Hosts:
             src_args += ["--object", f"tls-creds-x509,id=tls0,dir={tls.client},endpoint=client"]
             dst_args += ["--object", f"tls-creds-x509,id=tls0,dir={tls.server},endpoint=server"]
         with ThreadPoolExecutor(2) as pool:
-            futs = [pool.submit(HostProcess, f"{tag}-src", *src_args, timeout=120),
-                    pool.submit(HostProcess, f"{tag}-dst", *dst_args, timeout=120)]
+            futs = [pool.submit(HostProcess, f"{tag}-src", *src_args, timeout=120, env=env),
+                    pool.submit(HostProcess, f"{tag}-dst", *dst_args, timeout=120, env=env)]
             errors = [f.exception() for f in futs]
             started = [f.result() for f in futs if f.exception() is None]
         if any(errors):

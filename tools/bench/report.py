@@ -90,6 +90,19 @@ def summary(results: dict) -> str:
                          f"| {outcome} | {ms(r['total_ms'])} | {ms(r['downtime_ms'])}{expected} "
                          f"| {fault} | {block} | {r['verified']} |")
         lines.append("")
+    if results.get("xbzrle"):
+        lines += ["| memtouch bytes | XBZRLE | wire bytes in all | after the first pass | per page re-sent "
+                  "| per page once cached | cache misses | ratio after the first pass |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in results["xbzrle"]:
+            for r in (row["off"], row["on"]):
+                cache = r["xbzrle-cache"] or {}
+                ratio = f"{row['dirty-phase-ratio']:.1f}x" if r["xbzrle"] else ""
+                lines.append(f"| {r['bytes-per-touch']} | {'on' if r['xbzrle'] else 'off'} "
+                             f"| {r['transferred'] / MiB:.1f} MiB | {r['dirty-phase-bytes'] / MiB:.2f} MiB in "
+                             f"{r['dirty-phase-time']} ms | {r['wire-bytes-per-resent-page']:.0f} B "
+                             f"| {r['wire-bytes-per-warm-page']:.0f} B | {cache.get('cache-miss', '-')} | {ratio} |")
+        lines.append("")
     if results.get("targets"):
         lines += ["| target | value | wanted | met |", "|---|---|---|---|"]
         for t in results["targets"]:
