@@ -19,6 +19,7 @@ import time
 
 import pytest
 
+from livemig.tools.launch import free_port
 from tests.conftest import TAG, guest_args
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
@@ -101,8 +102,9 @@ def fits(text: str, width: int = 80) -> None:
     (["migrate", "--tls-destination", "x", "tcp:127.0.0.1:1"], "--tls-destination needs --tls"),
     (["migrate", "--auto-converge", "--auto-converge-initial", "100", "tcp:127.0.0.1:1"], "1<=x<=99"),
 ])
-def test_bad_values_are_refused_in_one_line(args, error):
-    code, out, err = livemig(*args, "-H", "nosuch")
+@pytest.mark.parametrize("tty", [False, True])
+def test_bad_values_are_refused_in_one_line(args, error, tty):
+    code, out, err = livemig(*args, "-H", "nosuch", tty=tty)
     assert code == 2, (out, err)
     assert error in one_error(err)
 
@@ -305,6 +307,18 @@ def test_migrate_takes_virsh_flags(hosts, rundir, port, tmp_path):
         code, out, err = livemig("migrate", "-H", src.name, "--parallel", uri)
         assert code == 1 and one_error(err) == \
             "Error: --parallel needs capability multifd, which this livemig host lacks", err
+    else:  # --parallel is multifd, --parallel-connections its channels (the destination sets its own first)
+        other = f"tcp:127.0.0.1:{free_port()}"
+        pdst = hosts.start("pdst", *guest, "--incoming", "defer")
+        pdst.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+        pdst.cmd("migrate-set-parameters", **{"multifd-channels": 3})
+        pdst.cmd("migrate-incoming", uri=other)
+        psrc = hosts.start("psrc", *guest)
+        code, out, err = livemig("migrate", "-H", psrc.name, "--json", "--parallel", "--parallel-connections", "3",
+                                 other)
+        assert code == 0 and json.loads(out)["ram"]["multifd-bytes"] > 0, (out, err)
+        assert psrc.cmd("query-migrate-parameters")["multifd-channels"] == 3
+        assert pdst.wait_migration(30)["status"] == "completed"
     assert src.cmd("query-migrate") == {}  # nothing started
 
     dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
