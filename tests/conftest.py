@@ -14,6 +14,20 @@ from livemig.machine.ram import fill_ram
 from livemig.machine.workload import WorkloadSpec, replay
 from livemig.tools.launch import HostProcess, free_port
 
+LONG = os.environ.get("LIVEMIG_LONG") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `long` run only with LIVEMIG_LONG=1: the default suite
+    keeps a sample of each matrix and stays under 15 minutes on two cores."""
+    if LONG:
+        return
+    skip = pytest.mark.skip(reason="long: runs with LIVEMIG_LONG=1")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 TAG = f"livemig-test-{uuid.uuid4().hex[:8]}"
 
 

@@ -19,7 +19,6 @@ from tests.tcp_proxy import Proxy
 from tests.test_postcopy import POSTCOPY, wait_status
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
-LONG = os.environ.get("LIVEMIG_LONG") == "1"
 needs_rig = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tc"),
                                reason="network namespaces and tc need root and iproute2")
 LINK = 8 << 20  # bytes/s on loopback: max-bandwidth and max-postcopy-bandwidth
@@ -100,7 +99,7 @@ def test_rig_postcopy_over_100mbit_with_the_link_cut(tmp_path):
 
 
 @needs_rig
-@pytest.mark.skipif(not LONG, reason="the whole post-copy rig example runs with LIVEMIG_LONG=1")
+@pytest.mark.long  # the whole post-copy rig example
 def test_rig_postcopy_example_needs_postcopy(tmp_path):
     pre, cut, back = run_example(tmp_path)
     assert pre["status"] == "cancelled" and not pre["converged"] and pre["source-running"], pre
