@@ -82,7 +82,7 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     Parameter("x-avail-switchover-bandwidth", int, 0, NON_NEGATIVE, BYTES_PER_S, size_shift=0),
     Parameter("downtime-limit", int, 300, (0, 2_000_000), MS),
     Parameter("x-checkpoint-delay", int, 20_000, unit=MS, supported=False),
-    Parameter("block-incremental", bool, False, supported=False),
+    Parameter("block-incremental", bool, False),  # with block migration: only the top image's clusters
     # a power of two of at least one page (protocol.xbzrle.check_cache_size)
     Parameter("xbzrle-cache-size", int, 64 << 20, NON_NEGATIVE, " bytes", size_shift=0),
     # bytes/s for the background push in post-copy; 0 = unlimited
@@ -113,7 +113,7 @@ CAPABILITIES: dict[str, Capability] = {c.name: c for c in (
     Capability("postcopy-ram"),
     Capability("x-colo", supported=False),
     Capability("release-ram", supported=False),
-    Capability("block", supported=False),  # migrate's blk / inc arguments do block migration
+    Capability("block"),  # block migration for every migrate, as its blk argument asks
     Capability("return-path"),  # off as in QEMU; livemig's clients turn it on (docs/monitor.md)
     Capability("pause-before-switchover"),
     Capability("dirty-bitmaps", supported=False),

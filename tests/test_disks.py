@@ -232,3 +232,28 @@ def test_block_migration_interrupted_source_runs_on(hosts, tmp_path, port, how):
     assert vcpu_equal
     cmp = qemu_img("compare", str(src_img), replayed)
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+
+
+def test_capability_block_and_block_incremental_do_what_blk_and_inc_do(hosts, tmp_path, port):
+    """QEMU's other way to ask for block migration: capability block, parameter block-incremental."""
+    base = tmp_path / "base.raw"
+    create_image(str(base), 32 << 20, "raw")
+    src_img, dst_img = tmp_path / "src.qcow2", tmp_path / "dst.qcow2"
+    for p in (src_img, dst_img):
+        create_image(str(p), 32 << 20, "qcow2", backing=str(base), backing_format="raw")
+    with open_image(str(src_img)) as d:
+        d.write(3 << 20, b"\x22" * (2 << 20))  # two chunks in the top image
+    args = guest_args(ram="32M", workload="idle")
+    src = hosts.start("src", *args, "--drive", f"file={src_img},format=qcow2,id=disk0")
+    dst = hosts.start("dst", *args, "--drive", f"file={dst_img},format=qcow2,id=disk0",
+                      "--incoming", f"tcp:127.0.0.1:{port}")
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "block", "state": True}])
+    src.cmd("migrate-set-parameters", **{"block-incremental": True})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = src.wait_migration(120)
+    assert info["status"] == "completed" and info["disk"]["transferred"] == 2 << 20, info
+    dst.wait_status("running", 30)
+    dst.close()
+    src.close()
+    cmp = qemu_img("compare", str(src_img), str(dst_img))
+    assert cmp.returncode == 0, cmp.stdout + cmp.stderr

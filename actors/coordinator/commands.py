@@ -257,7 +257,9 @@ class Commands:
         except UriError as exc:
             raise ActorError(str(exc)) from None
         self.tls_out = self.tls_spec(uri, server=False)
-        self.start_migration(uri, blk, inc)
+        # As QEMU: capability block is what blk asks for, block-incremental what inc does.
+        blk = blk or self.capabilities["block"]
+        self.start_migration(uri, blk, inc or (blk and self.parameters["block-incremental"]))
         return {}
 
     @command("migrate-incoming")
