@@ -5,6 +5,8 @@ ready), and one connection with one deadline."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 
@@ -223,3 +225,36 @@ def test_fd_socketpair_over_tls(hosts, pki, tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_objects_survive_a_coordinator_restart(hosts, pki, tmp_path, port):
+    """Objects made by object-add outlive their coordinator: kill -9 it on
+    both hosts, and query-objects still lists them and a TLS migration with
+    a client certificate and tls-authz uses them."""
+    from tests.test_handover import answers_within, coordinator_pid
+
+    uri = f"tcp:127.0.0.1:{port}"
+    dst = hosts.start("dst", *RUNNING, "--incoming", "defer")
+    src = hosts.start("src", *RUNNING)
+    dst.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": str(pki.server),
+                             "endpoint": "server"})
+    dst.cmd("object-add", **{"qom-type": "authz-simple", "id": "auth0", "identity": "O=livemig,CN=client"})
+    dst.cmd("object-add", **{"qom-type": "authz-simple", "id": "gone", "identity": "O=x"})
+    dst.cmd("object-del", id="gone")
+    src.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tls0", "dir": str(pki.client),
+                             "endpoint": "client"})
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-authz": "auth0"})
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "max-bandwidth": 0})
+    before = {h.name: h.cmd("query-objects") for h in (src, dst)}
+    assert [o["id"] for o in before[dst.name]] == ["tls0", "auth0"]
+    time.sleep(0.3)  # the coordinator writes its state every 50 ms
+    for h in (src, dst):
+        old = coordinator_pid(h)
+        os.kill(old, signal.SIGKILL)
+        time.sleep(0.1)
+        answers_within(h, 30)
+        assert coordinator_pid(h) != old
+        assert h.cmd("query-objects") == before[h.name]
+    dst.cmd("migrate-incoming", uri=uri)
+    got = completes(src, dst, tmp_path, uri)
+    assert got["x-tls"]["peer"] == "O=livemig,CN=client"

@@ -1,5 +1,5 @@
 """What a coordinator keeps so that a successor can take over: the run
-state, parameters and capabilities, written to the (private) run directory
+state, parameters, capabilities and objects (tls-creds-x509, authz-*), written to the (private) run directory
 whenever they change. A coordinator the supervisor restarts reads them back,
 asks the vCPUs whether they run, tidies the migration actors after the
 migration its predecessor left, and serves the guest on."""
@@ -13,6 +13,7 @@ import os
 from livemig.actors.base import ActorError, log
 from livemig.actors.coordinator.state import MigrationState
 from livemig.machine.runstate import MigrationStatus, RunState
+from livemig.protocol.objects import ObjectError, ObjectStore
 
 STATE_FILE = "coordinator-state.json"
 PERSIST_INTERVAL = 0.05  # s
@@ -25,7 +26,7 @@ class Takeover:
         return {"runstate": self.runstate.value, "parameters": self.parameters,
                 "capabilities": self.capabilities, "incoming_uri": self.incoming_uri,
                 "migrating": self.task is not None and not self.task.done(),
-                "go_sent": self.mig.go_sent}
+                "go_sent": self.mig.go_sent, "objects": self.objects.query()}
 
     async def persist(self) -> None:
         """Write the durable state whenever it changed (tmp file, then rename)."""
@@ -60,6 +61,7 @@ class Takeover:
         self.parameters.update(saved["parameters"])
         self.capabilities.update(saved["capabilities"])
         self.incoming_uri = saved.get("incoming_uri")
+        self.restore_objects(saved.get("objects"))
         runstate = RunState(saved["runstate"])
         running = [(await v.call("ping")).data["result"].get("running") for v in self.vcpus]
         if saved["migrating"]:
@@ -73,6 +75,19 @@ class Takeover:
             self.runstate = RunState.PAUSED
             await self.set_running(True)
         log.warning("took over the guest (%s)", self.runstate.value)
+
+    def restore_objects(self, saved: list[dict] | None) -> None:
+        """The objects the dead coordinator held: --object's and object-add's,
+        less those object-del removed (each recreated, and so checked, again)."""
+        if saved is None:
+            return
+        store = ObjectStore()
+        for props in saved:
+            try:
+                store.add(props)
+            except ObjectError as exc:
+                log.warning("object %r of the previous coordinator is gone: %s", props.get("id"), exc)
+        self.objects = store
 
     async def tidy_after_migration(self) -> None:
         for peer, request, args in ((self.writer, "abort", {}), (self.writer, "close", {"abort": True}),
