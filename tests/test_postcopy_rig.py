@@ -13,7 +13,7 @@ import time
 import pytest
 
 from livemig.tools.launch import free_port
-from livemig.tools.rig import Rig, Scenario, leftovers
+from livemig.tools.rig import Rig, Scenario, leftovers, report
 from tests.conftest import TAG, guest_args, replay_matches
 from tests.tcp_proxy import Proxy
 from tests.test_postcopy import POSTCOPY, wait_status
@@ -95,6 +95,8 @@ def test_rig_postcopy_over_100mbit_with_the_link_cut(tmp_path):
     post-copy after 2 s, link down 0.5 s into postcopy-active, recovered."""
     (r,) = run_example(tmp_path, slice(1, 2))
     assert_postcopy_done(r, recoveries=1)
+    table = open(report(str(tmp_path / "out")).replace(".html", ".md")).read()
+    assert "| fault p50 (ms) | fault p99 (ms) |" in table and f"| {r['x-fault-p99']:.2f} |" in table, table
     print(f"\nrig post-copy with a cut: {r}")
 
 

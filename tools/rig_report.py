@@ -17,6 +17,16 @@ COLUMNS = (("run", "run"), ("migration", "migration"), ("status", "status"), ("c
            ("expected-downtime", "expected downtime (ms)"), ("dirty-sync-count", "passes"),
            ("x-stalled", "stalled"), ("peak-cpu-throttle-percentage", "peak cpu throttle (%)"),
            ("verified", "verified"), ("error-desc", "error"))
+# Shown when a run has post-copy migrations (tools/rig_postcopy.py); fault latency in ms.
+POSTCOPY_COLUMNS = (("postcopy-requests", "post-copy requests"), ("x-fault-p50", "fault p50 (ms)"),
+                    ("x-fault-p99", "fault p99 (ms)"), ("postcopy-blocktime", "blocktime (ms)"),
+                    ("x-recoveries", "recoveries"))
+
+
+def columns(results: list[dict]) -> tuple[tuple[str, str], ...]:
+    if any("postcopy-requests" in r for r in results):
+        return COLUMNS[:-2] + POSTCOPY_COLUMNS + COLUMNS[-2:]
+    return COLUMNS
 
 
 def label(r: dict) -> str:
@@ -33,7 +43,7 @@ def cell(r: dict, key: str) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.0f}"
+        return f"{value:.2f}" if key.startswith("x-fault-") else f"{value:.0f}"
     return str(value)
 
 
@@ -114,15 +124,17 @@ def plot(out_dir: str, results: list[dict], series: dict) -> list[tuple[str, str
 def markdown(results: list[dict], images: list[tuple[str, str]], note: str) -> str:
     lines = ["# livemig rig report", ""]
     lines += [f"![{title}]({name})\n" for name, title in images] or [f"{note}\n"]
-    lines += ["| " + " | ".join(t for _, t in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r, k) for k, _ in COLUMNS) + " |" for r in results]
+    cols = columns(results)
+    lines += ["| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r, k) for k, _ in cols) + " |" for r in results]
     return "\n".join(lines) + "\n"
 
 
 def page(results: list[dict], images: list[tuple[str, str]], note: str) -> str:
     e = html.escape
-    head = "".join(f"<th>{e(t)}</th>" for _, t in COLUMNS)
-    rows = "".join("<tr>" + "".join(f"<td>{e(cell(r, k))}</td>" for k, _ in COLUMNS) + "</tr>\n"
+    cols = columns(results)
+    head = "".join(f"<th>{e(t)}</th>" for _, t in cols)
+    rows = "".join("<tr>" + "".join(f"<td>{e(cell(r, k))}</td>" for k, _ in cols) + "</tr>\n"
                    for r in results)
     figures = "".join(f'<figure><img src="{e(n)}" alt="{e(t)}"><figcaption>{e(t)}</figcaption></figure>\n'
                       for n, t in images) or f"<p>{e(note)}</p>\n"

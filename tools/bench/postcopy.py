@@ -1,7 +1,8 @@
 """Scenario 9, postcopy: the same guest migrated with pre-copy and with
 post-copy (switched after the first pass, x-postcopy-after-passes 1), on
 loopback under max-bandwidth and over a rig link of 1 Gbit/s (network
-namespaces, tc; root only). Per run: outcome, total time, downtime (for
+namespaces, tc; root only), there also paced: max-bandwidth and
+max-postcopy-bandwidth at 80 % of the link. Per run: outcome, total time, downtime (for
 post-copy the stop until RUN is on the wire: the destination runs the guest
 from RUN on), pre-copy's expected downtime when it never converges, fault
 latency p50/p99 (from a fault read to its page placed), QEMU's
@@ -24,6 +25,7 @@ RIG_BANDWIDTH = 125_000_000  # bytes/s the 1 Gbit/s link carries
 RIG_SHARES = (0.5,)
 VCPUS = 2
 PRECOPY_TIMEOUT = 20.0  # s: a pre-copy still running is cancelled, not converged
+PACED = 0.8  # share of the rig link for max-bandwidth and max-postcopy-bandwidth, mode postcopy-paced
 POSTCOPY_CAPS = {"postcopy-ram": True, "postcopy-blocktime": True}
 
 
@@ -36,7 +38,9 @@ def scenario(link: str, share: float, bandwidth: int, mode: str) -> Scenario:
     guest = GuestSpec(name="g", host="A", ram=ram, workload=f"memtouch:rate={rate},wss={wss}", vcpus=VCPUS)
     migration: dict = {"guest": "g", "to": "B"}
     params = {"downtime-limit": 300, "max-bandwidth": bandwidth if loopback else 0}
-    if mode == "postcopy":
+    if mode == "postcopy-paced":  # both phases held under the link: no queue for requested pages
+        params["max-bandwidth"] = int(PACED * bandwidth)
+    if mode.startswith("postcopy"):
         migration["capabilities"] = POSTCOPY_CAPS
         params.update({"x-postcopy-after-passes": 1, "max-postcopy-bandwidth": params["max-bandwidth"]})
     else:
@@ -70,7 +74,7 @@ def postcopy(log, env: dict | None = None) -> list[dict]:
         log("  postcopy: not root, so no rig link (loopback only)")
     rows = []
     for link, share, bandwidth in plan:
-        for mode in ("precopy", "postcopy"):
+        for mode in ("precopy", "postcopy") + (() if link == "loopback" else ("postcopy-paced",)):
             row = one(link, share, bandwidth, mode, env or {})
             rows.append(row)
             log(f"  postcopy {link} {share}x {mode:<8}: {row['status']}, {row['total_ms']} ms, downtime "
