@@ -43,7 +43,9 @@ def test_links_convergence_and_a_cut(tmp_path):
     assert 0.85 * 100 <= slow["mbps"] <= 1.15 * 100, slow
     assert 0.85 * 1000 <= fast["mbps"] <= 1.15 * 1000, fast
     dirty_slow, dirty_fast = by_guest(results, "dirty1", "C"), by_guest(results, "dirty2", "B")
+    # past the scenario's timeout: cancelled, reported not converged, the guest running on at the source
     assert not dirty_slow["converged"] and dirty_slow["expected-downtime"], dirty_slow
+    assert dirty_slow["status"] == "cancelled" and dirty_slow["source-running"] and "cancel-time" in dirty_slow
     assert dirty_fast["converged"] and dirty_fast["verified"], dirty_fast
     cut = by_guest(results, "slow", "A")
     assert cut["status"] == "failed" and cut["source-running"] and cut["error-desc"], cut
