@@ -210,7 +210,7 @@ CAPABILITY_FLAGS = {"auto_converge": ("--auto-converge", "auto-converge"),
 
 def tls_creds_id(mon: Qmp) -> str:
     """--tls: the id of the host's one client tls-creds-x509 object."""
-    ids = [o["id"] for o in mon("query-objects")
+    ids = [o["id"] for o in mon("x-query-objects")
            if o["qom-type"] == "tls-creds-x509" and o.get("endpoint") == "client"]
     if len(ids) != 1:
         raise click.ClickException(

@@ -164,7 +164,7 @@ def test_configuration_mistakes_are_refused_before_anything_starts(hosts, pki, t
                              "endpoint": "server"})
     with pytest.raises(RuntimeError, match="a migration source needs endpoint=client"):
         src.cmd("migrate", uri="tcp:127.0.0.1:1")
-    assert [o["id"] for o in src.cmd("query-objects")] == ["tls0"]
+    assert [o["id"] for o in src.cmd("x-query-objects")] == ["tls0"]
     with pytest.raises(RuntimeError, match="not supported: it needs Python >= 3.13"):
         src.cmd("object-add", **{"qom-type": "tls-creds-psk", "id": "psk0", "dir": str(tmp_path),
                                  "endpoint": "client"})
@@ -229,7 +229,7 @@ def test_fd_socketpair_over_tls(hosts, pki, tmp_path):
 
 def test_objects_survive_a_coordinator_restart(hosts, pki, tmp_path, port):
     """Objects made by object-add outlive their coordinator: kill -9 it on
-    both hosts, and query-objects still lists them and a TLS migration with
+    both hosts, and x-query-objects still lists them and a TLS migration with
     a client certificate and tls-authz uses them."""
     from tests.test_handover import answers_within, coordinator_pid
 
@@ -245,7 +245,7 @@ def test_objects_survive_a_coordinator_restart(hosts, pki, tmp_path, port):
                              "endpoint": "client"})
     dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-authz": "auth0"})
     src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "max-bandwidth": 0})
-    before = {h.name: h.cmd("query-objects") for h in (src, dst)}
+    before = {h.name: h.cmd("x-query-objects") for h in (src, dst)}
     assert [o["id"] for o in before[dst.name]] == ["tls0", "auth0"]
     time.sleep(0.3)  # the coordinator writes its state every 50 ms
     for h in (src, dst):
@@ -254,7 +254,7 @@ def test_objects_survive_a_coordinator_restart(hosts, pki, tmp_path, port):
         time.sleep(0.1)
         answers_within(h, 30)
         assert coordinator_pid(h) != old
-        assert h.cmd("query-objects") == before[h.name]
+        assert h.cmd("x-query-objects") == before[h.name]
     dst.cmd("migrate-incoming", uri=uri)
     got = completes(src, dst, tmp_path, uri)
     assert got["x-tls"]["peer"] == "O=livemig,CN=client"

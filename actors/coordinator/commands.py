@@ -315,7 +315,7 @@ class Commands:
             raise ActorError(str(exc)) from None
         return {}
 
-    @command("query-objects")
+    @command("x-query-objects")
     async def cmd_query_objects(self) -> list:
         """Every object made by object-add or --object: qom-type, id and its properties."""
         return self.objects.query()
