@@ -215,7 +215,7 @@ class Receiver:
         except Exception as exc:  # a bug or a resource (MemoryError, ...): never a wedged receiver
             log.exception("incoming migration")
             try:
-                self.close_channel()
+                self.close_channel(abort=True)
             finally:
                 self.notify("failed", {"desc": f"incoming migration failed: {type(exc).__name__}: {exc}",
                                        "bytes": 0})
@@ -305,7 +305,7 @@ class Receiver:
                 return
             self.end_postcopy()
             self.reply_source(channel, 1, desc)
-            self.close_channel()
+            self.close_channel(abort=True)
             self.notify("failed", {"desc": desc, "bytes": reader.consumed})
             return
         stats = loader.ram.stats if loader.ram else None
@@ -481,13 +481,18 @@ class Receiver:
         if not channel.has_return_path or not self.source_listens:
             return
         try:
-            self.rp_write(channel, returnpath.shut(rc, desc))
+            # A failure is said first in a message of its own: a source still
+            # sending reads it when the close refuses its write.
+            self.rp_write(channel, (returnpath.failed(desc) if rc else b"") + returnpath.shut(rc, desc))
         except OSError:
             pass
 
-    def close_channel(self) -> None:
+    def close_channel(self, abort: bool = False) -> None:
+        """abort: after a failure, an exec: command is stopped, not waited for."""
         channel, self.channel = self.channel, None
         if channel is not None:
+            if abort and channel.proc is not None:
+                channel.abort()
             channel.close()
 
 

@@ -95,12 +95,27 @@ class Writer:
                     self.notices.post("mark", {"mark": parts[1].bytes.decode(), "bytes": self.written,
                                                "error": self.error})
             except (OSError, TransportError) as exc:
+                cause = self.destination_cause()
                 with self.lock:
                     first = self.error is None
                     if first:
-                        self.error = f"write to migration channel failed: {exc.strerror or exc}"
+                        self.error = (f"the destination failed: {cause}" if cause else
+                                      f"write to migration channel failed: {exc.strerror or exc}")
                 if first:
                     self.notices.post("failed", {"desc": self.error, "bytes": self.written})
+
+    def destination_cause(self) -> str | None:
+        """After a refused write: why the destination failed, if it said so
+        (X_FAILED) before it closed the connection."""
+        channel = self.channel
+        if channel is None or not channel.has_return_path or self.rp_thread is not None:
+            return None
+        try:
+            channel.settimeout(0.5)
+            shut = returnpath.read_shut(channel.recv)
+        except (OSError, returnpath.ReturnPathError):
+            return None
+        return shut[1] if shut is not None and shut[0] else None
 
     def write(self, data) -> None:
         if self.error is not None or self.channel is None:

@@ -3,7 +3,10 @@ migration connection, each a be16 type, a be16 length and that many bytes.
 
 A livemig destination answers a PING with PONG and reports the outcome of
 the load with SHUT (be32 status, 0 for success, then a short reason as text,
-which QEMU's SHUT lacks and ignores); a livemig source reads SHUT.
+which QEMU's SHUT lacks and ignores); a livemig source reads SHUT. A load
+that fails sends X_FAILED (livemig's; QEMU has no such message) before its
+SHUT and closes: a source still sending finds its write refused and reads
+the cause.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ RP_REQ_PAGES_ID = 3  # be64 start, be32 length, u8 name length, name
 RP_REQ_PAGES = 4  # be64 start, be32 length: the block of the last REQ_PAGES_ID
 RP_RECV_BITMAP = 5
 RP_RESUME_ACK = 6
+RP_X_FAILED = 0x4C45  # livemig's ('LE'): the destination failed; the cause as text
 RESUME_ACK_VALUE = 1
 RECV_BITMAP_ENDING = 0x0123456789ABCDEF
 MAX_SHUT_DESC = 200  # bytes of the reason a SHUT carries
@@ -69,6 +73,10 @@ def shut(rc: int, desc: str) -> bytes:
     return message(RP_SHUT, _be32.pack(rc) + desc.encode()[:MAX_SHUT_DESC])
 
 
+def failed(desc: str) -> bytes:
+    return message(RP_X_FAILED, desc.encode()[:MAX_SHUT_DESC])
+
+
 def _exactly(recv: Callable[[int], bytes], n: int) -> bytes | None:
     """n bytes, or None if the peer closed first."""
     got = b""
@@ -81,9 +89,9 @@ def _exactly(recv: Callable[[int], bytes], n: int) -> bytes | None:
 
 
 def read_shut(recv: Callable[[int], bytes]) -> tuple[int, str] | None:
-    """Read messages with `recv` (a socket's) up to the first SHUT; returns
-    its (status, reason), or None if the peer closed between messages. Other
-    messages are skipped."""
+    """Read messages with `recv` (a socket's) up to the first SHUT or
+    X_FAILED; returns (status, reason) (X_FAILED: status 1), or None if the
+    peer closed between messages. Other messages are skipped."""
     while True:
         header = _exactly(recv, _header.size)
         if header is None:
@@ -94,6 +102,8 @@ def read_shut(recv: Callable[[int], bytes]) -> tuple[int, str] | None:
             raise ReturnPathError("return path cut mid-message")
         if mtype == RP_SHUT and length >= 4:
             return _be32.unpack(body[:4])[0], body[4:].decode(errors="replace")
+        if mtype == RP_X_FAILED:
+            return 1, body.decode(errors="replace")
 
 
 # --------------------------------------------------------------------------- post-copy

@@ -1,8 +1,10 @@
 """The byte channels behind migration URIs (parsed by protocol.uri).
 
-tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N and file:PATH, in both directions.
-Sockets (tcp, unix, and fd: when the descriptor is a socket) also carry a
-return path from the destination back to the source.
+tcp:HOST:PORT, unix:PATH, exec:CMD, fd:N and file:PATH[,offset=N], in both
+directions. Sockets (tcp, unix, and fd: when the descriptor is a socket) also
+carry a return path from the destination back to the source. Every kind keeps
+to its timeout (settimeout): a socket by its own, a pipe or FIFO (exec:, fd:,
+file:) by being non-blocking and waiting in poll; a regular file never waits.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import array
 import ctypes
 import errno
 import fcntl
+import math
 import os
 import select
 import signal
@@ -46,6 +49,14 @@ def iovec_table(n: int) -> np.ndarray:
     return np.zeros((n, 2), np.uint64)
 
 
+def _wait(fd: int, event: int, timeout: float | None) -> None:
+    """Wait for `event` on a non-blocking descriptor, at most `timeout` seconds."""
+    poller = select.poll()
+    poller.register(fd, event)
+    if not poller.poll(None if timeout is None else math.ceil(timeout * 1000)):
+        raise TimeoutError(errno.ETIMEDOUT, "timed out")
+
+
 def _writev(fd: int, table: np.ndarray, timeout: float | None) -> int:
     """One writev of up to IOV_MAX vectors of `table`, waiting at most
     `timeout` for room (sockets with a timeout are non-blocking)."""
@@ -59,10 +70,7 @@ def _writev(fd: int, table: np.ndarray, timeout: float | None) -> int:
             continue
         if err != errno.EAGAIN:
             raise OSError(err, os.strerror(err))
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        if not poller.poll(None if timeout is None else int(timeout * 1000)):
-            raise TimeoutError(errno.ETIMEDOUT, "timed out")
+        _wait(fd, select.POLLOUT, timeout)
 
 
 def iovec_skip(table: np.ndarray, done: int) -> np.ndarray:
@@ -90,6 +98,7 @@ class Channel:
         self.closed = False
         self.opened = time.monotonic()  # a deadline over the whole connection starts here
         self.out = 0  # bytes handed to the kernel, counted per system call
+        self.timeout: float | None = None  # for a descriptor: the longest wait for room or data
 
     def unsent(self) -> int:
         """Bytes written but still in this host's kernel (or unacknowledged):
@@ -114,14 +123,22 @@ class Channel:
             return
         view = memoryview(data).cast("B")
         while view:
-            n = os.write(self.fd, view)
+            try:
+                n = os.write(self.fd, view)
+            except BlockingIOError:
+                _wait(self.fd, select.POLLOUT, self.timeout)
+                continue
             self.out += n
             view = view[n:]
 
     def read_into(self, buf: memoryview) -> int:
         if self.sock is not None:
             return self.sock.recv_into(buf)
-        return os.readv(self.fd, [buf])
+        while True:
+            try:
+                return os.readv(self.fd, [buf])
+            except BlockingIOError:
+                _wait(self.fd, select.POLLIN, self.timeout)
 
     def recv(self, n: int) -> bytes:
         """Up to n bytes (b"" at the end), for small messages such as the return path's."""
@@ -131,7 +148,7 @@ class Channel:
     def write_vectors(self, table: np.ndarray) -> int:
         """Write every vector of an iovec table (see iovec_table) in order;
         returns the bytes written."""
-        fd, timeout = (self.sock.fileno(), self.sock.gettimeout()) if self.sock is not None else (self.fd, None)
+        fd, timeout = (self.sock.fileno(), self.sock.gettimeout()) if self.sock is not None else (self.fd, self.timeout)
         total = int(table[:, 1].sum())
         left = total
         while left:
@@ -143,6 +160,7 @@ class Channel:
         return total
 
     def settimeout(self, seconds: float | None) -> None:
+        self.timeout = seconds
         if self.sock is not None:
             self.sock.settimeout(seconds)
 
@@ -190,6 +208,56 @@ def _socket_from_fd(fd: int) -> socket.socket | None:
     return socket.socket(fileno=os.dup(fd))
 
 
+def _fd_channel(fd: int, mode: int) -> Channel:
+    """A channel over a passed descriptor that is not a socket. A pipe or FIFO
+    is opened again (its own open file description, non-blocking, so that
+    the timeout bounds every wait and the passer's stays as it was); a file
+    is duplicated, keeping the offset where the passer left it."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return Channel(os.dup(fd))
+    try:
+        return Channel(os.open(f"/proc/self/fd/{fd}", mode | os.O_NONBLOCK))
+    except OSError:
+        return Channel(os.dup(fd))  # cannot be opened again (a tty?): blocking, as passed
+
+
+def _nonblocking(channel: Channel) -> Channel:
+    os.set_blocking(channel.fd, False)
+    return channel
+
+
+def _open_file(uri: Uri, timeout: float) -> Channel:
+    """file:PATH[,offset=N] for writing: created or truncated to the offset
+    (as QEMU does), the stream written from there. A FIFO waits, up to
+    `timeout`, for its reader."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(uri.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK, 0o600)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() >= deadline:
+                raise  # ENXIO: a FIFO nobody reads yet
+            time.sleep(0.05)
+    channel = Channel(fd)
+    try:
+        _seek(fd, uri, truncate=True)
+    except OSError:
+        channel.close()
+        raise
+    return channel
+
+
+def _seek(fd: int, uri: Uri, truncate: bool = False) -> None:
+    if not uri.offset:
+        return
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        raise TransportError(f"{uri}: offset= needs a regular file")
+    if truncate:
+        os.ftruncate(fd, uri.offset)
+    os.lseek(fd, uri.offset, os.SEEK_SET)
+
+
 class Handshake(Protocol):
     """What `tls=` takes (protocol/tls.py's Tls): it runs a handshake on a
     freshly opened channel and returns the channel to use instead."""
@@ -227,17 +295,18 @@ def _open(uri: Uri, timeout: float, two_way: bool) -> Channel:
             proc = subprocess.Popen(["/bin/sh", "-c", uri.target], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE if two_way else None)
             assert proc.stdin is not None
-            return Channel(proc.stdin.fileno(), proc=proc)
+            return _nonblocking(Channel(proc.stdin.fileno(), proc=proc))
         if uri.scheme == "fd":
             fd = int(uri.target)
             sock = _socket_from_fd(fd)
             if sock is not None:
                 return Channel(sock.fileno(), sock)
-            return Channel(os.dup(fd))
+            return _fd_channel(fd, os.O_WRONLY)
         if two_way:
             raise TransportError(f"TLS needs a two-way channel; {uri} is a file")
-        fd = os.open(uri.target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        return Channel(fd)
+        return _open_file(uri, timeout)
+    except TransportError:
+        raise
     except OSError as exc:
         raise TransportError(f"cannot open {uri}: {exc.strerror or exc}") from None
 
@@ -323,17 +392,24 @@ class Listener:
                 proc = subprocess.Popen(["/bin/sh", "-c", self.uri.target], stdout=subprocess.PIPE,
                                         stdin=subprocess.PIPE if two_way else None)
                 assert proc.stdout is not None
-                return Channel(proc.stdout.fileno(), proc=proc)
+                return _nonblocking(Channel(proc.stdout.fileno(), proc=proc))
             if self.uri.scheme == "fd":
                 fd = int(self.uri.target)
                 sock = _socket_from_fd(fd)
                 if sock is not None:
                     return Channel(sock.fileno(), sock)
-                return Channel(os.dup(fd))
+                return _fd_channel(fd, os.O_RDONLY)
             if two_way:
                 raise TransportError(f"TLS needs a two-way channel; {self.uri} is a file")
-            return Channel(os.open(self.uri.target, os.O_RDONLY))
-        except TimeoutError:
+            # Blocking open: a FIFO waits for its writer here, as a socket for its connection.
+            channel = _nonblocking(Channel(os.open(self.uri.target, os.O_RDONLY)))
+            try:
+                _seek(channel.fd, self.uri)
+            except OSError:
+                channel.close()
+                raise
+            return channel
+        except (TimeoutError, TransportError):
             raise
         except OSError as exc:
             raise TransportError(f"cannot accept on {self.uri}: {exc.strerror or exc}") from None

@@ -1,11 +1,13 @@
 """Addresses as text, parsed in one place: migration URIs (tcp:HOST:PORT,
-unix:PATH, exec:CMD, fd:N, file:PATH) and QMP monitor addresses (unix:PATH,
-tcp:HOST:PORT). An IPv6 host is written in brackets: tcp:[::1]:4444; no host
+unix:PATH, exec:CMD, fd:N, file:PATH[,offset=N]) and QMP monitor addresses
+(unix:PATH, tcp:HOST:PORT). An IPv6 host is written in brackets: tcp:[::1]:4444; no host
 (tcp::PORT) is every address to listen on, as in QEMU."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from livemig.protocol.units import parse_size
 
 SCHEMES = ("tcp", "unix", "exec", "fd", "file")
 
@@ -20,9 +22,10 @@ class Uri:
     target: str  # host:port, path, command line or descriptor number
     host: str = ""
     port: int = 0
+    offset: int = 0  # file: where the stream starts in the file, as QEMU's offset=
 
     def __str__(self) -> str:
-        return f"{self.scheme}:{self.target}"
+        return f"{self.scheme}:{self.target}" + (f",offset={self.offset}" if self.offset else "")
 
 
 def tcp_uri(text: str, rest: str, what: str) -> Uri:
@@ -46,8 +49,26 @@ def parse_uri(text: str) -> Uri:
     if scheme == "fd" and not rest.isdigit():
         raise UriError(f"fd URI {text!r} must name a descriptor number")
     if scheme == "file":
-        rest = rest.split(",", 1)[0]
+        return file_uri(text, rest)
     return Uri(scheme, rest)
+
+
+def file_uri(text: str, rest: str) -> Uri:
+    """file:PATH[,offset=N]: as in QEMU, an option follows the last comma and
+    offset= (bytes, or with a K/M/G suffix) is the only one."""
+    path, sep, option = rest.rpartition(",")
+    if not sep:
+        return Uri("file", rest)
+    name, _, value = option.partition("=")
+    if name != "offset":
+        raise UriError(f"file URI {text!r} has unknown option {option!r} (file: takes only offset=N)")
+    try:
+        offset = parse_size(value)
+    except ValueError as exc:
+        raise UriError(f"file URI {text!r} has a bad offset: {exc}") from None
+    if not path:
+        raise UriError(f"file URI {text!r} names no file")
+    return Uri("file", path, offset=offset)
 
 
 def parse_qmp_address(text: str) -> Uri:

@@ -5,6 +5,7 @@ livemig source writes (x-digest, XBZRLE, block migration, post-copy)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,7 +13,10 @@ import threading
 import time
 from pathlib import Path
 
-from tests.conftest import guest_args
+import pytest
+
+from livemig.protocol import savevm
+from tests.conftest import guest_args, replay_matches
 
 CAPS = ("x-digest", "xbzrle")
 
@@ -114,3 +118,89 @@ def test_inspect_reads_a_postcopy_stream_with_its_commands(hosts, tmp_path, port
     assert {"OPEN_RETURN_PATH", "PING", "POSTCOPY_ADVISE", "POSTCOPY_RAM_DISCARD", "PACKAGED",
             "POSTCOPY_LISTEN", "POSTCOPY_RUN"} <= commands, commands
     assert [s["name"] for s in got["sections"]] == ["ram", "livemig/vcpu", "globalstate"]
+
+
+def stalled_channel(kind: str, tmp_path: Path, out: bool, keep: list[int]) -> tuple[str, tuple[str, ...], tuple]:
+    """A one-way channel whose far end never reads (out) or never writes
+    after the stream's first bytes: (URI, host arguments, fds to pass)."""
+    if kind == "exec":
+        return "exec:sleep 5", (), ()  # ends by itself before the test's end
+    if kind == "file":
+        fifo = tmp_path / "stall.fifo"
+        os.mkfifo(fifo)
+        if out:
+            keep.append(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # a reader that reads nothing
+        return f"file:{fifo}", (), ()
+    r, w = os.pipe()
+    keep += [r, w]
+    fd = w if out else r
+    return f"fd:{fd}", ("--fd", str(fd)), (fd,)
+
+
+@pytest.mark.parametrize("kind", ["exec", "file", "fd"])
+def test_a_stalled_one_way_channel_fails_the_source_in_its_timeout(hosts, tmp_path, kind):
+    """x-transport-timeout did nothing on exec:, file: and fd: channels: a
+    reader that takes nothing held the source for good."""
+    keep: list[int] = []
+    try:
+        uri, extra, fds = stalled_channel(kind, tmp_path, True, keep)
+        src = hosts.start("src", *guest_args(ram="16M", workload="memtouch:rate=1M,wss=2M"), *extra,
+                          pass_fds=fds)
+        src.cmd("migrate-set-parameters", **{"x-transport-timeout": 1000})
+        start = time.monotonic()
+        src.cmd("migrate", uri=uri)
+        info = src.wait_migration(30)
+        took = time.monotonic() - start
+        assert info["status"] == "failed" and "timed out" in info["error-desc"], info
+        assert took < 6, took
+        assert src.cmd("query-status")["status"] == "running"
+    finally:
+        for fd in keep:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["exec", "file", "fd"])
+def test_a_stalled_one_way_channel_fails_the_destination_in_its_timeout(hosts, tmp_path, kind):
+    """The destination's progress deadline holds on a pipe or FIFO too: a
+    source that sends a header and then nothing fails it, with the cause."""
+    keep: list[int] = []
+    try:
+        uri, extra, fds = stalled_channel(kind, tmp_path, False, keep)
+        dst = hosts.start("dst", *guest_args(ram="16M"), "--incoming", "defer", *extra, pass_fds=fds)
+        dst.cmd("migrate-set-parameters", **{"x-transport-timeout": 1000})
+        start = time.monotonic()
+        dst.cmd("migrate-incoming", uri=uri)
+        if kind == "file":
+            keep.append(os.open(uri.removeprefix("file:"), os.O_WRONLY))  # opens once the destination reads
+        if kind != "exec":
+            os.write(keep[-1] if kind == "file" else keep[1], savevm.header())
+        info = dst.wait_migration(30, states=("failed",))
+        took = time.monotonic() - start
+        assert "no progress for 1 s (x-transport-timeout)" in info["error-desc"], info
+        assert took < 6, took
+        assert dst.cmd("query-status")["status"] == "inmigrate"
+    finally:
+        for fd in keep:
+            os.close(fd)
+
+
+def test_file_offset_is_honoured_both_ways(hosts, tmp_path):
+    """file:PATH,offset=N (QEMU's): the stream starts N bytes in, after
+    whatever the user keeps there; an unknown option is refused."""
+    path = tmp_path / "guest.mig"
+    args = guest_args(ram="16M", workload="memtouch:rate=1M,wss=2M")
+    src = hosts.start("src", *args)
+    with pytest.raises(RuntimeError, match="unknown option 'size=4' \\(file: takes only offset=N\\)"):
+        src.cmd("migrate", uri=f"file:{path},size=4")
+    src.cmd("migrate", uri=f"file:{path},offset=4K")
+    assert src.wait_migration(60)["status"] == "completed"
+    data = path.read_bytes()
+    assert data[:4096] == bytes(4096) and data[4096:4104] == savevm.header()
+    with open(path, "r+b") as f:
+        f.write(b"a header of the user's own".ljust(4096, b"."))
+    dst = hosts.start("dst", *args, "--incoming", f"file:{path},offset=4096")
+    info = dst.wait_migration(60)
+    assert info["status"] == "completed", info
+    dst.wait_status("running", 30)
+    result = replay_matches(dst, tmp_path)
+    assert result["ram_equal"] and result["vcpu_equal"]

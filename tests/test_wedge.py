@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 import threading
+import time
 
+import numpy as np
 import pytest
 
 from livemig.protocol import savevm
@@ -121,3 +124,38 @@ def test_parameters_that_would_do_nothing_are_refused(hosts):
     assert params["x-fault"] == "" and params["x-transport-timeout"] == 30_000
     h.cmd("migrate-set-parameters", **{"x-fault": "block-bulk:kill-block_sender", "x-transport-timeout": 1})
     assert h.cmd("query-migrate-parameters")["x-fault"] == "block-bulk:kill-block_sender"
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 2 MiB tmpfs: a disk image on it runs out of space (root only)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_full_disk_fails_both_sides_with_the_cause(hosts, tmp_path, port, tiny_fs):
+    """Block migration onto an image whose file system fills: the destination
+    fails with ENOSPC and tells the source over the return path, which fails
+    within a second naming it; the destination takes a new migration at once."""
+    image = tmp_path / "src.raw"
+    image.write_bytes(np.random.default_rng(1).integers(0, 256, 16 << 20, np.uint8).tobytes())
+    args = guest_args(ram="16M")
+    src = hosts.start("src", *args, "--drive", f"file={image},format=raw,id=disk0")
+    dst = hosts.start("dst", *args, "--drive", f"file={tiny_fs}/dst.raw,format=raw,id=disk0,size=16M",
+                      "--incoming", f"tcp:127.0.0.1:{port}")
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}", blk=True)
+    dinfo = dst.wait_migration(30, states=("failed",))
+    failed_at = time.monotonic()
+    assert "No space left on device" in dinfo["error-desc"], dinfo
+    info = src.wait_migration(30)
+    print(f"source failed {time.monotonic() - failed_at:.3f} s after the destination: {info['error-desc']}")
+    assert time.monotonic() - failed_at < 1.0, info
+    assert info["status"] == "failed" and "No space left on device" in info["error-desc"], info
+    assert src.cmd("query-status")["status"] == "running"
+    dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+    assert dst.cmd("query-migrate")["status"] in ("setup", "active"), dst.cmd("query-migrate")
