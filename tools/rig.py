@@ -305,6 +305,8 @@ class Rig:
                 during[1]()
                 during = None
             if time.monotonic() - start > timeout:
+                if info["status"].startswith("postcopy"):  # past RUN nothing can be cancelled
+                    raise RigError(f"post-copy of {guest} to {target} still {info['status']} after {timeout:g} s")
                 # Not converged in time: cancelled, and the guest runs on at the source.
                 converged = False
                 expected = info.get("expected-downtime")
