@@ -62,6 +62,7 @@ class Writer:
         self.rate_time = 0.0
         self.xbzrle: XbzrleEncoder | None = None
         self.error: str | None = None
+        self.timeout: float | None = None  # x-transport-timeout of the open channel
         self.lock = threading.Lock()
         self.notices = Notices(ctx, "writer")
         self.pusher: Pusher | None = None
@@ -100,9 +101,14 @@ class Writer:
                     first = self.error is None
                     if first:
                         self.error = (f"the destination failed: {cause}" if cause else
-                                      f"write to migration channel failed: {exc.strerror or exc}")
+                                      f"write to migration channel failed: {self.why(exc)}")
                 if first:
                     self.notices.post("failed", {"desc": self.error, "bytes": self.written})
+
+    def why(self, exc: OSError) -> str:
+        if isinstance(exc, TimeoutError) and self.timeout is not None:
+            return f"no progress for {self.timeout:g} s (x-transport-timeout)"
+        return str(exc.strerror or exc)
 
     def destination_cause(self) -> str | None:
         """After a refused write: why the destination failed, if it said so
@@ -305,7 +311,7 @@ class Writer:
             # An fd: URI names a descriptor the host was given at start.
             if int(uri.target) not in self.cfg.fds:
                 raise ActorError(f"descriptor {uri.target} was not passed to this host (--fd)")
-        timeout = msg.data.get("timeout", 30_000) / 1000
+        timeout = self.timeout = msg.data.get("timeout", 30_000) / 1000
         try:
             channel = connect(uri, timeout=timeout, tls=outgoing_tls(msg.data.get("tls"), uri))
         except (TransportError, ObjectError) as exc:
