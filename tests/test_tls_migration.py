@@ -6,12 +6,21 @@ ready), and one connection with one deadline."""
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 import signal
 import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
+import livemig.protocol
 from livemig.tools.tls_certs import make_pki
 from tests.conftest import guest_args, replay_matches
 
@@ -258,3 +267,104 @@ def test_objects_survive_a_coordinator_restart(hosts, pki, tmp_path, port):
     dst.cmd("migrate-incoming", uri=uri)
     got = completes(src, dst, tmp_path, uri)
     assert got["x-tls"]["peer"] == "O=livemig,CN=client"
+
+
+NOBODY = 65534
+
+
+def _runs_as_nobody(exe: str, env: dict) -> bool:
+    probe = subprocess.run(["runuser", "-u", "nobody", "--", exe, "-P", "-c", "import livemig.actors.host, numpy, zmq"],
+                           env={**os.environ, **env}, capture_output=True, timeout=60)
+    return probe.returncode == 0
+
+
+def unprivileged_python(shim: Path) -> tuple[str, dict]:
+    """An interpreter user nobody can run, with this checkout importable:
+    this one, or (when it lives under root's private home, as pyenv's does)
+    the system's Python of the same version over this one's site-packages."""
+    if _runs_as_nobody(sys.executable, {}):
+        return sys.executable, {}
+    (shim / "livemig").symlink_to(Path(livemig.protocol.__file__).resolve().parents[1])  # the checkout
+    paths = [str(shim), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}
+    exe = shutil.which(f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin:/bin")
+    if exe is None or not _runs_as_nobody(exe, env):
+        pytest.skip(f"no Python {sys.version_info.major}.{sys.version_info.minor} that user nobody may run")
+    return exe, env
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("runuser"), reason="needs root to run hosts as nobody")
+def test_tls_migration_as_an_unprivileged_user(hosts, port):
+    """Both hosts run as user nobody, with their own private run directory
+    and certificates only nobody can read: a running guest migrates over
+    TLS with a client certificate and tls-authz, verified by replay."""
+    from livemig.tools.bench.accounting import actor_pids
+    from livemig.tools.launch import HostProcess
+
+    base = Path(tempfile.mkdtemp(prefix="livemig-nobody-"))
+    try:
+        os.chmod(base, 0o755)
+        shim = base / "shim"
+        shim.mkdir()
+        exe, env = unprivileged_python(shim)
+        pki = make_pki(base / "pki")
+        run, dump = base / "run", base / "dump"
+        run.mkdir(mode=0o700)
+        dump.mkdir(mode=0o700)
+        for path in [base / "pki", *(base / "pki").rglob("*"), run, dump]:
+            os.chown(path, NOBODY, NOBODY)
+        env.update({"LIVEMIG_TEST_TAG": hosts.tag, "LIVEMIG_RUNDIR": str(run), "HOME": str(base)})
+        # HostProcess runs sys.executable after the prefix: the shell swaps in `exe`.
+        prefix = ("runuser", "-u", "nobody", "--", "/bin/sh", "-c", f'shift; exec {shlex.quote(exe)} "$@"', "sh")
+
+        def start(name: str, *args: str) -> HostProcess:
+            h = HostProcess(f"{name}-{uuid.uuid4().hex[:6]}", *RUNNING, *args, env=env, prefix=prefix, timeout=120)
+            hosts.started.append(h)
+            return h
+
+        uri = f"tcp:127.0.0.1:{port}"
+        dst = start("dst", "--incoming", "defer", *x509(pki.server, "server"), "--object", AUTHZ)
+        src = start("src", *x509(pki.client, "client"))
+        for h in (src, dst):
+            coordinator = actor_pids(host_under(h.proc.pid))["coordinator"]
+            assert os.stat(f"/proc/{coordinator}").st_uid == NOBODY
+        dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-authz": "auth0"})
+        dst.cmd("migrate-incoming", uri=uri)
+        src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "max-bandwidth": 0})
+        got = completes(src, dst, dump, uri)
+        assert got["x-tls"]["peer"] == "O=livemig,CN=client"
+        assert not [p for p in base.rglob("*") if p.stat().st_uid not in (0, NOBODY)]
+    finally:
+        for h in hosts.started:
+            h.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def host_under(pid: int) -> int:
+    """The `livemig host` process under runuser: the one descendant whose
+    command line runs livemig.cli.main."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"livemig.cli.main" in argv and ppid in (pid, *_children(pid)):
+            return int(entry)
+    raise AssertionError(f"no livemig host under process {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
