@@ -45,8 +45,9 @@ def convergence_notes(info: dict) -> list[str]:
     if "dirty-limit-throttle-time-per-round" in info:
         notes.append(f"dirty-limit held {info['dirty-limit-throttle-time-per-round'] // 1000} ms/round")
     if stalled := info.get("x-stalled"):
-        notes.append(f"NOT CONVERGING (dirtying {stalled['dirty-rate'] / MiB:.1f} MiB/s, "
-                     f"link {stalled['bandwidth'] / MiB:.1f} MiB/s)")
+        # x-stalled gives bytes/s; shown as every rate here is
+        notes.append(f"NOT CONVERGING (dirtying {rate(stalled['dirty-rate'] * 8 / 1e6)}, "
+                     f"link {rate(stalled['bandwidth'] * 8 / 1e6)})")
     return notes
 
 

@@ -332,3 +332,11 @@ def test_migrate_takes_virsh_flags(hosts, rundir, port, tmp_path):
     params = src.cmd("query-migrate-parameters")
     assert params["cpu-throttle-initial"] == 30 and params["x-postcopy-after-passes"] == 1
     assert dst.wait_migration(30)["status"] == "completed"
+
+
+def test_stall_verdict_in_the_one_rate_unit():
+    """x-stalled gives bytes/s; the progress line shows Mbit/s, as every rate of the CLI."""
+    from livemig.cli.progress import convergence_notes
+
+    stalled = {"dirty-rate": 16 << 20, "bandwidth": 4 << 20, "expected-downtime": 900, "downtime-limit": 300}
+    assert convergence_notes({"x-stalled": stalled}) == ["NOT CONVERGING (dirtying 134 Mbit/s, link 34 Mbit/s)"]
