@@ -20,7 +20,7 @@ from livemig.actors.base import Client, HostConfig, Server, actor_main
 from livemig.machine.ram import PAGE_SIZE
 from livemig.protocol import postcopy, savevm
 from livemig.protocol.messages import Message
-from livemig.protocol.ram import NORMAL_RECORD, ZERO_RECORD, ram_eos
+from livemig.protocol.ram import NORMAL_RECORD, ZERO_RECORD
 
 BATCH_PAGES = 2048
 # What one zero-page record costs on the wire; a normal page costs NORMAL_RECORD.
@@ -73,8 +73,15 @@ class RamSender:
         return newly
 
     # requests ---------------------------------------------------------------
+    def end_ram_section(self, section_id: int) -> None:
+        """RAM's end of section and footer, as its own message: the writer puts
+        multifd's SYNCs before it."""
+        self.data.send_multipart([b"ram-eos", savevm.footer(section_id)])
+
     def on_emit(self, msg: Message) -> dict:
         self.emit(*msg.frames)
+        if "ram_eos" in msg.data:
+            self.end_ram_section(msg.data["ram_eos"])
         return {"mark": self.mark() if msg.data.get("mark") else None}
 
     def on_setup(self, _msg: Message) -> dict:
@@ -97,7 +104,7 @@ class RamSender:
         kind = savevm.SECTION_END if msg.data.get("end") else savevm.SECTION_PART
         self.emit(savevm.section_part(kind, msg.data["section_id"]))
         sent = self.send_pages(budget, last_stage=bool(msg.data.get("end")))
-        self.emit(ram_eos(), savevm.footer(msg.data["section_id"]))
+        self.end_ram_section(msg.data["section_id"])
         out = self.status(sync=False)
         out.update(sent)
         out["mark"] = self.mark()

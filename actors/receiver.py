@@ -15,6 +15,7 @@ from collections.abc import Callable
 import zmq
 
 from livemig.actors.base import ActorError, Client, HostConfig, Notices, Server, actor_main, log
+from livemig.actors.multifd_receiver import MultifdIncoming, accept_channels
 from livemig.actors.postcopy import IncomingPages
 from livemig.block import BlockError, open_image
 from livemig.block.image import Image
@@ -105,6 +106,8 @@ class Receiver:
         self.paused_loader: savevm.StreamLoader | None = None  # post-copy paused: the stream to go on with
         self.package_start = 0  # reader offset where the PACKAGED blob began
         self.tls: Tls | None = None
+        self.multifd_config: dict | None = None  # channels and compression, as migrate-incoming found them
+        self.multifd: MultifdIncoming | None = None
 
     def notify(self, mtype: str, data: dict) -> None:
         self.notices.post(mtype, data)
@@ -118,7 +121,8 @@ class Receiver:
             raise ActorError(f"descriptor {uri.target} was not passed to this host (--fd)")
         try:
             self.tls = incoming_tls(msg.data.get("tls"))
-            self.listener = Listener(uri)
+            self.multifd_config = msg.data.get("multifd")
+            self.listener = Listener(uri, backlog=1 + (self.multifd_config or {}).get("channels", 0))
         except (TransportError, ObjectError) as exc:
             raise ActorError(str(exc)) from None
         self.finish.clear()
@@ -232,10 +236,12 @@ class Receiver:
             listener.close()
             self.notify("failed", {"desc": f"incoming connection failed: {exc}"})
             return
+        self.channel = channel
+        if self.multifd_config and not self.accept_multifd(listener, channel):
+            return
         if listener.sock is not None:
             # Exactly one migration per listen: refuse any later connection.
             listener.close()
-        self.channel = channel
         channel.settimeout(self.timeout)  # a source that stops sending fails the migration
         self.notify("started", {"tls": tls_info(channel)})
         t0 = time.monotonic()
@@ -259,8 +265,12 @@ class Receiver:
         def command(cmd: int, data: bytes, r: savevm.BufferedReader) -> None:
             self.postcopy_command(pc, cmd, data, r, loader, channel, states)
 
+        ram_loader = RamLoader(blocks, zeroed=self.fresh)
+        if self.multifd is not None:
+            ram_loader.on_eos = self.multifd.sync
+            self.multifd.start(ram_loader.landed, lambda _desc: self.stop_main_reads(channel))
         loader = savevm.StreamLoader(
-            RamLoader(blocks, zeroed=self.fresh), loaders, machine=self.cfg.guest.machine,
+            ram_loader, loaders, machine=self.cfg.guest.machine,
             live={"block": block_loader}, on_return_path=listens,
             on_ping=pong if channel.has_return_path else None, on_command=command)
         self.fresh = False  # whatever happens to this stream, the RAM is no longer known zero
@@ -281,6 +291,8 @@ class Receiver:
                     channel.settimeout(None)
             if self.injected in ("fail", "reset"):
                 raise savevm.StreamError(f"injected fault: {self.injected}")
+            if self.multifd is not None:
+                self.multifd.finish()
             vcpu_states = states.get(VCPU_SECTION, {})
             missing = sorted(set(range(self.vcpus)) - set(vcpu_states))
             if self.profile.has_vcpus and missing:
@@ -294,6 +306,8 @@ class Receiver:
             if not isinstance(exc, (savevm.StreamError, OSError, BlockError, ActorError)):
                 log.exception("loading the incoming stream")
                 desc = f"incoming stream failed: {type(exc).__name__}: {exc}"
+            if self.multifd is not None and self.multifd.error:
+                desc = self.multifd.error  # the main stream was stopped because of it
             try:
                 self.close_images(images)
             except (OSError, BlockError) as cleanup:  # a full disk fails its flush too
@@ -319,6 +333,7 @@ class Receiver:
                         if name not in (VCPU_SECTION, SWITCHOVER_SECTION, "globalstate")},
             "machine": result.machine, "bytes": result.bytes,
             "return_path": channel.has_return_path, "disk": disk,
+            "multifd": self.multifd.bytes if self.multifd is not None else 0,
             "normal": stats.normal if stats else 0, "zero": stats.zero if stats else 0,
             "seconds": time.monotonic() - t0})
         self.finish.wait(300)
@@ -487,8 +502,35 @@ class Receiver:
         except OSError:
             pass
 
+    def accept_multifd(self, listener: Listener, channel: Channel) -> bool:
+        """The multifd channels after the main one; False (reported) if they fail."""
+        assert self.multifd_config is not None
+        try:
+            blocks = {b.name: self.ram.block_pages(b) for b in self.ram.blocks}
+            self.multifd = accept_channels(listener, self.multifd_config, blocks, self.tls, self.timeout)
+        except savevm.StreamError as exc:
+            listener.close()
+            self.reply_source(channel, 1, str(exc))
+            self.close_channel()
+            self.notify("failed", {"desc": str(exc), "bytes": 0})
+            return False
+        return True
+
+    @staticmethod
+    def stop_main_reads(channel: Channel) -> None:
+        """A multifd channel failed: the main stream's loader stops at its next
+        read (the return path still carries the refusal)."""
+        if channel.sock is not None:
+            try:
+                channel.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
     def close_channel(self, abort: bool = False) -> None:
         """abort: after a failure, an exec: command is stopped, not waited for."""
+        multifd, self.multifd = self.multifd, None
+        if multifd is not None:
+            multifd.stop()
         channel, self.channel = self.channel, None
         if channel is not None:
             if abort and channel.proc is not None:

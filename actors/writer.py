@@ -18,6 +18,7 @@ import numpy as np
 import zmq
 
 from livemig.actors.base import ActorError, HostConfig, Notices, Server, actor_main
+from livemig.actors.multifd_sender import MultifdSender
 from livemig.actors.postcopy import Pusher
 from livemig.machine.ram import PAGE_SHIFT, PAGE_SIZE
 from livemig.protocol import ram, returnpath, savevm, xbzrle
@@ -55,8 +56,10 @@ class Writer:
         self.ctx = ctx
         self.cfg = cfg
         self.channel: Channel | None = None
+        self.multifd: MultifdSender | None = None  # its channels, with the multifd capability
         self.encoder = PageEncoder(BATCH_PAGES)
         self.written = 0
+        self.multifd_written = 0  # what the last migration's multifd channels wrote, once closed
         self.saved = 0  # bytes fewer than the RAM sender counted on: what XBZRLE saved
         self.sent_pages = self.rate_pages = self.rate_age = 0
         self.rate_time = 0.0
@@ -90,10 +93,14 @@ class Writer:
                         self.write(p.buffer)
                 elif kind == b"pages":
                     self.write_pages(parts)
+                elif kind == b"ram-eos":
+                    self.end_ram_section(parts[1:])
                 elif kind in (b"postcopy", b"postcopy-resume"):
                     self.run_postcopy(parts)
                 elif kind == b"mark":
-                    self.notices.post("mark", {"mark": parts[1].bytes.decode(), "bytes": self.written,
+                    if self.multifd is not None and self.error is None:
+                        self.multifd.drain()  # everything before a mark is on the wire, multifd too
+                    self.notices.post("mark", {"mark": parts[1].bytes.decode(), "bytes": self.total(),
                                                "error": self.error})
             except (OSError, TransportError) as exc:
                 cause = self.destination_cause()
@@ -103,7 +110,7 @@ class Writer:
                         self.error = (f"the destination failed: {cause}" if cause else
                                       f"write to migration channel failed: {self.why(exc)}")
                 if first:
-                    self.notices.post("failed", {"desc": self.error, "bytes": self.written})
+                    self.notices.post("failed", {"desc": self.error, "bytes": self.total()})
 
     def why(self, exc: OSError) -> str:
         if isinstance(exc, TimeoutError) and self.timeout is not None:
@@ -132,12 +139,31 @@ class Writer:
             self.channel.write(data)
             self.written += len(data)
 
+    def total(self) -> int:
+        """Bytes written on the main channel and the multifd channels."""
+        return self.written + (self.multifd.stats()["bytes"] if self.multifd is not None else 0)
+
+    def end_ram_section(self, frames: list) -> None:
+        """RAM's end of section, after a SYNC on every multifd channel (QEMU 7.2's
+        multifd_send_sync_main), then what follows it (the footer)."""
+        if self.multifd is not None and self.error is None:
+            self.multifd.sync()
+        self.write(ram_eos() + b"".join(f.bytes for f in frames))
+
     def write_pages(self, parts: list) -> None:
         block = self.ram.block(parts[1].bytes.decode())
         pages = np.frombuffer(parts[3].buffer, np.uint32)
         zero = np.frombuffer(parts[4].buffer, np.bool_)
         age = int(parts[5].bytes)
         self.sent_pages += len(pages)
+        if self.multifd is not None:
+            if self.error is None:  # zero pages on the main channel, the others on the multifd ones
+                self.multifd.send_pages(block.name, self.ram.block_pages(block), pages[~zero])
+                gone = pages[zero]
+                for item in self.encoder.encode(block.name, gone, self.ram.block_pages(block),
+                                                np.ones(len(gone), np.bool_)):
+                    self.write(item)
+            return
         if self.xbzrle is not None and age:
             self.write_xbzrle(block, pages, zero, age, parts[6].bytes == b"1")
             return
@@ -300,7 +326,10 @@ class Writer:
         # A channel that counts per system call is ahead of the per-batch count.
         out = self.written if channel is None else max(self.written, channel.out)
         sent = out if channel is None else max(0, out - channel.unsent())
-        return {"bytes": self.written, "sent": sent, "saved": self.saved, **self.postcopy_stats(),
+        done = self.multifd_written  # a closed migration's multifd channels: all of it left
+        multifd = self.multifd.stats() if self.multifd is not None else {"bytes": done, "sent": done, "saved": 0}
+        return {"bytes": self.written + multifd["bytes"], "sent": sent + multifd["sent"],
+                "saved": self.saved + multifd["saved"], "multifd": multifd["bytes"], **self.postcopy_stats(),
                 "xbzrle": self.xbzrle.stats.to_qmp() if self.xbzrle is not None else None}
 
     def on_connect(self, msg: Message) -> dict:
@@ -312,22 +341,31 @@ class Writer:
             if int(uri.target) not in self.cfg.fds:
                 raise ActorError(f"descriptor {uri.target} was not passed to this host (--fd)")
         timeout = self.timeout = msg.data.get("timeout", 30_000) / 1000
+        multifd = None
         try:
-            channel = connect(uri, timeout=timeout, tls=outgoing_tls(msg.data.get("tls"), uri))
+            tls = outgoing_tls(msg.data.get("tls"), uri)
+            channel = connect(uri, timeout=timeout, tls=tls)
         except (TransportError, ObjectError) as exc:
             raise ActorError(str(exc)) from None
+        if msg.data.get("multifd"):
+            try:  # the main channel first: the destination tells them apart by order
+                multifd = MultifdSender(uri, msg.data["multifd"], tls, timeout)
+            except TransportError as exc:
+                channel.close()
+                raise ActorError(str(exc)) from None
         # A peer that takes nothing for this long fails the migration.
         channel.settimeout(timeout)
         with self.lock:
-            self.written, self.error = 0, None
+            self.written, self.error, self.multifd_written = 0, None, 0
             if not msg.data.get("resume"):  # post-copy recovery goes on with what is left
                 self.pusher, self.postcopy_bytes = None, 0
             self.rp_thread, self.shut = None, None
             self.saved = self.sent_pages = self.rate_pages = self.rate_age = 0
             self.rate_time = time.monotonic()
             size = msg.data.get("xbzrle_cache_size", 0)
-            self.xbzrle = XbzrleEncoder(size) if size else None
-            self.channel = channel
+            # As QEMU 7.2: with multifd, no page goes as an XBZRLE delta.
+            self.xbzrle = XbzrleEncoder(size) if size and multifd is None else None
+            self.channel, self.multifd = channel, multifd
         if msg.data.get("resume"):
             self.start_return_path(channel)
         return {"return_path": channel.has_return_path, "tls": tls_info(channel)}
@@ -368,6 +406,10 @@ class Writer:
     def on_close(self, msg: Message) -> dict:
         with self.lock:
             channel, self.channel = self.channel, None
+            multifd, self.multifd = self.multifd, None
+        if multifd is not None:
+            self.multifd_written = multifd.stats()["bytes"]
+            multifd.close(abort=bool(msg.data.get("abort")))
         status = 0
         if channel is not None:
             if msg.data.get("abort"):
@@ -375,7 +417,7 @@ class Writer:
             status = channel.close()
         if status:
             raise ActorError(f"migration command exited with status {status}")
-        return {"bytes": self.written}
+        return {"bytes": self.written + self.multifd_written}
 
     def on_abort(self, _msg: Message) -> dict:
         """Unblock a stalled write; the data thread then reports the failure."""
@@ -385,6 +427,8 @@ class Writer:
                 if self.error is None:
                     self.error = "migration channel aborted"
             channel.abort()
+        if self.multifd is not None:
+            self.multifd.abort()
         return {}
 
 

@@ -217,7 +217,7 @@ def format_parameter(name: str, value) -> str:
     if isinstance(value, bool):
         text = "on" if value else "off"
     elif isinstance(value, str):
-        text = f"'{value}'"
+        text = value if name in PARAMETERS and PARAMETERS[name].choices else f"'{value}'"
     else:
         text = f"{value}{PARAMETERS[name].unit if name in PARAMETERS else ''}"
     return f"{name}: {text}\n"

@@ -170,6 +170,24 @@ def payload_size(packet: Packet) -> int:
 # --------------------------------------------------------------------------- compression
 
 
+MAX_CHANNELS = 255  # multifd-channels is a uint8 in QEMU's schema
+
+
+def check_parameter(name: str, value: int | str) -> None:
+    """migrate-set-parameters' checks of the multifd-* parameters, as QEMU words them."""
+    if name == "multifd-compression":
+        if value not in COMPRESSION_FLAGS:  # the choices of its row in protocol/parameters.py
+            raise ValueError(f"Parameter 'multifd-compression' does not accept value '{value}'")
+        return
+    assert isinstance(value, int)
+    if not 0 <= value <= 255:
+        raise ValueError(f"Parameter '{name}' expects uint8_t")
+    if name == "multifd-channels" and value < 1:
+        raise ValueError(f"Parameter 'multifd_channels' expects a value between 1 and {MAX_CHANNELS}")
+    if name in ("multifd-zlib-level", "multifd-zstd-level"):
+        check_level(name.split("-")[1], value)
+
+
 def check_level(method: str, level: int) -> None:
     """QEMU's ranges for multifd-zlib-level (0..9) and multifd-zstd-level (0..20)."""
     top = {"zlib": 9, "zstd": 20}.get(method)
@@ -343,6 +361,7 @@ class PacketReceiver:
         self.header = bytearray(PACKET_SIZE)
         self.payload = bytearray(MAX_COMPRESSED)
         self.pages = 0
+        self.announced = 0  # pages named by the headers read (some may still be on their way)
         self.bytes = 0
 
     def receive(self) -> Packet | None:
@@ -357,6 +376,7 @@ class PacketReceiver:
         self.decompressor.check_flags(packet)
         size = payload_size(packet)
         self.bytes += PACKET_SIZE + size
+        self.announced += packet.normal
         if not packet.normal:
             return packet
         ram = self.blocks[packet.ramblock]

@@ -25,6 +25,7 @@ class Parameter:
     size_shift: int | None = None  # a size for HMP: a bare number is in units of 1 << size_shift
     supported: bool = True
     nullable: bool = False  # QMP null sets the empty value (QEMU's StrOrNull)
+    choices: tuple[str, ...] = ()  # a QAPI enum: one of these (HMP prints it unquoted)
 
     def range_error(self, value: int) -> str | None:
         """QEMU's words for an integer outside the range, or None."""
@@ -83,6 +84,12 @@ PARAMETERS: dict[str, Parameter] = {p.name: p for p in (
     Parameter("downtime-limit", int, 300, (0, 2_000_000), MS),
     Parameter("x-checkpoint-delay", int, 20_000, unit=MS, supported=False),
     Parameter("block-incremental", bool, False),  # with block migration: only the top image's clusters
+    # multifd: extra connections for the pages, and how each compresses its stream
+    # (ranges and names checked by protocol.multifd.check_parameter, in QEMU's words)
+    Parameter("multifd-channels", int, 2),
+    Parameter("multifd-compression", str, "none", choices=("none", "zlib", "zstd")),
+    Parameter("multifd-zlib-level", int, 1),  # 0..9
+    Parameter("multifd-zstd-level", int, 1),  # 0..20
     # a power of two of at least one page (protocol.xbzrle.check_cache_size)
     Parameter("xbzrle-cache-size", int, 64 << 20, NON_NEGATIVE, " bytes", size_shift=0),
     # bytes/s for the background push in post-copy; 0 = unlimited
@@ -117,6 +124,7 @@ CAPABILITIES: dict[str, Capability] = {c.name: c for c in (
     Capability("return-path"),  # off as in QEMU; livemig's clients turn it on (docs/monitor.md)
     Capability("pause-before-switchover"),
     Capability("dirty-bitmaps", supported=False),
+    Capability("multifd"),  # pages over multifd-channels more connections, in parallel
     Capability("postcopy-blocktime"),
     Capability("late-block-activate", supported=False),
     Capability("x-ignore-shared", supported=False),

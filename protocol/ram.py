@@ -191,6 +191,8 @@ class RamLoader:
         # zero memory would cost a full pass over RAM for nothing.
         self.known_zero = {b.name: np.ones(b.pages.shape[0], np.bool_) for b in blocks} if zeroed else None
         self._steps = np.zeros(0, np.uint64)  # k << PAGE_SHIFT: the headers of a run of pages, less the first
+        # multifd: called at every RAM end of section, which waits for every channel's SYNC
+        self.on_eos: Callable[[], None] | None = None
 
     def skipper(self) -> RamSkipper:
         """What reads this loader's sections instead once the stream is refused."""
@@ -223,6 +225,8 @@ class RamLoader:
             if flags & RAM_MEM_SIZE:
                 self._mem_size(r, addr)
             elif flags & RAM_EOS:
+                if self.on_eos is not None:
+                    self.on_eos()
                 return
             elif flags & RAM_MULTIFD_FLUSH:
                 continue
@@ -269,6 +273,10 @@ class RamLoader:
             raise StreamError(f"{exc} (page {addr:#x} of block {block.name!r})") from None
         self._landed(block, index)
         self.stats.xbzrle += 1
+
+    def landed(self, name: str, index: np.ndarray) -> None:
+        """Pages of block `name` were written with data elsewhere (a multifd channel)."""
+        self._landed(self.blocks[name], index)
 
     def _landed(self, block: RamBlock, index) -> None:
         """Non-zero data was written to these pages of the block."""

@@ -332,21 +332,23 @@ def tcp_listener(host: str, port: int) -> socket.socket:
 class Listener:
     """The incoming side: accepts exactly one connection."""
 
-    def __init__(self, uri: Uri) -> None:
+    def __init__(self, uri: Uri, backlog: int = 1) -> None:
+        """backlog: connections the kernel completes before they are accepted
+        (multifd's channels arrive together with the main one)."""
         self.uri = uri
         self.sock: socket.socket | None = None
         self.address: tuple | str | None = None
         try:
             if uri.scheme == "tcp":
                 self.sock = tcp_listener(uri.host, uri.port)
-                self.sock.listen(1)
+                self.sock.listen(backlog)
                 self.address = self.sock.getsockname()[:2]
             elif uri.scheme == "unix":
                 if os.path.exists(uri.target) and stat.S_ISSOCK(os.stat(uri.target).st_mode):
                     os.unlink(uri.target)
                 self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 self.sock.bind(uri.target)
-                self.sock.listen(1)
+                self.sock.listen(backlog)
                 self.address = uri.target
         except OSError as exc:
             raise TransportError(f"cannot listen on {uri}: {exc.strerror or exc}") from None

@@ -256,6 +256,7 @@ class Commands:
             parse_uri(uri)
         except UriError as exc:
             raise ActorError(str(exc)) from None
+        self.multifd_config(uri)  # refused now, not once it has started
         self.tls_out = self.tls_spec(uri, server=False)
         # As QEMU: capability block is what blk asks for, block-incremental what inc does.
         blk = blk or self.capabilities["block"]

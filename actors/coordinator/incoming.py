@@ -54,7 +54,8 @@ class Incoming:
 
     async def finish_incoming(self, data: dict) -> None:
         """The whole stream is in: load vCPU state, re-read disk metadata, run."""
-        self.mig.ram = {"transferred": data["bytes"], "remaining": 0, "total": self.ram.size,
+        self.mig.ram = {"transferred": data["bytes"] + data["multifd"], "remaining": 0, "total": self.ram.size,
+                        "multifd-bytes": data["multifd"],
                         "duplicate": data["zero"], "normal": data["normal"],
                         "normal-bytes": data["normal"] * PAGE_SIZE, "page-size": PAGE_SIZE}
         digests = data.get("devices", {}).pop(DIGEST_SECTION, None)
@@ -110,13 +111,14 @@ class Incoming:
         except UriError as exc:
             raise ActorError(str(exc)) from None
         tls = self.tls_spec(uri, server=True)
+        multifd = self.multifd_config(uri)
         # The state first: the receiver may report "started" before it answers.
         self.mig = MigrationState(start=time.monotonic(), incoming=True)
         self.mig.set(MigrationStatus.SETUP)
         self.publish(ev.MIGRATION, {"status": MigrationStatus.SETUP.value}, qmp=True)  # QEMU emits this one ungated
         try:
             await self.receiver.call("configure", {"postcopy": self.capabilities["postcopy-ram"]})
-            reply = await self.receiver.call("listen", {"uri": uri, "tls": tls,
+            reply = await self.receiver.call("listen", {"uri": uri, "tls": tls, "multifd": multifd,
                                                         "timeout": self.parameters["x-transport-timeout"]})
         except ActorError as exc:
             self.mig.set(MigrationStatus.FAILED)

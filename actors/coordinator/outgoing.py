@@ -29,7 +29,7 @@ from livemig.protocol.devices import (
     full_section,
 )
 from livemig.protocol.messages import Message
-from livemig.protocol.ram import NORMAL_RECORD, RAM_VERSION, ram_eos, ram_mem_size
+from livemig.protocol.ram import NORMAL_RECORD, RAM_VERSION, ram_mem_size
 from livemig.protocol.xbzrle import XbzrleStats
 
 PAUSE = 0.005  # seconds to wait when nothing could be queued
@@ -93,7 +93,8 @@ class Outgoing:
             cache = self.parameters["xbzrle-cache-size"] if self.capabilities["xbzrle"] else 0
             mig.xbzrle = XbzrleStats(cache_size=cache).to_qmp() if cache else None
             reply = await self.writer.call("connect", {"uri": uri, "timeout": timeout, "tls": self.tls_out,
-                                                       "xbzrle_cache_size": cache},
+                                                       "xbzrle_cache_size": cache,
+                                                       "multifd": self.multifd_config(uri)},
                                            timeout=timeout / 1000 + 30)  # the TLS handshake has `timeout`
             mig.tls = reply.data["result"].get("tls")
             # As QEMU: post-copy opens the return path whatever the capability says.
@@ -113,9 +114,9 @@ class Outgoing:
                 mig.disk = {"transferred": 0, "remaining": setup["remaining"], "total": setup["total"]}
             await self.fault("setup")
             status = (await ram.call("setup")).data["result"]
-            await ram.call("emit", {}, frames=[
+            await ram.call("emit", {"ram_eos": SID_RAM}, frames=[
                 savevm.section_start(savevm.SECTION_START, SID_RAM, "ram", 0, RAM_VERSION),
-                ram_mem_size(blocks), ram_eos(), savevm.footer(SID_RAM)])
+                ram_mem_size(blocks)])
             mig.ram.update({"total": self.ram.size, "remaining": status["remaining"],
                             "dirty-sync-count": 1, "page-size": PAGE_SIZE})
             self.publish(ev.MIGRATION_PASS, {"pass": 1}, qmp=self.capabilities["events"])
@@ -179,7 +180,7 @@ class Outgoing:
                     await self.writer.call("confirm", timeout=10)
                 mig.guest_downtime = int((time.monotonic() - stop_at) * 1000)
             await self.writer.call("close", timeout=40)
-            if mig.xbzrle is not None:
+            if mig.xbzrle is not None or self.capabilities["multifd"]:
                 await self.wire_sent()  # the final statistics
             mig.downtime = int((time.monotonic() - stop_at) * 1000)
             mig.end = time.monotonic()
@@ -296,6 +297,8 @@ class Outgoing:
         self.wire_real."""
         stats = (await self.writer.call("stats", timeout=10)).data["result"]
         self.wire_real = stats["sent"]
+        if stats["multifd"]:
+            self.mig.ram["multifd-bytes"] = stats["multifd"]
         if stats["xbzrle"] is not None:
             self.mig.xbzrle = stats["xbzrle"]
         return stats["sent"] + stats["saved"]
