@@ -5,9 +5,16 @@ guest starts."""
 
 from __future__ import annotations
 
+import os
+import socket
+import struct
+import threading
+import time
 
+import numpy as np
 import pytest
 
+from livemig.protocol import multifd
 from livemig.tools.launch import free_port
 from tests.conftest import guest_args, replay_matches
 
@@ -46,3 +53,165 @@ def test_livemig_to_livemig_with_a_running_guest(hosts, tmp_path, transport, cha
     dst.wait_status("running", 30)
     result = replay_matches(dst, tmp_path)
     assert result["ram_equal"] and result["vcpu_equal"], result
+
+
+def test_settings_are_checked_as_qemu_checks_them(hosts, tmp_path):
+    host = hosts.start("h", "--ram", "32M")
+    params = host.cmd("query-migrate-parameters")
+    assert (params["multifd-channels"], params["multifd-compression"], params["multifd-zlib-level"],
+            params["multifd-zstd-level"]) == (2, "none", 1, 1)
+    for bad, message in [({"multifd-channels": 0}, "'multifd_channels' expects a value between 1 and 255"),
+                         ({"multifd-channels": 256}, "'multifd-channels' expects uint8_t"),
+                         ({"multifd-compression": "lz4"}, "'multifd-compression' does not accept value 'lz4'"),
+                         ({"multifd-zlib-level": 10}, "'multifd_zlib_level' expects a value between 0 and 9"),
+                         ({"multifd-zstd-level": 21}, "'multifd_zstd_level' expects a value between 0 and 20"),
+                         ({"multifd-channels": "2"}, "expected: integer")]:
+        with pytest.raises(RuntimeError, match=message):
+            host.cmd("migrate-set-parameters", **bad)
+    hmp = host.cmd("human-monitor-command", **{"command-line": "info migrate_parameters"})
+    assert "multifd-channels: 2\r\n" in hmp and "multifd-compression: none\r\n" in hmp
+    host.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+    with pytest.raises(RuntimeError, match="Postcopy is not yet compatible with multifd"):
+        host.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    host.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": False},
+                                                       {"capability": "multifd", "state": True}])
+    with pytest.raises(RuntimeError, match=r"multifd is not supported by current protocol \(exec:\)"):
+        host.cmd("migrate", uri="exec:cat > /dev/null")
+    assert host.cmd("query-migrate") == {} and host.cmd("query-status")["status"] == "running"
+
+
+def test_destination_needs_defer_to_take_multifd(hosts, tmp_path):
+    """Set at migrate-incoming: changing them while listening is refused."""
+    dst = hosts.start("dst", "--ram", "32M", "--incoming", f"unix:{tmp_path}/in.sock")
+    with pytest.raises(RuntimeError, match="start it with -incoming defer"):
+        dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    with pytest.raises(RuntimeError, match="start it with -incoming defer"):
+        dst.cmd("migrate-set-parameters", **{"multifd-channels": 4})
+    dst.cmd("migrate-set-parameters", **{"downtime-limit": 200})  # the others still change
+    late = hosts.start("late", "--ram", "32M", "--incoming", "defer")
+    multifd_on(late)
+    with pytest.raises(RuntimeError, match=r"not supported by current protocol \(file:\)"):
+        late.cmd("migrate-incoming", uri=f"file:{tmp_path}/x")
+
+
+@pytest.mark.parametrize("how", ["cancel", "kill-destination"])
+def test_cancel_and_destination_kill_leave_the_source_running(hosts, tmp_path, port, how):
+    from tests.test_failures import assert_source_runs_on
+
+    args = guest_args(ram="128M", workload="memtouch:rate=2M,wss=4M")
+    src = hosts.start("src", *args)
+    dst = hosts.start("dst", *args, "--incoming", "defer")
+    multifd_on(dst, 3, "zlib")
+    dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+    multifd_on(src, 3, "zlib")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 << 20})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    src.wait_migration(20, states=("active",))
+    time.sleep(0.5)
+    if how == "cancel":
+        src.cmd("migrate_cancel")
+        assert src.wait_migration(30)["status"] == "cancelled"
+        info = dst.wait_migration(30, states=("failed",))
+        assert "error-desc" in info and dst.cmd("query-status")["status"] == "inmigrate"
+    else:
+        dst.kill()
+        info = src.wait_migration(60)
+        assert info["status"] == "failed" and info["error-desc"], info
+    assert_source_runs_on(src, tmp_path)
+
+
+# --------------------------------------------------------------------------- malformed channels
+
+
+def crafted_source(ram: np.ndarray, channels: int, case: str) -> tuple[list[bytes], bytes]:
+    """A `none` source's multifd channels and main stream: START, a PART
+    whose odd pages go zero on the main channel and even ones over the
+    channels, END; one SYNC per channel at each of the three EOS."""
+    from livemig.protocol import devices, savevm
+    from livemig.protocol.ram import PageEncoder, ram_eos, ram_mem_size
+
+    pages = ram.shape[0]
+    odd = np.arange(1, pages, 2)
+    main = [savevm.header(), savevm.configuration("none"),
+            savevm.section_start(savevm.SECTION_START, 2, "ram", 0, 4), ram_mem_size([("ram", ram.size)]),
+            ram_eos(), savevm.footer(2), savevm.section_part(savevm.SECTION_PART, 2),
+            *[bytes(b) for b in PageEncoder(pages).encode("ram", odd, ram, np.ones(len(odd), np.bool_))],
+            ram_eos(), savevm.footer(2), savevm.section_part(savevm.SECTION_END, 2), ram_eos(), savevm.footer(2)]
+    for sid, (name, state) in enumerate((("timer", None), ("globalstate", "running")), 3):
+        main += devices.full_section(sid, devices.DEVICES[name], 0, devices.DEVICES[name].encode(state))
+    main.append(savevm.eof())
+
+    def sync(num: int) -> bytes:
+        return multifd.packet_header(multifd.FLAG_SYNC, "", np.zeros(0, np.int64), 0, num)
+
+    even = np.arange(0, pages, 2)
+    out = []
+    for cid in range(channels):
+        mine = even[cid::channels][:200]
+        offsets = mine * PAGE
+        header = multifd.packet_header(0, "ram", offsets[:100], 100 * PAGE, 1)
+        if case == "count":
+            header = header[:12] + struct.pack(">I", 129) + header[16:]
+        if case == "offset" and cid == 1:
+            header = multifd.packet_header(0, "ram", np.array([ram.size]), PAGE, 1)
+        body = header + b"".join(ram[i].tobytes() for i in mine[:100])
+        body += multifd.packet_header(multifd.FLAG_SYNC, "ram", offsets[100:], 100 * PAGE, 2)
+        body += b"".join(ram[i].tobytes() for i in mine[100:])
+        init = multifd.init_packet(5 if case == "channel-id" and cid == 1 else cid)
+        if case == "magic" and cid == 0:
+            init = b"\x11\x22\x33\x45" + init[4:]
+        tail = sync(3) if not (case == "missing-sync" and cid == 1) else b""
+        out.append(init + sync(0) + body + tail)
+    return out, b"".join(main)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("valid", None),
+    ("magic", "received packet magic 0x11223345 expected 0x11223344"),
+    ("channel-id", "received channel id 5, but multifd-channels is 2"),
+    ("count", "received packet with size 129 and expected a size of 128"),
+    ("offset", "multifd channel 1: multifd: offset too long 2097152"),
+    ("missing-sync", "multifd channel 1 ended without the SYNC of RAM end of section 3"),
+])
+def test_malformed_channels_are_refused_and_no_guest_starts(hosts, port, case, message):
+    rng = np.random.default_rng(2)
+    ram = rng.integers(0, 256, (512, PAGE), np.uint8)
+    ram[1::2] = 0
+    dst = hosts.start("dst", "--machine", "none", "--ram", "2M", "--incoming", "defer")
+    multifd_on(dst, 2)
+    dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+    lanes, main = crafted_source(ram, 2, case)
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+
+    def send(sock: socket.socket, data: bytes) -> None:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the destination refused it and closed
+
+    threads = [threading.Thread(target=send, args=(s, d)) for s, d in zip(socks, [main, *lanes], strict=True)]
+    for t in threads:
+        t.start()
+    try:
+        info = dst.wait_migration(60)
+    finally:
+        for t in threads:
+            t.join(30)
+        for s in socks:
+            s.close()
+    if message is None:
+        assert info["status"] == "completed", info
+        assert np.array_equal(dump(dst, ram.size), ram)
+        return
+    assert info["status"] == "failed" and message in info["error-desc"], info
+    time.sleep(0.3)
+    assert dst.cmd("query-status")["status"] == "inmigrate"
+
+
+def dump(host, size: int) -> np.ndarray:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as f:
+        host.cmd("pmemsave", val=0, size=size, filename=f.name)
+        return np.fromfile(f.name, np.uint8).reshape(-1, PAGE)
