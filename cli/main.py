@@ -603,7 +603,7 @@ main.add_command(stream)
               help="Runs per figure; medians are reported.")
 @click.option("--only", "sections", multiple=True,
               type=click.Choice(["stopped", "zero", "running", "scaling", "qcow2", "tls", "converge",
-                                 "postcopy", "xbzrle"]),
+                                 "postcopy", "xbzrle", "multifd"]),
               help="Run only these sections of the full benchmark (repeatable).")
 def bench(quick, out, repeat, sections) -> None:
     """Measure migration throughput and downtime against raw sockets, side by side."""

@@ -14,7 +14,7 @@ import numpy as np
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
-FILLS = ("zero", "random", "half")
+FILLS = ("zero", "random", "half", "text")
 _FILL_CHUNK = 16 << 20
 # Python 3.11's mmap module lacks these (Linux 5.14+); the values are the kernel's.
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -202,15 +202,37 @@ def _punch_hole(fd: int, offset: int, length: int) -> None:
         raise OSError(err, f"cannot discard RAM at {offset:#x}+{length:#x}: {os.strerror(err)}")
 
 
+def _fill_text(flat: np.ndarray, rng: np.random.Generator) -> None:
+    """4 MiB of words (4096 of them, drawn with Zipf's frequencies), repeated
+    with a fresh rotation per 4 MiB: far apart enough that no compressor
+    window sees the repeat."""
+    lengths = rng.integers(2, 10, 4096)
+    letters = rng.integers(ord("a"), ord("z") + 1, int(lengths.sum()), np.uint8)
+    words = [w.tobytes() + b" " for w in np.split(letters, np.cumsum(lengths)[:-1])]
+    size = min(4 << 20, len(flat))
+    picks = (rng.zipf(1.3, size // 3) - 1) % len(words)
+    text = np.frombuffer(b"".join(words[i] for i in picks.tolist())[:size], np.uint8)
+    for start in range(0, len(flat), size):
+        chunk = flat[start:start + size]
+        cut = int(rng.integers(0, size))
+        head = text[cut:][:len(chunk)]
+        chunk[:len(head)] = head
+        chunk[len(head):] = text[:len(chunk) - len(head)]
+
+
 def fill_ram(data: np.ndarray, fill: str, seed: int) -> None:
     """Initial RAM content, deterministic from the seed: `random` is
-    incompressible, `half` is random with every odd page zero."""
+    incompressible, `half` is random with every odd page zero, `text` is
+    words of lower-case letters (compressible, as logs or source text are)."""
     if fill not in FILLS:
         raise ValueError(f"fill must be one of {', '.join(FILLS)}")
     if fill == "zero":
         return
     rng = np.random.Generator(np.random.PCG64(seed))
     flat = data.reshape(-1)
+    if fill == "text":
+        _fill_text(flat, rng)
+        return
     for start in range(0, len(flat), _FILL_CHUNK):
         chunk = flat[start:start + _FILL_CHUNK]
         chunk.view(np.uint64)[:] = rng.integers(0, 2**64 - 1, len(chunk) // 8, np.uint64, endpoint=True)

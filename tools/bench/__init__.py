@@ -11,6 +11,8 @@ Scenarios (see docs/performance.md):
                limits 300 ms and 30 ms
   5 scaling    stopped guests of 256 MiB .. 2 GiB: time, CPU, private memory
   6 qcow2      the block layer's qcow2 driver against qemu-img bench
+  9 multifd    stopped 1 GiB guest over tcp, no multifd and 1/2/4 channels, against
+               the raw baseline; zlib/zstd/none on half-zero and text RAM
 `--quick` runs scenarios 1 and 2 over tcp only and prints the throughput
 ratio as its last line.
 

@@ -8,6 +8,7 @@ import sys
 
 from .converge import converge
 from .postcopy import postcopy
+from .multifd import multifd_bench
 from .report import plots, summary
 from .scenarios import Bench
 from .targets import GiB
@@ -23,7 +24,7 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
     bench = Bench(out, repeat or 3, log)
     bench.results["quick"] = quick
     wanted = set(sections) or {"stopped", "zero", "running", "scaling", "qcow2", "tls", "converge", "postcopy",
-                                 "xbzrle"}
+                                 "xbzrle", "multifd"}
     try:
         if quick:
             log("1+2: baseline and stopped 1 GiB incompressible guest, tcp")
@@ -56,6 +57,9 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
             if "xbzrle" in wanted:
                 log("10: XBZRLE: wire bytes with and without, guests rewriting 64 and 512 bytes of pages")
                 bench.results["xbzrle"] = xbzrle_bench(log, bench.tag)
+            if "multifd" in wanted:
+                log("11: multifd: stopped guest over tcp with 0/1/2/4 channels; zlib and zstd on half-zero and text RAM")
+                bench.results["multifd"] = multifd_bench(bench, ram)
     finally:
         bench.close()
     path = bench.save()
@@ -69,6 +73,8 @@ def run_bench(out: str = "bench", quick: bool = False, repeat: int | None = None
         t = bench.results["tls"]
         print(f"TLS throughput ratio (TLS tcp / plaintext tcp, same run): {t['ratio']:.2f} "
               f"({(t['session'] or {}).get('cipher')})")
+    for row in bench.results.get("multifd", {}).get("channels", []):
+        print(f"multifd {row['channels']} channels (incompressible tcp / raw tcp baseline): {row['ratio']:.2f}")
     for row in bench.results.get("stopped", []):
         if row["fill"] == "random" and row["transport"] == "tcp":
             print(f"throughput ratio (incompressible tcp / raw tcp baseline): {row['ratio']:.2f}")

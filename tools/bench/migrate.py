@@ -40,11 +40,13 @@ class Run:
 class Hosts:
     """A source and a destination host, started in parallel and always stopped."""
 
-    def __init__(self, guest: Guest, uri: str, tag: str, tls: Pki | None = None, env: dict | None = None) -> None:
+    def __init__(self, guest: Guest, uri: str, tag: str, tls: Pki | None = None, env: dict | None = None,
+                 multifd: dict | None = None) -> None:
         self.guest = guest
         src_args = [*guest.args(), "--fill", guest.fill]
         # A real destination starts from zeroed RAM; its receiver prefaults it.
-        dst_args = [*guest.args(), "--fill", "zero", "--incoming", "defer" if tls else uri]
+        defer = tls or multifd  # set before the destination listens
+        dst_args = [*guest.args(), "--fill", "zero", "--incoming", "defer" if defer else uri]
         if tls:
             src_args += ["--object", f"tls-creds-x509,id=tls0,dir={tls.client},endpoint=client"]
             dst_args += ["--object", f"tls-creds-x509,id=tls0,dir={tls.server},endpoint=server"]
@@ -60,6 +62,9 @@ class Hosts:
         self.src, self.dst = started
         if tls:  # the destination learns its credentials before it listens
             self.dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+        if multifd:
+            multifd_on(self.dst, multifd)
+        if defer:
             self.dst.cmd("migrate-incoming", uri=uri)
 
     def close(self) -> None:
@@ -73,6 +78,12 @@ class Hosts:
         self.close()
 
 
+def multifd_on(host: HostProcess, params: dict) -> None:
+    """The multifd capability and parameters (multifd-channels, multifd-compression, ...)."""
+    host.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    host.cmd("migrate-set-parameters", **params)
+
+
 def qmp_call(mon, name: str, **args):
     reply = mon.cmd_raw(name, args)
     if "error" in reply:
@@ -81,18 +92,22 @@ def qmp_call(mon, name: str, **args):
 
 
 def migrate(guest: Guest, transport: str, workdir: str, params: dict, tag: str,
-            settle: float = 0.0, poll: float = 0.0, timeout: float = 300, tls: Pki | None = None) -> Run:
+            settle: float = 0.0, poll: float = 0.0, timeout: float = 300, tls: Pki | None = None,
+            multifd: dict | None = None) -> Run:
     """Start two hosts, migrate the source's guest to the destination, and
     return query-migrate's figures, CPU and memory; with `poll` (seconds),
     also progress samples taken by querying that often; with `tls`, over TLS
-    with its client and server certificates."""
+    with its client and server certificates; with `multifd`, that capability
+    and these parameters on both hosts."""
     if transport == "tcp":
         uri = f"tcp:127.0.0.1:{free_port()}"
     else:
         uri = f"unix:{os.path.join(workdir, tag + '.sock')}"
     if tls:
         params = {**params, "tls-creds": "tls0"}
-    with Hosts(guest, uri, tag, tls) as hosts:
+    with Hosts(guest, uri, tag, tls, multifd=multifd) as hosts:
+        if multifd:
+            multifd_on(hosts.src, multifd)
         if guest.stopped:
             hosts.src.cmd("stop")
         elif settle:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from .multifd import multifd_summary
 from .targets import DOWNTIME_LIMITS, RUNNING_BANDWIDTH, MiB, gb_per_s
 
 
@@ -69,6 +70,8 @@ def summary(results: dict) -> str:
             lines.append(f"| {r['workload']} | {gb_per_s(r['ours-mbps']):.2f} GB/s | {gb_per_s(r['qemu-mbps']):.2f} GB/s "
                          f"| {r['ratio']}x |")
         lines.append("")
+    if results.get("multifd"):
+        lines += multifd_summary(results["multifd"])
     if results.get("converge"):
         lines += ["| dirty rate | brake | outcome | total time | downtime (limit) | passes | peak throttle "
                   "| lost work |", "|---|---|---|---|---|---|---|---|"]
