@@ -103,19 +103,20 @@ class Lane:
 
 class MultifdSender:
     def __init__(self, uri: Uri, config: dict, tls: Handshake | None, timeout: float) -> None:
-        channels: list[Channel] = []
+        self.lanes: list[Lane] = []
+        numbers = itertools.count()  # packet_num: one counter for all channels, as QEMU
         try:
-            for _ in range(config["channels"]):
+            for cid in range(config["channels"]):
                 channel = connect(uri, timeout=timeout, tls=tls)
                 channel.settimeout(timeout)  # a channel that takes nothing for this long fails
-                channels.append(channel)
-            numbers = itertools.count()  # packet_num: one counter for all channels, as QEMU
-            self.lanes = [Lane(ch, cid, config["compression"], config["level"], numbers)
-                          for cid, ch in enumerate(channels)]
+                try:  # its init packet before the next connects: the destination reads it first
+                    self.lanes.append(Lane(channel, cid, config["compression"], config["level"], numbers))
+                except BaseException:
+                    channel.close()
+                    raise
         except (OSError, ValueError) as exc:
-            for ch in channels:
-                ch.close()
-            raise TransportError(f"multifd channel {len(channels)}: {exc}") from None
+            self.close(abort=True)
+            raise TransportError(f"multifd channel {len(self.lanes)}: {exc}") from None
         self.next = 0
 
     def pick(self) -> Lane:
@@ -166,7 +167,8 @@ class MultifdSender:
 
     def stats(self) -> dict:
         """Bytes written on the channels; `sent`: those that left the host."""
-        out = sum(lane.channel.out for lane in self.lanes)
+        # Per system call where the channel counts so (a TLS channel does not), else per packet.
+        out = sum(max(lane.channel.out, lane.sender.bytes) for lane in self.lanes)
         return {"bytes": sum(lane.sender.bytes for lane in self.lanes),
                 "sent": max(0, out - sum(lane.channel.unsent() for lane in self.lanes)),
                 "saved": sum(lane.saved for lane in self.lanes)}

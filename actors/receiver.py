@@ -274,7 +274,9 @@ class Receiver:
             live={"block": block_loader}, on_return_path=listens,
             on_ping=pong if channel.has_return_path else None, on_command=command)
         self.fresh = False  # whatever happens to this stream, the RAM is no longer known zero
-        deadline = ProgressDeadline(self.timeout, lambda: reader.consumed, channel.opened)
+        multifd = self.multifd  # pages on its channels are progress too: the main stream may idle
+        deadline = ProgressDeadline(self.timeout, lambda: reader.consumed + (multifd.bytes if multifd else 0),
+                                    channel.opened)
         reader = savevm.BufferedReader(self.read_into(channel, deadline))
         try:
             result = loader.load(reader, read_trailer=not channel.has_return_path)

@@ -215,3 +215,24 @@ def dump(host, size: int) -> np.ndarray:
     with tempfile.NamedTemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as f:
         host.cmd("pmemsave", val=0, size=size, filename=f.name)
         return np.fromfile(f.name, np.uint8).reshape(-1, PAGE)
+
+
+def test_multifd_over_tls_each_channel_its_own_session(hosts, tmp_path, port):
+    from livemig.tools.tls_certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    args = guest_args(ram="32M", workload="memtouch:rate=2M,wss=4M")
+    src = hosts.start("src", *args, "--object", f"tls-creds-x509,id=tls0,dir={pki.client},endpoint=client")
+    dst = hosts.start("dst", *args, "--incoming", "defer",
+                      "--object", f"tls-creds-x509,id=tls0,dir={pki.server},endpoint=server")
+    for host in (dst, src):
+        multifd_on(host, 2, "zlib")
+        host.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    dst.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = src.wait_migration(120)
+    assert info["status"] == "completed" and info["x-tls"] and info["ram"]["multifd-bytes"] > 0, info
+    dst.wait_status("running", 30)
+    result = replay_matches(dst, tmp_path)
+    assert result["ram_equal"] and result["vcpu_equal"], result
