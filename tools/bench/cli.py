@@ -7,8 +7,8 @@ import os
 import sys
 
 from .converge import converge
-from .postcopy import postcopy
 from .multifd import multifd_bench
+from .postcopy import postcopy
 from .report import plots, summary
 from .scenarios import Bench
 from .targets import GiB
