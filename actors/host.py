@@ -36,7 +36,10 @@ ACTORS = ("receiver", "writer", "ram_sender", "block_sender", "coordinator")
 RESTARTABLE = ("receiver", "writer", "ram_sender", "block_sender", "monitor", "coordinator")
 MAX_RESTARTS = 5  # of one actor within RESTART_WINDOW s: beyond, it keeps dying and the host stops
 RESTART_WINDOW = 60.0
-SILENCE = 1.0  # seconds without a heartbeat before an actor counts as stuck
+# Seconds without a heartbeat before an actor counts as stuck: long enough
+# that a loaded machine (two cores, a dozen busy processes) is not mistaken
+# for a hung actor; a dead one is seen at once by its exit, not by silence.
+SILENCE = 5.0
 READY_TIMEOUT = 60.0  # s for the whole start-up: every actor, the incoming socket, QMP
 LOCK_WAIT = 2.0  # s a host waits for another of its name before it is refused ...
 STOP_WAIT = 10.0  # ... or this long if that one is stopping (a restart)

@@ -362,3 +362,22 @@ def test_tcp_listeners_bind_what_was_named(run, tmp_path):
     dst.wait_status("running", 30)
     result = replay_matches(dst, tmp_path)
     assert result["ram_equal"] and result["vcpu_equal"], result
+
+
+def test_a_stopped_actor_is_replaced(hosts):
+    """An actor that falls silent (SIGSTOP) is killed and started afresh;
+    the guest runs on and the host answers."""
+    from livemig.actors.host import SILENCE
+    from livemig.tools.bench.accounting import actor_pids
+
+    h = hosts.start("stopped", *ARGS)
+    old = actor_pids(h.proc.pid)["block_sender"]
+    os.kill(old, signal.SIGSTOP)
+    deadline = time.monotonic() + SILENCE + 20
+    while actor_pids(h.proc.pid).get("block_sender") in (old, None):
+        assert time.monotonic() < deadline, "the stopped block sender was not replaced"
+        time.sleep(0.2)
+    step = h.cmd("x-query-vcpus")[0]["step"]
+    time.sleep(0.5)
+    assert h.cmd("x-query-vcpus")[0]["step"] > step
+    assert h.cmd("query-status")["status"] == "running"
