@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from livemig.machine.ram import PAGE_SIZE
 from livemig.machine.runstate import MigrationStatus, check_migration_transition
 
 # section ids: block, RAM, then the device sections in stream order
@@ -76,6 +77,9 @@ class MigrationState:
         now = self.end or time.monotonic()
         if self.ram:
             out["ram"] = dict(self.ram)
+            if self.xbzrle and "normal" in self.ram:  # pages sent as deltas are XBZRLE's, as QEMU counts
+                out["ram"]["normal"] -= self.xbzrle["pages"]
+                out["ram"]["normal-bytes"] = out["ram"]["normal"] * PAGE_SIZE
         if self.status is not MigrationStatus.SETUP:
             out["total-time"] = int((now - self.start) * 1000)
         if self.disk:
