@@ -98,8 +98,8 @@ class Writer:
                 elif kind in (b"postcopy", b"postcopy-resume"):
                     self.run_postcopy(parts)
                 elif kind == b"mark":
-                    if self.multifd is not None and self.error is None:
-                        self.multifd.drain()  # everything before a mark is on the wire, multifd too
+                    if (multifd := self.multifd) is not None and self.error is None:
+                        multifd.drain()  # everything before a mark is on the wire, multifd too
                     self.notices.post("mark", {"mark": parts[1].bytes.decode(), "bytes": self.total(),
                                                "error": self.error})
             except (OSError, TransportError) as exc:
@@ -141,13 +141,14 @@ class Writer:
 
     def total(self) -> int:
         """Bytes written on the main channel and the multifd channels."""
-        return self.written + (self.multifd.stats()["bytes"] if self.multifd is not None else 0)
+        multifd = self.multifd  # read once: the control thread may close it meanwhile
+        return self.written + (multifd.stats()["bytes"] if multifd is not None else self.multifd_written)
 
     def end_ram_section(self, frames: list) -> None:
         """RAM's end of section, after a SYNC on every multifd channel (QEMU 7.2's
         multifd_send_sync_main), then what follows it (the footer)."""
-        if self.multifd is not None and self.error is None:
-            self.multifd.sync()
+        if (multifd := self.multifd) is not None and self.error is None:
+            multifd.sync()
         self.write(ram_eos() + b"".join(f.bytes for f in frames))
 
     def write_pages(self, parts: list) -> None:
@@ -156,9 +157,9 @@ class Writer:
         zero = np.frombuffer(parts[4].buffer, np.bool_)
         age = int(parts[5].bytes)
         self.sent_pages += len(pages)
-        if self.multifd is not None:
+        if (multifd := self.multifd) is not None:
             if self.error is None:  # zero pages on the main channel, the others on the multifd ones
-                self.multifd.send_pages(block.name, self.ram.block_pages(block), pages[~zero])
+                multifd.send_pages(block.name, self.ram.block_pages(block), pages[~zero])
                 gone = pages[zero]
                 for item in self.encoder.encode(block.name, gone, self.ram.block_pages(block),
                                                 np.ones(len(gone), np.bool_)):
@@ -327,7 +328,8 @@ class Writer:
         out = self.written if channel is None else max(self.written, channel.out)
         sent = out if channel is None else max(0, out - channel.unsent())
         done = self.multifd_written  # a closed migration's multifd channels: all of it left
-        multifd = self.multifd.stats() if self.multifd is not None else {"bytes": done, "sent": done, "saved": 0}
+        live = self.multifd
+        multifd = live.stats() if live is not None else {"bytes": done, "sent": done, "saved": 0}
         return {"bytes": self.written + multifd["bytes"], "sent": sent + multifd["sent"],
                 "saved": self.saved + multifd["saved"], "multifd": multifd["bytes"], **self.postcopy_stats(),
                 "xbzrle": self.xbzrle.stats.to_qmp() if self.xbzrle is not None else None}
@@ -427,8 +429,8 @@ class Writer:
                 if self.error is None:
                     self.error = "migration channel aborted"
             channel.abort()
-        if self.multifd is not None:
-            self.multifd.abort()
+        if (multifd := self.multifd) is not None:
+            multifd.abort()
         return {}
 
 
