@@ -37,6 +37,11 @@ from livemig.protocol.tlscreds import Authz, X509Creds
 from livemig.protocol.transport import Channel, Listener, TransportError
 from livemig.protocol.uri import parse_uri
 
+GO_WAIT = 10.0  # s the destination waits for GO on the migration connection
+POLL = 0.25  # s between looks at the operator's x-migrate-resolve while waiting
+LINGER = 60.0  # s a destination answers resolves after a hand-over ended
+HANDOVER_DONE = ("running", "abandoned")
+
 
 def incoming_tls(spec: dict | None) -> Tls | None:
     """The destination's TLS from the coordinator's objects (their properties)."""
@@ -94,6 +99,13 @@ class Receiver:
         self.channel: Channel | None = None
         self.thread: threading.Thread | None = None
         self.finish = threading.Event()
+        self.verdict: dict = {"rc": 1, "waits": False, "fault": ""}  # the coordinator's finish
+        self.ran = threading.Event()  # the coordinator said whether the guest runs here
+        self.ran_ok = False
+        self.take = threading.Event()  # x-migrate-resolve ran the guest here
+        self.stop_linger = threading.Event()
+        self.phase = ""  # of the hand-over: waiting, go, then loaded/running/abandoned
+        self.listen_uri = ""
         self.handshake = False
         self.source_listens = False  # the source opened the return path
         self.notices = Notices(ctx, "receiver")
@@ -114,6 +126,9 @@ class Receiver:
 
     # control ---------------------------------------------------------------
     def on_listen(self, msg: Message) -> dict:
+        if self.thread is not None and self.thread.is_alive() and self.phase in HANDOVER_DONE:
+            self.stop_linger.set()  # a finished hand-over answering resolves: give the URI back
+            self.thread.join(2 * POLL + 1)
         if self.thread is not None and self.thread.is_alive():
             raise ActorError("an incoming migration is already in progress")
         uri = parse_uri(msg.data["uri"])
@@ -126,6 +141,12 @@ class Receiver:
         except (TransportError, ObjectError) as exc:
             raise ActorError(str(exc)) from None
         self.finish.clear()
+        self.ran.clear()
+        self.take.clear()
+        self.stop_linger.clear()
+        self.phase, self.ran_ok = "", False
+        self.verdict = {"rc": 1, "waits": False, "fault": ""}
+        self.listen_uri = self.listener.actual_uri
         self.injected = None
         self.timeout = msg.data.get("timeout", 30_000) / 1000
         self.thread = threading.Thread(target=self.incoming, daemon=True)
@@ -177,38 +198,202 @@ class Receiver:
 
     def on_finish(self, msg: Message) -> dict:
         """The coordinator is ready (rc 0) or not (rc 1) to run the loaded guest.
-        Tell the source; when it is a livemig source (the switchover section was
-        in the stream), resume only on its go-ahead, so that the two hosts never
-        both run the guest: the source resumes on any failure unless it sent it."""
+        Tell the source (SHUT). A livemig source that opened the return path
+        lets go (GO) before the guest runs here: the load thread then keeps the
+        hand-over open (hand_over) and posts "go". Others: run after EOF, as
+        QEMU does. `fault` is x-fault's reset at a hand-over point."""
         rc = int(msg.data.get("rc", 1))
+        fault = msg.data.get("fault") or ""
         channel = self.channel
-        go = False
+        waits = False
+        if channel is not None:
+            if fault == "after-eof":
+                self.reset(channel)
+            self.reply_source(channel, rc, msg.data.get("desc", ""))
+            waits = rc == 0 and self.handshake and channel.has_return_path and self.source_listens
+        self.verdict = {"rc": rc, "waits": waits, "fault": fault}
+        self.finish.set()
+        # No channel: this receiver was started afresh and never loaded the guest.
+        return {"go": rc == 0 and not waits and channel is not None}
+
+    def on_running(self, msg: Message) -> dict:
+        """The coordinator ran the guest here (ok) or could not."""
+        self.ran_ok = bool(msg.data.get("ok"))
+        self.ran.set()
+        return {}
+
+    def on_take(self, _msg: Message) -> dict:
+        """x-migrate-resolve: the operator runs here a guest whose source cannot be reached."""
+        if self.phase != "waiting":
+            raise ActorError("no hand-over waits for the source here")
+        self.take.set()
+        return {}
+
+    def on_answer(self, msg: Message) -> dict:
+        """A receiver started afresh during a hand-over its predecessor held:
+        answer resolves with the coordinator's outcome (running, abandoned)."""
+        if self.thread is not None and self.thread.is_alive():
+            raise ActorError("an incoming migration is already in progress")
+        self.listen_uri, self.phase = msg.data["uri"], returnpath.HANDOVER_STATES[msg.data["state"]]
+        self.stop_linger.clear()
+        self.thread = threading.Thread(target=self.linger, args=(msg.data["state"],), daemon=True)
+        self.thread.start()
+        return {}
+
+    @staticmethod
+    def reset(channel: Channel) -> None:
+        """Close with a RST: what a lost connection looks like to the peer."""
+        if channel.closed:
+            return
+        if channel.sock is not None:
+            channel.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        channel.close()
+
+    def hand_over(self, channel: Channel) -> None:
+        """The end of a loaded stream: wait for the source's GO (on this
+        connection, else on a resolve connection), have the coordinator run the
+        guest, tell the source; then answer resolves with the outcome."""
+        verdict = self.verdict
+        state = returnpath.HANDOVER_ABANDONED
+        current: Channel | None = channel
+        if verdict["rc"] == 0:
+            if verdict["waits"]:
+                self.phase = "waiting"
+                if verdict["fault"] == "after-shut":
+                    self.reset(channel)
+                if channel.closed or not self.await_go(channel):
+                    self.reset(channel)
+                    current, go = self.await_resolve()
+                    if not go:  # the source took the guest back
+                        self.phase = "abandoned"
+                        self.notify("abandoned", {"desc": "the source took the guest back"})
+                        self.ran_ok = False
+                        self.ran.set()
+                if self.phase != "abandoned":
+                    self.phase = "go"
+                    self.notify("go", {})
+            if not self.ran.wait(60):
+                log.warning("hand-over: the coordinator did not say whether the guest runs")
+            state = returnpath.HANDOVER_RUNNING if self.ran_ok or not self.ran.is_set() else state
+        done = False
+        if current is not None and not current.closed:
+            if verdict["fault"] == "after-go":
+                self.reset(current)
+            elif verdict["waits"] or current is not channel:
+                done = self.tell(current, state)
+        if current is not None and current is not channel:
+            current.close()
+        self.close_channel()
+        self.phase = returnpath.HANDOVER_STATES[state]
+        if not done and (self.handshake or state == returnpath.HANDOVER_ABANDONED):
+            self.linger(state)  # only a livemig source asks
+
+    def tell(self, channel: Channel, state: int) -> bool:
+        """The outcome to the source; True once it said it has it (DONE)."""
         try:
-            if channel is not None:
-                self.reply_source(channel, rc, msg.data.get("desc", ""))
-                if rc == 0:
-                    # A source that did not open the return path sends no go-ahead:
-                    # run after EOF, as QEMU does.
-                    waits = self.handshake and channel.has_return_path and self.source_listens
-                    go = not waits or self.await_go(channel)
-        finally:
-            self.finish.set()
-        return {"go": go}
+            self.rp_write(channel, returnpath.handover(state))
+            channel.settimeout(2)
+            return channel.recv(len(returnpath.HANDOVER_DONE)) == returnpath.HANDOVER_DONE
+        except OSError:
+            return False
 
     def await_go(self, channel: Channel) -> bool:
+        """GO on the migration connection within GO_WAIT s; False if it broke
+        off, or the operator took the guest (then self.take is set)."""
         if channel.sock is None:
             return False
-        channel.settimeout(10)
+        deadline = time.monotonic() + GO_WAIT
+        got = b""
         try:
-            got = b""
-            while len(got) < len(SWITCHOVER_GO):
-                chunk = channel.recv(len(SWITCHOVER_GO) - len(got))
+            channel.settimeout(POLL)
+            while len(got) < len(SWITCHOVER_GO) and time.monotonic() < deadline and not self.take.is_set():
+                try:
+                    chunk = channel.recv(len(SWITCHOVER_GO) - len(got))
+                except TimeoutError:
+                    continue
                 if not chunk:
                     return False
                 got += chunk
-            return got == SWITCHOVER_GO
         except OSError:
             return False
+        return got == SWITCHOVER_GO or self.take.is_set()
+
+    def reopen(self) -> Listener | None:
+        """A listener on the migration's own URI again (socket URIs only)."""
+        uri = parse_uri(self.listen_uri) if self.listen_uri else None
+        if uri is None or uri.scheme not in ("tcp", "unix"):
+            return None
+        try:
+            return Listener(uri)
+        except TransportError as exc:
+            log.warning("hand-over: cannot listen again: %s", exc)
+            return None
+
+    def resolve_accept(self, listener: Listener) -> Channel | None:
+        """One resolve connection (its request read), or None."""
+        try:
+            channel = listener.accept(timeout=POLL, tls=self.tls, handshake_timeout=5)
+        except (TimeoutError, OSError, TransportError):
+            return None
+        try:
+            channel.settimeout(5)
+            got = b""
+            while len(got) < len(returnpath.RESOLVE_REQUEST):
+                chunk = channel.recv(len(returnpath.RESOLVE_REQUEST) - len(got))
+                if not chunk:
+                    break
+                got += chunk
+            if got == returnpath.RESOLVE_REQUEST:
+                return channel
+        except OSError:
+            pass
+        channel.close()
+        return None
+
+    def await_resolve(self) -> tuple[Channel | None, bool]:
+        """Listen on the migration's URI until a source asks and says GO or
+        BACK (the connection to answer on, and whether GO), or the operator
+        takes the guest (None, True)."""
+        listener = None
+        try:
+            while not self.take.is_set():
+                listener = listener or self.reopen()
+                if listener is None:
+                    self.take.wait(POLL)
+                    continue
+                channel = self.resolve_accept(listener)
+                if channel is None:
+                    continue
+                try:
+                    self.rp_write(channel, returnpath.handover(returnpath.HANDOVER_LOADED))
+                    channel.settimeout(5)
+                    word = channel.recv(len(SWITCHOVER_GO))
+                    if word in (SWITCHOVER_GO, returnpath.RESOLVE_BACK):
+                        return channel, word == SWITCHOVER_GO
+                except OSError:
+                    pass
+                channel.close()
+            return None, True
+        finally:
+            if listener is not None:
+                listener.close()
+
+    def linger(self, state: int) -> None:
+        """Answer resolve connections with the outcome for LINGER s, or until
+        the next listen: a source that lost the last answer learns it."""
+        listener = self.reopen()
+        deadline = time.monotonic() + LINGER
+        try:
+            while listener is not None and time.monotonic() < deadline and not self.stop_linger.is_set():
+                channel = self.resolve_accept(listener)
+                if channel is not None:
+                    done = self.tell(channel, state)
+                    channel.close()
+                    if done:
+                        return
+        finally:
+            if listener is not None:
+                listener.close()
 
     # data thread -----------------------------------------------------------
     def incoming(self) -> None:
@@ -322,7 +507,9 @@ class Receiver:
             self.end_postcopy()
             self.reply_source(channel, 1, desc)
             self.close_channel(abort=True)
+            self.phase = "abandoned"
             self.notify("failed", {"desc": desc, "bytes": reader.consumed})
+            self.linger(returnpath.HANDOVER_ABANDONED)  # a source unsure whether we got EOF asks
             return
         stats = loader.ram.stats if loader.ram else None
         # Before "loaded": the coordinator's finish may come back at once, and
@@ -339,7 +526,7 @@ class Receiver:
             "normal": stats.normal if stats else 0, "zero": stats.zero if stats else 0,
             "seconds": time.monotonic() - t0})
         self.finish.wait(300)
-        self.close_channel()
+        self.hand_over(channel)
 
     # post-copy ---------------------------------------------------------------
     def postcopy_command(self, pc: postcopy.IncomingPostcopy, cmd: int, data: bytes, r: savevm.BufferedReader,
@@ -546,6 +733,7 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     server.serve_forever({"configure": receiver.on_configure, "stats": receiver.on_stats,
                           "recover": receiver.on_recover,
                           "listen": receiver.on_listen, "finish": receiver.on_finish,
+                          "running": receiver.on_running, "take": receiver.on_take, "answer": receiver.on_answer,
                           "inject": receiver.on_inject, "ping": lambda _m: {}}, receiver.notices)
 
 

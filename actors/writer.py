@@ -405,6 +405,62 @@ class Writer:
             raise ActorError(f"could not confirm the switchover: {exc.strerror or exc}") from None
         return {}
 
+    def on_await_handover(self, msg: Message) -> dict:
+        """After GO: the destination's X_HANDOVER (it runs, or it could not)."""
+        channel = self.channel
+        if channel is None:
+            return {"state": None, "desc": "no migration channel"}
+        channel.settimeout(msg.data.get("timeout", 10))
+        return self.read_state(channel)
+
+    @staticmethod
+    def read_state(channel: Channel) -> dict:
+        try:
+            state = returnpath.read_handover(channel.recv)
+        except TimeoutError:
+            return {"state": None, "desc": "destination did not answer in time"}
+        except (OSError, returnpath.ReturnPathError) as exc:
+            return {"state": None, "desc": f"hand-over connection failed: {getattr(exc, 'strerror', None) or exc}"}
+        if state is None:
+            return {"state": None, "desc": "destination closed the connection"}
+        if state != returnpath.HANDOVER_LOADED:
+            try:
+                channel.write(returnpath.HANDOVER_DONE)  # the outcome arrived: no more resolves
+            except OSError:
+                pass
+        return {"state": state, "desc": ""}
+
+    def on_resolve(self, msg: Message) -> dict:
+        """The resolve exchange (docs/reliability.md): drop the old connection,
+        connect to the same URI, ask the destination where the guest is, and
+        to LOADED say GO (`go`) or BACK. Returns its last answer (state None:
+        unreachable; "go": GO was said)."""
+        with self.lock:
+            old, self.channel = self.channel, None
+        if old is not None:
+            old.abort()
+            old.close()
+        uri = parse_uri(msg.data["uri"])
+        timeout = msg.data.get("timeout", 2.0)
+        try:
+            channel = connect(uri, timeout=timeout, tls=outgoing_tls(msg.data.get("tls"), uri))
+        except (TransportError, ObjectError, OSError) as exc:
+            return {"state": None, "desc": str(exc)}
+        try:
+            channel.settimeout(timeout)
+            channel.write(returnpath.RESOLVE_REQUEST)
+            answer = self.read_state(channel)
+            if answer["state"] == returnpath.HANDOVER_LOADED:
+                go = bool(msg.data.get("go"))
+                channel.write(SWITCHOVER_GO if go else returnpath.RESOLVE_BACK)
+                channel.settimeout(msg.data.get("run_timeout", 10))
+                answer = {**self.read_state(channel), "go": go}
+            return answer
+        except OSError as exc:
+            return {"state": None, "desc": f"hand-over connection failed: {exc.strerror or exc}"}
+        finally:
+            channel.close()
+
     def on_close(self, msg: Message) -> dict:
         with self.lock:
             channel, self.channel = self.channel, None
@@ -440,6 +496,7 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
     threading.Thread(target=writer.data_loop, daemon=True).start()
     server.serve_forever({"connect": writer.on_connect, "close": writer.on_close, "abort": writer.on_abort,
                           "await_return": writer.on_await_return, "confirm": writer.on_confirm,
+                          "await_handover": writer.on_await_handover, "resolve": writer.on_resolve,
                           "stats": lambda _m: writer.stats(), "ping": lambda _m: {}},
                          writer.notices)
 

@@ -351,6 +351,13 @@ async def hmp_migrate_cancel(q: Execute, a: dict) -> str:
     return ""
 
 
+@hmp("x_migrate_resolve")
+async def hmp_x_migrate_resolve(q: Execute, a: dict) -> str:
+    """run the guest here if this host holds its last state after a lost hand-over; refuse if not"""
+    result = await q("x-migrate-resolve", {})
+    return f"the guest runs on the {result['holder']}\n"
+
+
 @hmp("migrate_incoming", "uri")
 async def hmp_migrate_incoming(q: Execute, a: dict) -> str:
     """wait for an incoming migration on URI (host started with --incoming defer)"""

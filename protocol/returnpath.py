@@ -7,6 +7,10 @@ which QEMU's SHUT lacks and ignores); a livemig source reads SHUT. A load
 that fails sends X_FAILED (livemig's; QEMU has no such message) before its
 SHUT and closes: a source still sending finds its write refused and reads
 the cause.
+
+Between two livemig hosts the hand-over adds X_HANDOVER (the destination's
+state: loaded, running, abandoned) and a resolve connection on which a source
+that lost its connection asks for it (docs/stream-format.md, docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -31,6 +35,21 @@ RP_X_FAILED = 0x4C45  # livemig's ('LE'): the destination failed; the cause as t
 RESUME_ACK_VALUE = 1
 RECV_BITMAP_ENDING = 0x0123456789ABCDEF
 MAX_SHUT_DESC = 200  # bytes of the reason a SHUT carries
+# livemig's hand-over, far from QEMU's types: be32 state. A QEMU source never gets one.
+RP_X_HANDOVER = 0x4C4D
+HANDOVER_LOADED = 1  # everything loaded: the destination holds the guest's last state, waits for GO
+HANDOVER_RUNNING = 2  # the guest runs on the destination
+HANDOVER_ABANDONED = 3  # the destination never ran it and never will: the source holds it
+HANDOVER_STATES = {HANDOVER_LOADED: "loaded", HANDOVER_RUNNING: "running", HANDOVER_ABANDONED: "abandoned"}
+# The first bytes of a resolve connection (a migration's are QEMU's "QEVM"): the
+# source asks, the destination answers X_HANDOVER; to LOADED the source says GO
+# (devices.SWITCHOVER_GO: run it) or BACK (it never sent GO and takes the guest
+# back), and the destination answers again (RUNNING, or ABANDONED).
+RESOLVE_REQUEST = b"LMRQ"
+RESOLVE_BACK = b"LMBK"
+# The source's last word, on either connection, once it has the outcome: the
+# destination need not answer resolves any more.
+HANDOVER_DONE = b"LMOK"
 
 _header = struct.Struct(">HH")
 _be32 = struct.Struct(">I")
@@ -104,6 +123,27 @@ def read_shut(recv: Callable[[int], bytes]) -> tuple[int, str] | None:
             return _be32.unpack(body[:4])[0], body[4:].decode(errors="replace")
         if mtype == RP_X_FAILED:
             return 1, body.decode(errors="replace")
+
+
+def handover(state: int) -> bytes:
+    return message(RP_X_HANDOVER, _be32.pack(state))
+
+
+def read_handover(recv: Callable[[int], bytes]) -> int | None:
+    """Read messages up to the first X_HANDOVER; its state, or None if the
+    peer closed between messages. Others (PONG, SHUT) are skipped."""
+    while True:
+        header = _exactly(recv, _header.size)
+        if header is None:
+            return None
+        mtype, length = _header.unpack(header)
+        body = _exactly(recv, length)
+        if body is None:
+            raise ReturnPathError("return path cut mid-message")
+        if mtype == RP_X_HANDOVER:
+            if length != 4 or _be32.unpack(body)[0] not in HANDOVER_STATES:
+                raise ReturnPathError(f"X_HANDOVER carries {body.hex() or 'nothing'}")
+            return _be32.unpack(body)[0]
 
 
 # --------------------------------------------------------------------------- post-copy

@@ -556,3 +556,7 @@ class Commands:
         """livemig: this host's name, guest description, endpoints and incoming URI."""
         return {"name": self.name, "guest": asdict(self.guest), "events": self.cfg.events,
                 "incoming": self.incoming_uri, "pid": os.getppid()}
+
+
+# Commands that live in other modules of the package register on import.
+from livemig.actors.coordinator import handover  # noqa: E402, F401

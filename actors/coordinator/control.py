@@ -16,6 +16,7 @@ from livemig.actors.base import ActorError, AsyncPeer, HostConfig, log, start_ac
 from livemig.actors.coordinator.brakes import Brakes
 from livemig.actors.coordinator.commands import Commands
 from livemig.actors.coordinator.faults import Faults
+from livemig.actors.coordinator.handover import Handover
 from livemig.actors.coordinator.incoming import Incoming
 from livemig.actors.coordinator.options import Options
 from livemig.actors.coordinator.outgoing import Outgoing
@@ -31,7 +32,7 @@ from livemig.protocol.parameters import default_capabilities, default_parameters
 MIGRATION_ACTORS = ("writer", "ram_sender", "block_sender")
 
 
-class Coordinator(Commands, Options, Outgoing, Incoming, Postcopy, Faults, Takeover, Brakes):
+class Coordinator(Commands, Options, Outgoing, Incoming, Postcopy, Faults, Takeover, Brakes, Handover):
     def __init__(self, cfg: HostConfig, ctx: zmq.asyncio.Context) -> None:
         self.cfg = cfg
         self.ctx = ctx
@@ -57,6 +58,9 @@ class Coordinator(Commands, Options, Outgoing, Incoming, Postcopy, Faults, Takeo
         self.pub.bind(cfg.events)
         self.incoming_uri: str | None = None
         self.exit_on_error = False  # quit when an incoming migration fails (QEMU's default)
+        self.loaded: dict = {}  # the destination's loaded stream, until the guest runs
+        self.resolve_now = asyncio.Event()  # x-migrate-resolve: the source tries again now
+        self.handover_uri, self.handover_resume = "", False  # an open hand-over's URI, and resume on take-back
         self.init_devices(cfg.devices)
         self.init_objects(cfg.objects)
         self.init_brakes()
@@ -130,10 +134,16 @@ class Coordinator(Commands, Options, Outgoing, Incoming, Postcopy, Faults, Takeo
         if part and self.task is not None and not self.task.done():
             self.actor_failure = desc
             self.task.cancel()
+        # A source that queued EOF may ask what became of the guest: the new receiver answers.
+        answer = actor == "receiver" and self.mig.incoming and self.mig.status is not MigrationStatus.NONE
+        handover = answer and self.mig.holder is not None
         if actor == "receiver" and self.mig.incoming and self.mig.status in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
-            self.mig.error = f"incoming migration failed: {desc}"
-            self.mig.end = time.monotonic()
-            self.set_status(MigrationStatus.FAILED)
+            if handover:
+                await self.fail_incoming(f"incoming migration failed: {desc}")
+            else:
+                self.mig.error = f"incoming migration failed: {desc}"
+                self.mig.end = time.monotonic()
+                self.set_status(MigrationStatus.FAILED)
         peer = {"writer": self.writer, "ram_sender": self.ram_sender,
                 "block_sender": self.block_sender, "receiver": self.receiver}.get(actor)
         if peer is not None:
@@ -145,6 +155,8 @@ class Coordinator(Commands, Options, Outgoing, Incoming, Postcopy, Faults, Takeo
                 break
             except ActorError:
                 continue
+        if answer and self.incoming_uri:
+            await self.answer_resolves()
 
 
 async def serve(cfg: HostConfig, takeover: bool = False) -> None:

@@ -12,8 +12,10 @@ from livemig.actors.base import ActorError, log
 from livemig.actors.coordinator.state import MigrationFailed
 from livemig.actors.host import ACTORS
 
-SOURCE_FAULT_POINTS = ("connect", "setup", "pass", "block-bulk", "before-stop", "after-stop", "after-eof")
-DEST_FAULT_POINTS = ("incoming", "after-eof")
+SOURCE_FAULT_POINTS = ("connect", "setup", "pass", "block-bulk", "before-stop", "after-stop", "after-eof",
+                       "after-go")
+DEST_FAULT_POINTS = ("incoming", "after-eof", "after-shut", "after-go")
+RESET_ONLY = ("after-shut",)  # the destination's receiver waits there: only a reset makes sense
 FAULT_POINTS = tuple(dict.fromkeys(SOURCE_FAULT_POINTS + DEST_FAULT_POINTS))
 FAULT_ACTIONS = ("fail", "kill", "stall", "reset", "slow", "cancel")
 TARGETED = ("kill", "stall")  # the actions that take -ACTOR
@@ -29,6 +31,8 @@ def parse_fault(spec: str) -> tuple[str, str, str]:
         raise ActorError(f"x-fault {spec!r}: no fault point {point!r} (points: {', '.join(FAULT_POINTS)})")
     if action not in FAULT_ACTIONS:
         raise ActorError(f"x-fault {spec!r}: no action {action!r} (actions: {', '.join(FAULT_ACTIONS)})")
+    if point in RESET_ONLY and action != "reset":
+        raise ActorError(f"x-fault {spec!r}: {point} takes only reset")
     if dash and action not in TARGETED:
         raise ActorError(f"x-fault {spec!r}: only {' and '.join(TARGETED)} name an actor")
     if dash and target not in TARGETS and not re.fullmatch(r"vcpu\d+", target):

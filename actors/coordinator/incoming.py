@@ -9,7 +9,7 @@ import time
 from livemig.actors.base import ActorError, log
 from livemig.actors.coordinator.state import MigrationFailed, MigrationState
 from livemig.machine.ram import PAGE_SIZE
-from livemig.machine.runstate import MigrationStatus, RunState, StateError
+from livemig.machine.runstate import MigrationStatus, StateError
 from livemig.protocol import events as ev
 from livemig.protocol.devices import DIGEST_SECTION
 from livemig.protocol.messages import Message
@@ -40,6 +40,10 @@ class Incoming:
             self.mig.refused.append(msg.data["desc"])
         elif msg.type == "loaded":
             await self.finish_incoming(msg.data)
+        elif msg.type == "go":
+            await self.run_incoming()
+        elif msg.type == "abandoned":
+            await self.fail_incoming(msg.data["desc"])
         elif msg.type == "postcopy-run":
             await self.postcopy_run(msg.data)
         elif msg.type == "postcopy-done":
@@ -60,8 +64,10 @@ class Incoming:
                         "normal-bytes": data["normal"] * PAGE_SIZE, "page-size": PAGE_SIZE}
         digests = data.get("devices", {}).pop(DIGEST_SECTION, None)
         self.device_state.update(data.get("devices", {}))
+        fault = self.handover_fault()
         try:
-            await self.fault("after-eof")
+            if fault != "after-eof":
+                await self.fault("after-eof")
             if digests is not None:
                 local = await asyncio.get_running_loop().run_in_executor(None, self.ram.digests)
                 bad = [name for name, digest in digests.items() if local.get(name) != digest]
@@ -80,30 +86,32 @@ class Incoming:
                 self.mig.disk = data["disk"]
             if self.mig.status is not MigrationStatus.ACTIVE:
                 raise MigrationFailed(self.mig.error or "incoming migration failed")
-            # Everything that can fail is done: tell the source, and wait for its go-ahead.
-            go = (await self.receiver.call("finish", {"rc": 0}, timeout=15)).data["result"]["go"]
-            if not go:
-                raise MigrationFailed("the source did not confirm the switchover")
+            # Everything that can fail is done: this host holds the guest's last
+            # state. Tell the source; run on its go-ahead (handover.py).
+            self.loaded = data
+            self.mig.holder = "destination"
+            go = (await self.receiver.call("finish", {"rc": 0, "fault": fault}, timeout=15)).data["result"]["go"]
         except (ActorError, StateError, MigrationFailed) as exc:
-            self.mig.error = f"cannot start the migrated guest: {exc}"
-            self.mig.end = time.monotonic()
-            self.set_status(MigrationStatus.FAILED)
             try:
                 await self.receiver.call("finish", {"rc": 1, "desc": str(exc)}, timeout=5)
             except ActorError as cleanup:
                 log.warning("after a failed incoming migration: %s", cleanup)
-            if self.guest_drives:
-                try:
-                    await self.vcpus[0].call("drives_inactivate", timeout=60)  # the source takes them back
-                except ActorError as cleanup:
-                    log.warning("after a failed incoming migration: %s", cleanup)
+            await self.fail_incoming(f"cannot start the migrated guest: {exc}")
             return
-        if self.cfg.autostart and data.get("runstate") == "running":
-            await self.set_running(True)
-        else:
-            self.set_runstate(RunState.PRELAUNCH if not self.cfg.autostart else RunState.PAUSED)
+        if go:
+            await self.run_incoming()
+
+    async def fail_incoming(self, desc: str) -> None:
+        """The guest will not run here: say so and let the images go."""
+        self.mig.error = desc
         self.mig.end = time.monotonic()
-        self.set_status(MigrationStatus.COMPLETED)
+        self.mig.holder = "source"
+        self.set_status(MigrationStatus.FAILED)
+        if self.guest_drives:
+            try:
+                await self.vcpus[0].call("drives_inactivate", timeout=60)  # the source takes them back
+            except ActorError as cleanup:
+                log.warning("after a failed incoming migration: %s", cleanup)
 
     async def start_incoming(self, uri: str) -> str:
         try:

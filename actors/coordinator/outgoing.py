@@ -163,30 +163,7 @@ class Outgoing:
                 inactivated = True
             mark = (await ram.call("emit", {"mark": True}, frames=[eof, trailer])).data["result"]["mark"]
             mig.committed = True
-            await self.wait_mark(mark, 600)
-            if self.writer_failure:
-                raise MigrationFailed(self.writer_failure)
-            mig.step("written", stop_at)
-            await self.fault("after-eof")
-            mig.ram["transferred"] = self.wire_bytes
-            if return_path:
-                answer = (await self.writer.call("await_return", {"timeout": 60}, timeout=70)).data["result"]
-                if answer["shut"] != 0:
-                    raise MigrationFailed(answer["desc"] or "destination failed to load the stream")
-                mig.step("answered", stop_at)
-                if self.profile.has_vcpus:
-                    # From here on the destination may run the guest: never resume it here.
-                    mig.go_sent = True
-                    await self.writer.call("confirm", timeout=10)
-                mig.guest_downtime = int((time.monotonic() - stop_at) * 1000)
-            await self.writer.call("close", timeout=40)
-            if mig.xbzrle is not None or self.capabilities["multifd"]:
-                await self.wire_sent()  # the final statistics
-            mig.downtime = int((time.monotonic() - stop_at) * 1000)
-            mig.end = time.monotonic()
-            mig.ram["remaining"] = 0
-            self.set_runstate(RunState.POSTMIGRATE)
-            self.set_status(MigrationStatus.COMPLETED)
+            await self.hand_over(mark, uri, return_path, stop_at, was_running and stopped, inactivated)
         except asyncio.CancelledError:
             if self.actor_failure:
                 await self.abandon(was_running and stopped, MigrationStatus.FAILED, self.actor_failure, inactivated)

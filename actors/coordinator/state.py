@@ -30,6 +30,9 @@ class MigrationState:
     incoming: bool = False
     committed: bool = False  # EOF sent: too late to cancel
     go_sent: bool = False  # the destination was told it may run the guest
+    return_path: bool = False  # the source opened one (and reads the destination's answers)
+    holder: str | None = None  # from EOF on: "source", "destination" or "unknown" (x-guest-holder)
+    handover_desc: str | None = None  # why the hand-over is being resolved
     disk: dict = field(default_factory=dict)
     xbzrle: dict | None = None  # XBZRLECacheStats, with the capability on
     block_bulk_done: bool = False
@@ -64,6 +67,10 @@ class MigrationState:
             out["x-tls"] = dict(self.tls)
         if self.refused:
             out["x-refused"] = self.refused[-10:]
+        if self.holder:
+            out["x-guest-holder"] = self.holder
+        if self.handover_desc and not self.status.ended:
+            out["x-handover"] = self.handover_desc
         if self.incoming:
             if self.error and self.status is MigrationStatus.FAILED:
                 out["error-desc"] = self.error  # QEMU would have quit; livemig stays up and says why

@@ -26,7 +26,8 @@ class Takeover:
         return {"runstate": self.runstate.value, "parameters": self.parameters,
                 "capabilities": self.capabilities, "incoming_uri": self.incoming_uri,
                 "migrating": self.task is not None and not self.task.done(),
-                "go_sent": self.mig.go_sent, "objects": self.objects.query()}
+                "go_sent": self.mig.go_sent, "objects": self.objects.query(),
+                "handover": self.handover_record()}
 
     async def persist(self) -> None:
         """Write the durable state whenever it changed (tmp file, then rename)."""
@@ -64,7 +65,10 @@ class Takeover:
         self.restore_objects(saved.get("objects"))
         runstate = RunState(saved["runstate"])
         running = [(await v.call("ping")).data["result"].get("running") for v in self.vcpus]
-        if saved["migrating"]:
+        if saved["migrating"] and saved.get("handover"):
+            await self.tidy_after_migration()
+            self.take_over_handover(saved["handover"])
+        elif saved["migrating"]:
             await self.tidy_after_migration()
             self.mig = MigrationState(status=MigrationStatus.FAILED,
                                       error="the coordinator died during the migration; a new one took over")
