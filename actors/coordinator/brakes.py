@@ -10,8 +10,16 @@ import asyncio
 import time
 
 from livemig.actors.base import ActorError, log
+from livemig.actors.coordinator.commands import command
 from livemig.actors.coordinator.convergence import AutoConverge, Stall
-from livemig.machine.dirtyrate import PageSampler, rate_mib
+from livemig.machine.dirtyrate import (
+    CALC_TIME_RANGE,
+    SAMPLE_PAGES_DEFAULT,
+    SAMPLE_PAGES_RANGE,
+    PageSampler,
+    rate_mib,
+)
+from livemig.machine.dirtyrate import MODES as DIRTY_RATE_MODES
 from livemig.machine.ram import PAGE_SIZE
 from livemig.protocol import events as ev
 
@@ -135,3 +143,71 @@ class Brakes:
                 self.dirty_rate["vcpu-dirty-rate"] = [{"id": i, "dirty-rate": int(round(rate_mib(n, seconds)))}
                                                       for i, n in enumerate(pages)]
         self.dirty_rate.update({"status": "measured", "dirty-rate": int(round(rate))})
+
+    # the commands ---------------------------------------------------------------------
+    @command("set-vcpu-dirty-limit")
+    async def cmd_set_vcpu_dirty_limit(self, dirty_rate: int, cpu_index: int | None = None) -> dict:
+        """Hold a vCPU's page-dirtying rate (every vCPU's without cpu-index) at dirty-rate MB/s;
+        0 cancels it. Each vCPU process paces its own steps to the limit."""
+        if dirty_rate < 0:
+            raise ActorError("Parameter 'dirty-rate' expects uint64")
+        if not dirty_rate:
+            return await self.cmd_cancel_vcpu_dirty_limit(cpu_index)
+        for i in self.cpu_indexes(cpu_index):
+            self.manual_limits[i] = dirty_rate
+        await self.push_limits()
+        return {}
+
+    @command("cancel-vcpu-dirty-limit")
+    async def cmd_cancel_vcpu_dirty_limit(self, cpu_index: int | None = None) -> dict:
+        """Lift the dirty limit set-vcpu-dirty-limit set on a vCPU (every vCPU without cpu-index)."""
+        if self.migration_limit:
+            raise ActorError("dirty-limit live migration is running, do not allow dirty page limit "
+                             "to be canceled")
+        for i in self.cpu_indexes(cpu_index):
+            self.manual_limits.pop(i, None)
+        await self.push_limits()
+        return {}
+
+    @command("query-vcpu-dirty-limit")
+    async def cmd_query_vcpu_dirty_limit(self) -> list:
+        """Every vCPU under a dirty limit: cpu-index, limit-rate and current-rate (MB/s)."""
+        paces = await asyncio.gather(*(v.call("pace") for v in self.vcpus))
+        return [{"cpu-index": i, "limit-rate": int(p["limit"]), "current-rate": int(round(p["current-rate"]))}
+                for i, p in enumerate(r.data["result"] for r in paces) if p["limit"]]
+
+    def cpu_indexes(self, cpu_index: int | None) -> range:
+        if cpu_index is None:
+            return range(len(self.vcpus))
+        if not 0 <= cpu_index < len(self.vcpus):
+            raise ActorError("incorrect cpu index specified")
+        return range(cpu_index, cpu_index + 1)
+
+    @command("calc-dirty-rate")
+    async def cmd_calc_dirty_rate(self, calc_time: int, sample_pages: int | None = None,
+                                  mode: str = "page-sampling") -> dict:
+        """Measure the guest's dirty rate over calc-time seconds (1-60), in the background:
+        mode page-sampling (CRC32 of sample-pages random pages per GiB, 128-16384,
+        default 512), dirty-bitmap (every vCPU's exact count of pages written) or
+        dirty-ring (the same, per vCPU). query-dirty-rate has the result."""
+        if mode not in DIRTY_RATE_MODES:
+            raise ActorError(f"Parameter 'mode' does not accept value '{mode}'")
+        if not CALC_TIME_RANGE[0] <= calc_time <= CALC_TIME_RANGE[1]:
+            raise ActorError(f"Parameter 'calc-time' is out of range[{CALC_TIME_RANGE[0]}, "
+                             f"{CALC_TIME_RANGE[1]}]")
+        if sample_pages is not None and mode != "page-sampling":
+            raise ActorError("Parameter 'sample-pages' is valid only in page-sampling mode")
+        sample_pages = SAMPLE_PAGES_DEFAULT if sample_pages is None else sample_pages
+        if not SAMPLE_PAGES_RANGE[0] <= sample_pages <= SAMPLE_PAGES_RANGE[1]:
+            raise ActorError(f"Parameter 'sample-pages' is out of range[{SAMPLE_PAGES_RANGE[0]}, "
+                             f"{SAMPLE_PAGES_RANGE[1]}]")
+        if self.dirty_rate["status"] == "measuring":
+            raise ActorError("the dirty rate is already being measured")
+        self.start_dirty_rate(calc_time, sample_pages, mode)
+        return {}
+
+    @command("query-dirty-rate")
+    async def cmd_query_dirty_rate(self) -> dict:
+        """The last calc-dirty-rate: status (unstarted, measuring, measured), dirty-rate (MB/s,
+        once measured), start-time, calc-time, sample-pages, mode, vcpu-dirty-rate (dirty-ring)."""
+        return dict(self.dirty_rate)
