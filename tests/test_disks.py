@@ -79,7 +79,7 @@ def finish(dst, tmp_path):
     return regs, guest
 
 
-@pytest.mark.parametrize("cluster", [4096, 65536])
+@pytest.mark.parametrize("cluster", [pytest.param(4096, marks=pytest.mark.long), 65536])
 def test_shared_storage_qcow2(hosts, tmp_path, port, cluster):
     img = tmp_path / "shared.qcow2"
     create_image(str(img), 64 << 20, "qcow2", cluster_size=cluster)

@@ -31,6 +31,7 @@ def assert_source_runs_on(src, tmp_path) -> None:
     assert result["ram_equal"] and result["vcpu_equal"], result
 
 
+@pytest.mark.long  # the default suite has it over a shaped link: test_convergence.py
 def test_non_converging_guest_keeps_iterating_then_cancel(hosts, tmp_path, port):
     src = hosts.start("src", *FAST_DIRTY)
     dst = hosts.start("dst", *FAST_DIRTY, "--incoming", f"tcp:127.0.0.1:{port}")

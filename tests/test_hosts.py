@@ -16,7 +16,7 @@ import pytest
 
 from livemig.actors.host import qmp_greets
 from livemig.tools.launch import HostProcess, free_port
-from tests.conftest import guest_args, replay_matches, tagged_pids
+from tests.conftest import LONG, guest_args, replay_matches, tagged_pids
 
 ARGS = guest_args(ram="16M", workload="memtouch:rate=1M,wss=2M")
 # Errors come within 10 s; on a machine loaded far past its cores (a start-up
@@ -211,11 +211,12 @@ def test_killed_host_leaves_nothing(run):
 
 # ready means ready ---------------------------------------------------------------------
 def test_migrate_the_moment_qmp_greets(run, tmp_path):
-    """20 hops, each to a fresh destination and issued as soon as its QMP
-    greets; half on a port named in advance, half on port 0 (the real one from
-    x-query-host). None refused; the last guest equals its replay."""
+    """20 hops (6 without LIVEMIG_LONG=1), each to a fresh destination and
+    issued as soon as its QMP greets; half on a port named in advance, half on
+    port 0 (the real one from x-query-host). None refused; the last guest
+    equals its replay."""
     src = run.start("hop0", *ARGS)
-    for i in range(1, 21):
+    for i in range(1, (20 if LONG else 6) + 1):
         qmp = f"unix:{tmp_path}/hop{i}.sock"
         port = free_port() if i % 2 else 0
         dst = run.start(f"hop{i}", *ARGS, "--qmp", qmp, "--incoming", f"tcp:127.0.0.1:{port}", wait=False)

@@ -3,21 +3,20 @@ that guest equals a replay of its own steps: RAM, vCPU state and its shared
 qcow2 disk (qemu-img check clean, qemu-img compare identical).
 
 The matrix is fault point x side x action, injected with the x-fault
-parameter (docs/reliability.md). LIVEMIG_MATRIX=full runs every combination;
+parameter (docs/reliability.md). LIVEMIG_LONG=1 runs every combination;
 the default run takes every point and side with a rotating action, so that
 each action is exercised too."""
 
 from __future__ import annotations
 
 import itertools
-import os
 import time
 
 import numpy as np
 import pytest
 
 from livemig.block import create_image
-from tests.conftest import guest_args
+from tests.conftest import LONG, guest_args
 from tests.test_disks import check_clean, qemu_img, replay_disk
 
 SOURCE_POINTS = ["connect", "setup", "pass", "before-stop", "after-stop", "after-eof"]
@@ -28,7 +27,7 @@ ACTIONS = ["fail", "kill", "stall", "cancel"]
 def cases():
     every = [("source", p, a) for p in SOURCE_POINTS for a in ACTIONS] + \
             [("destination", p, a) for p in DEST_POINTS for a in ACTIONS if a != "cancel"]
-    if os.environ.get("LIVEMIG_MATRIX") == "full":
+    if LONG:
         return every
     rotation = itertools.cycle(ACTIONS)
     sample = [("source", p, next(rotation)) for p in SOURCE_POINTS]

@@ -58,6 +58,7 @@ def test_links_convergence_and_a_cut(tmp_path):
     assert {"event", "query", "result"} <= kinds
 
 
+@pytest.mark.long  # tests/test_convergence.py and test_rig_report.py run the rig by default
 def test_evacuation_with_concurrency(tmp_path):
     results = run_scenario(tmp_path, "evacuation.toml")
     assert len(results) == 4
@@ -67,6 +68,7 @@ def test_evacuation_with_concurrency(tmp_path):
     assert "lm1a" not in out and "lm1b" not in out
 
 
+@pytest.mark.long
 def test_matrix_and_repeat_on_loopback(tmp_path):
     """A parameter matrix with repetitions: one run per combination and repeat."""
     results = run_scenario(tmp_path, "matrix-loopback.toml", loopback=True)
