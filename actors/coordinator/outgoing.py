@@ -213,6 +213,7 @@ class Outgoing:
             if self.writer_failure:
                 raise MigrationFailed(self.writer_failure)
             if mig.postcopy_requested and (not blk or mig.block_bulk_done):
+                await self.postcopy_drain()
                 return  # switch to post-copy now
             limit = self.parameters["max-bandwidth"]
             downtime_ms = self.parameters["downtime-limit"]

@@ -28,6 +28,8 @@ from livemig.protocol.messages import Message
 from livemig.protocol.ram import ram_eos
 
 POLL = 0.2  # how often the source refreshes its post-copy statistics
+DRAINED = 64 << 10  # bytes still short of the peer that count as a drained link
+DRAIN_WAIT = 10.0  # s at most that the switch waits for the link to drain
 
 
 class Postcopy:
@@ -41,6 +43,21 @@ class Postcopy:
         if not return_path:
             raise MigrationFailed("postcopy-ram needs a return path (a tcp:, unix: or socket fd: URI)")
         return [savevm.command(savevm.CMD_PING, struct.pack(">I", 1)), postcopy.advise()]
+
+    async def postcopy_drain(self) -> None:
+        """Before the guest stops for the switch, with it still running: let
+        the pre-copy pages already queued (the writer's, the socket's send
+        queue, a shaped link's) reach the destination, so that the package
+        does not wait behind them with the guest stopped. Pages the guest
+        dirties meanwhile are discarded at the switch as any others."""
+        mark = (await self.ram_sender.call("emit", {"mark": True})).data["result"]["mark"]
+        await self.wait_mark(mark, 60)
+        deadline = time.monotonic() + DRAIN_WAIT
+        while time.monotonic() < deadline and not self.writer_failure:
+            stats = (await self.writer.call("stats", timeout=10)).data["result"]
+            if stats["bytes"] - stats["sent"] <= DRAINED:
+                return
+            await asyncio.sleep(0.005)
 
     async def postcopy_prepare(self, runstate: str, stop_at: float) -> bytes:
         """With the guest stopped: final dirty sync, discards, and the PACKAGED blob."""
