@@ -140,7 +140,7 @@ BAD_ARGUMENTS = [
     ("migrate-set-parameters", {"x-fault": "pass:kil"},
      "no action 'kil' (actions: fail, kill, stall, reset, slow, cancel)"),
     ("migrate-set-parameters", {"x-fault": "nowhere:fail"}, "no fault point 'nowhere' (points: "
-     "connect, setup, pass, block-bulk, before-stop, after-stop, after-eof, incoming)"),
+     "connect, setup, pass, block-bulk, before-stop, after-stop, after-eof, after-go, incoming, after-shut)"),
     ("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True},
                                                    {"capability": "xbzrle2", "state": True}]},
      "'capabilities[1].capability' does not accept value 'xbzrle2'"),

@@ -98,6 +98,8 @@ class Handover:
             if state["state"] != returnpath.HANDOVER_RUNNING:
                 raise HandoverLost(state["desc"])
             mig.guest_downtime = int((time.monotonic() - stop_at) * 1000)
+        else:  # a destination with no vCPUs of ours (QEMU's -M none): its SHUT(0) is the word
+            mig.guest_downtime = int((time.monotonic() - stop_at) * 1000)
         if mig.xbzrle is not None or self.capabilities["multifd"]:
             await self.wire_sent()  # the final statistics
         await self.writer.call("close", timeout=40)
