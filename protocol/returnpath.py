@@ -107,22 +107,30 @@ def _exactly(recv: Callable[[int], bytes], n: int) -> bytes | None:
     return got
 
 
+def _next_message(recv: Callable[[int], bytes]) -> tuple[int, bytes] | None:
+    """(type, body) of the next message, or None if the peer closed between messages."""
+    header = _exactly(recv, _header.size)
+    if header is None:
+        return None
+    mtype, length = _header.unpack(header)
+    body = _exactly(recv, length)
+    if body is None:
+        raise ReturnPathError("return path cut mid-message")
+    return mtype, body
+
+
 def read_shut(recv: Callable[[int], bytes]) -> tuple[int, str] | None:
     """Read messages with `recv` (a socket's) up to the first SHUT or
     X_FAILED; returns (status, reason) (X_FAILED: status 1), or None if the
     peer closed between messages. Other messages are skipped."""
-    while True:
-        header = _exactly(recv, _header.size)
-        if header is None:
-            return None
-        mtype, length = _header.unpack(header)
-        body = _exactly(recv, length)
-        if body is None:
-            raise ReturnPathError("return path cut mid-message")
+    while (msg := _next_message(recv)) is not None:
+        mtype, body = msg
+        length = len(body)
         if mtype == RP_SHUT and length >= 4:
             return _be32.unpack(body[:4])[0], body[4:].decode(errors="replace")
         if mtype == RP_X_FAILED:
             return 1, body.decode(errors="replace")
+    return None
 
 
 def handover(state: int) -> bytes:
@@ -132,18 +140,13 @@ def handover(state: int) -> bytes:
 def read_handover(recv: Callable[[int], bytes]) -> int | None:
     """Read messages up to the first X_HANDOVER; its state, or None if the
     peer closed between messages. Others (PONG, SHUT) are skipped."""
-    while True:
-        header = _exactly(recv, _header.size)
-        if header is None:
-            return None
-        mtype, length = _header.unpack(header)
-        body = _exactly(recv, length)
-        if body is None:
-            raise ReturnPathError("return path cut mid-message")
+    while (msg := _next_message(recv)) is not None:
+        mtype, body = msg
         if mtype == RP_X_HANDOVER:
-            if length != 4 or _be32.unpack(body)[0] not in HANDOVER_STATES:
+            if len(body) != 4 or _be32.unpack(body)[0] not in HANDOVER_STATES:
                 raise ReturnPathError(f"X_HANDOVER carries {body.hex() or 'nothing'}")
             return _be32.unpack(body)[0]
+    return None
 
 
 # --------------------------------------------------------------------------- post-copy
