@@ -53,6 +53,22 @@ def test_budget_keeps_a_window_ahead_and_respects_max_bandwidth():
     assert link.budget(0) == 0  # a window's worth waits: enough
 
 
+def test_a_full_queue_is_refilled_in_large_requests():
+    """A link whose queue is nearly full is not asked for crumbs: the next
+    request waits (and the coordinator sleeps) until a quarter has left."""
+    link = Link(0.0, 0)
+    link.add(100 << 20)
+    link.observe(WINDOW, 60 << 20)  # 600 MiB/s measured: 60 MiB a window ahead, 40 MiB pending
+    ahead = int(link.bandwidth * WINDOW)
+    link.add(ahead - link.pending - (1 << 20))  # 1 MiB short of a window ahead
+    assert link.budget(0) == 0
+    assert link.pause(0.005) == pytest.approx((ahead // 4 - (1 << 20)) / link.bandwidth)  # 23 ms
+    sent = link.sent + ahead // 2  # half of the queue left
+    link.observe(1.5 * WINDOW, sent)  # within the window: the rate stands
+    assert link.budget(0) == ahead - link.pending > ahead // 4
+    assert link.pause(0.005) == 0.005
+
+
 def test_an_idle_window_keeps_the_rate():
     link = Link(0.0, 0)
     link.add(4 << 20)

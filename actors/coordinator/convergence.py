@@ -22,6 +22,7 @@ WINDOW = 0.1  # seconds: rate-limit and measurement window, as QEMU's BUFFER_DEL
 FIRST_PENDING = 1 << 20  # bytes queued ahead of the wire before any rate was measured
 MIN_PENDING = 256 << 10  # ... and at least this much afterwards, so a slow link stays busy
 PENDING_WINDOWS = 1.0  # with a rate measured: this many windows' worth queued ahead
+REFILL = 4  # ... topped up once a quarter of it has left, in one request
 PERIOD = 1.0  # seconds: the auto-converge trigger is evaluated once per sync period this long
 STALL_SYNCS = 4  # the stall verdict looks back over this many syncs
 STALL_SHRINK = 0.9  # ... and wants what is left to have shrunk below this share of it
@@ -71,9 +72,21 @@ class Link:
         ahead = max(MIN_PENDING, int(self.bandwidth * WINDOW * PENDING_WINDOWS)) if self.bandwidth \
             else FIRST_PENDING
         budget = ahead - self.pending
+        if self.pending and budget < ahead // REFILL:
+            budget = 0  # nearly a window's worth waits: refill it in a few large requests, not many small ones
         if limit:
             budget = min(budget, int(limit * WINDOW) - self.window_queued)
         return max(0, budget)
+
+    def pause(self, shortest: float) -> float:
+        """Seconds to wait when nothing was queued: until a refill's worth
+        has left at the measured rate (at least `shortest`, at most a window's
+        share), so that a slow link is not asked many times a window."""
+        if not self.bandwidth:
+            return shortest
+        ahead = max(MIN_PENDING, int(self.bandwidth * WINDOW * PENDING_WINDOWS))
+        drain = (self.pending - (ahead - ahead // REFILL)) / self.bandwidth
+        return min(max(shortest, drain), WINDOW / REFILL)
 
     def threshold(self, downtime_ms: int, switchover_bw: int = 0) -> float:
         """Bytes that may be left at the switchover (0 while nothing was measured)."""

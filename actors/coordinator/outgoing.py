@@ -254,7 +254,7 @@ class Outgoing:
                     await self.wait_mark(result["mark"], 600)
             link.add(queued)
             if not queued:
-                await asyncio.sleep(PAUSE)  # nothing to send, or enough on its way: let the wire work
+                await asyncio.sleep(link.pause(PAUSE))  # nothing to send, or enough on its way: let the wire work
 
     def window_figures(self, link: Link, left: int, switchover_bw: int) -> None:
         """What query-migrate shows of the window that just closed."""
