@@ -480,6 +480,9 @@ class Receiver:
                 raise savevm.StreamError(f"injected fault: {self.injected}")
             if self.multifd is not None:
                 self.multifd.finish()
+            if (gap := ram_loader.never_arrived()) is not None:
+                # e.g. a multifd source whose channels this side never read
+                raise savevm.StreamError(f"ram block {gap[0]}: {gap[1]} pages never arrived")
             vcpu_states = states.get(VCPU_SECTION, {})
             missing = sorted(set(range(self.vcpus)) - set(vcpu_states))
             if self.profile.has_vcpus and missing:

@@ -190,6 +190,9 @@ class RamLoader:
         # Per block: True where the page is known zero. Writing zero pages over
         # zero memory would cost a full pass over RAM for nothing.
         self.known_zero = {b.name: np.ones(b.pages.shape[0], np.bool_) for b in blocks} if zeroed else None
+        # Per block: True once the page arrived (whole, zero, XBZRLE or on a
+        # multifd channel); a pre-copy load must end with every page here.
+        self.arrived = {b.name: np.zeros(b.pages.shape[0], np.bool_) for b in blocks}
         self._steps = np.zeros(0, np.uint64)  # k << PAGE_SHIFT: the headers of a run of pages, less the first
         # multifd: called at every RAM end of section, which waits for every channel's SYNC
         self.on_eos: Callable[[], None] | None = None
@@ -243,8 +246,7 @@ class RamLoader:
                     known = self.known_zero.get(block.name) if self.known_zero is not None else None
                     if fill or known is None or not known[index]:
                         block.pages[index] = fill
-                        if fill:
-                            self._landed(block, index)
+                    self._landed(block, index, data=bool(fill))
                     self.stats.zero += 1
             else:
                 raise StreamError(f"RAM record without a known type: flags {flags:#x}")
@@ -278,11 +280,21 @@ class RamLoader:
         """Pages of block `name` were written with data elsewhere (a multifd channel)."""
         self._landed(self.blocks[name], index)
 
-    def _landed(self, block: RamBlock, index) -> None:
-        """Non-zero data was written to these pages of the block."""
+    def _landed(self, block: RamBlock, index, data: bool = True) -> None:
+        """These pages of the block arrived; `data`: with non-zero data."""
+        self.arrived[block.name][index] = True
         known = self.known_zero.get(block.name) if self.known_zero is not None else None
-        if known is not None:
+        if known is not None and data:
             known[index] = False
+
+    def never_arrived(self) -> tuple[str, int] | None:
+        """The first block (in block list order) with pages that never
+        arrived, and how many; None when every page of every block did."""
+        for name in self.order:
+            missing = int(np.count_nonzero(~self.arrived[name]))
+            if missing:
+                return name, missing
+        return None
 
     def _mem_size(self, r: BufferedReader, total: int) -> None:
         """The block list: each block named once and checked against this
@@ -300,6 +312,7 @@ class RamLoader:
             block = self.blocks.get(name)
             if block is None and self.create_block is not None:
                 block = self.blocks[name] = self.create_block(name, length)
+                self.arrived[name] = np.zeros(block.pages.shape[0], np.bool_)
                 self.order.append(name)
             if block is None:
                 raise StreamError(
@@ -351,8 +364,7 @@ class RamLoader:
             if first + n > block.pages.shape[0]:
                 raise _beyond(block, first + n - 1)
             block.pages[first:first + n] = recs["page"]
-            if self.known_zero is not None:
-                self.known_zero[block.name][first:first + n] = False
+            self._landed(block, slice(first, first + n))
             self.stats.normal += n
             r.skip(n * size)
             return True
@@ -372,6 +384,7 @@ class RamLoader:
         else:
             fills = recs["fill"]
             if n and not fills.any():
+                self._landed(self.last, index, data=False)
                 known = self.known_zero.get(self.last.name) if self.known_zero is not None else None
                 if known is not None:
                     index = index[~known[index]]

@@ -119,6 +119,7 @@ def test_zero_pages_over_known_zero_ram(zeroed):
     loader = load(stream, dest, zeroed)
     assert np.array_equal(dest, src_first)
     assert loader.stats.zero == int(first.sum()) and loader.stats.normal == 32 - int(first.sum())
+    assert loader.never_arrived() is None  # zero pages arrive too, written or not
     src_later = src_first.copy()
     src_later[later] = 0
     load(encode_stream(src_later, [(pages[later], np.ones(int(later.sum()), np.bool_))]), dest, False)
@@ -139,6 +140,8 @@ def test_runs_of_consecutive_pages_and_the_rest(chunk):
     expected[pages] = src[pages]
     assert np.array_equal(dest, expected) and loader.stats.normal == len(pages)
     assert list(np.flatnonzero(~loader.known_zero["pc.ram"])) == sorted(pages.tolist())
+    assert list(np.flatnonzero(loader.arrived["pc.ram"])) == sorted(pages.tolist())
+    assert loader.never_arrived() == ("pc.ram", 128 - len(pages))
     declared = ram_mem_size([("pc.ram", src.nbytes)])
     smaller = ram_mem_size([("pc.ram", 120 * PAGE_SIZE)]) + stream[len(declared):]
     with pytest.raises(savevm.StreamError, match="beyond block"):

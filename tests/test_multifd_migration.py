@@ -236,3 +236,106 @@ def test_multifd_over_tls_each_channel_its_own_session(hosts, tmp_path, port):
     dst.wait_status("running", 30)
     result = replay_matches(dst, tmp_path)
     assert result["ram_equal"] and result["vcpu_equal"], result
+
+
+# --------------------------------------------------------------------------- pages that never arrived
+
+
+class FirstConnectionOnly:
+    """Forwards the first connection to the destination and reads every
+    later one to its end itself: a multifd source's channels look delivered
+    to it while the destination, without multifd, never sees them (the
+    narrow race where they land in a listener's backlog, made certain)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.absorbed = 0  # bytes of the later connections
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        first = True
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            if first:
+                server = socket.create_connection(self.upstream, timeout=10)
+                server.settimeout(None)
+                self.sockets.append(server)
+                for a, b in ((client, server), (server, client)):
+                    threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+                first = False
+            else:
+                threading.Thread(target=self.pump, args=(client, None), daemon=True).start()
+
+    def pump(self, a: socket.socket, b: socket.socket | None) -> None:
+        try:
+            while data := a.recv(1 << 16):
+                if b is None:
+                    self.absorbed += len(data)
+                else:
+                    b.sendall(data)
+        except OSError:
+            pass
+        if b is not None:
+            try:
+                b.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def test_pages_on_channels_the_destination_never_read_fail_the_migration(hosts, tmp_path, port):
+    """A destination without multifd cannot tell from QEMU 7.2's main stream
+    that pages went elsewhere: it counts what arrived. The source learns it
+    on the return path and runs on."""
+    from tests.test_failures import assert_source_runs_on
+
+    args = guest_args(ram="32M", workload="memtouch:rate=2M,wss=4M")
+    src = hosts.start("src", *args)
+    dst = hosts.start("dst", *args, "--incoming", f"tcp:127.0.0.1:{port}")
+    proxy = FirstConnectionOnly(("127.0.0.1", port))
+    try:
+        multifd_on(src, 2)
+        src.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
+        info = src.wait_migration(60)
+        got = dst.wait_migration(30)
+    finally:
+        proxy.close()
+    assert proxy.absorbed > 16 << 20  # the random RAM went over the two channels
+    # fill=random: no page is zero, so every one of the 8192 went on a channel
+    message = f"ram block pc.ram: {(32 << 20) // PAGE} pages never arrived"
+    assert got["status"] == "failed" and got["error-desc"] == message, got
+    assert info["status"] == "failed" and message in info["error-desc"], info
+    assert dst.cmd("query-status")["status"] == "inmigrate"
+    assert_source_runs_on(src, tmp_path)
+
+
+def test_a_main_stream_without_its_channel_pages_is_refused(hosts, port):
+    """The crafted multifd source's main stream alone (its even pages are on
+    channels this destination, without multifd, never accepts): refused at
+    EOF, no guest starts."""
+    ram = np.random.default_rng(2).integers(0, 256, (512, PAGE), np.uint8)
+    ram[1::2] = 0
+    dst = hosts.start("dst", "--machine", "none", "--ram", "2M", "--incoming", f"tcp:127.0.0.1:{port}")
+    _lanes, main = crafted_source(ram, 2, "valid")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(main)
+        sock.shutdown(socket.SHUT_WR)
+        info = dst.wait_migration(30)
+    assert info["status"] == "failed" and info["error-desc"] == "ram block ram: 256 pages never arrived", info
+    assert dst.cmd("query-status")["status"] == "inmigrate"
