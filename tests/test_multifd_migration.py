@@ -124,45 +124,25 @@ def test_cancel_and_destination_kill_leave_the_source_running(hosts, tmp_path, p
 
 
 def crafted_source(ram: np.ndarray, channels: int, case: str) -> tuple[list[bytes], bytes]:
-    """A `none` source's multifd channels and main stream: START, a PART
-    whose odd pages go zero on the main channel and even ones over the
-    channels, END; one SYNC per channel at each of the three EOS."""
-    from livemig.protocol import devices, savevm
-    from livemig.protocol.ram import PageEncoder, ram_eos, ram_mem_size
+    """A `none` source's multifd channels and main stream (tests/fuzz.py's):
+    odd pages zero on the main channel, even ones over the channels, one
+    SYNC per channel at each of the three EOS; `case` breaks one thing."""
+    from tests.fuzz import multifd_lanes, multifd_main
 
-    pages = ram.shape[0]
-    odd = np.arange(1, pages, 2)
-    main = [savevm.header(), savevm.configuration("none"),
-            savevm.section_start(savevm.SECTION_START, 2, "ram", 0, 4), ram_mem_size([("ram", ram.size)]),
-            ram_eos(), savevm.footer(2), savevm.section_part(savevm.SECTION_PART, 2),
-            *[bytes(b) for b in PageEncoder(pages).encode("ram", odd, ram, np.ones(len(odd), np.bool_))],
-            ram_eos(), savevm.footer(2), savevm.section_part(savevm.SECTION_END, 2), ram_eos(), savevm.footer(2)]
-    for sid, (name, state) in enumerate((("timer", None), ("globalstate", "running")), 3):
-        main += devices.full_section(sid, devices.DEVICES[name], 0, devices.DEVICES[name].encode(state))
-    main.append(savevm.eof())
-
-    def sync(num: int) -> bytes:
-        return multifd.packet_header(multifd.FLAG_SYNC, "", np.zeros(0, np.int64), 0, num)
-
-    even = np.arange(0, pages, 2)
-    out = []
-    for cid in range(channels):
-        mine = even[cid::channels][:200]
-        offsets = mine * PAGE
-        header = multifd.packet_header(0, "ram", offsets[:100], 100 * PAGE, 1)
+    even = np.arange(ram.shape[0]) % 2 == 0
+    lanes = multifd_lanes(ram, even, channels)  # per channel: init, SYNC, 100 pages, 28 pages + SYNC, SYNC
+    for cid, lane in enumerate(lanes):
         if case == "count":
-            header = header[:12] + struct.pack(">I", 129) + header[16:]
+            lane[2] = lane[2][:12] + struct.pack(">I", 129) + lane[2][16:]
         if case == "offset" and cid == 1:
-            header = multifd.packet_header(0, "ram", np.array([ram.size]), PAGE, 1)
-        body = header + b"".join(ram[i].tobytes() for i in mine[:100])
-        body += multifd.packet_header(multifd.FLAG_SYNC, "ram", offsets[100:], 100 * PAGE, 2)
-        body += b"".join(ram[i].tobytes() for i in mine[100:])
-        init = multifd.init_packet(5 if case == "channel-id" and cid == 1 else cid)
+            lane[2] = multifd.packet_header(0, "ram", np.array([ram.size]), PAGE, 1) + ram[0].tobytes()
+        if case == "channel-id" and cid == 1:
+            lane[0] = multifd.init_packet(5)
         if case == "magic" and cid == 0:
-            init = b"\x11\x22\x33\x45" + init[4:]
-        tail = sync(3) if not (case == "missing-sync" and cid == 1) else b""
-        out.append(init + sync(0) + body + tail)
-    return out, b"".join(main)
+            lane[0] = b"\x11\x22\x33\x45" + lane[0][4:]
+        if case == "missing-sync" and cid == 1:
+            lane.pop()
+    return [b"".join(lane) for lane in lanes], multifd_main(ram, even)
 
 
 @pytest.mark.parametrize("case, message", [
