@@ -34,6 +34,7 @@ PACKAGE = f"livemig {metadata.version('livemig')}"
 MAX_QUEUED = 1000  # replies and events waiting for one client
 MAX_REQUESTS = 64  # commands read ahead of the one running, per client
 COMMAND_TIMEOUT = 120  # s; no coordinator command lasts longer (HMP migrate polls instead)
+COORDINATOR_CHECK = 0.25  # s between looks, while a command runs, at whether the coordinator died
 SUBSCRIBE_TIMEOUT = 30  # s to reach the coordinator's event socket at start-up
 
 
@@ -174,12 +175,27 @@ class Monitor:
     async def execute(self, name: str, args: dict):
         """Forward one command to the coordinator: one request each, replies matched by id,
         so clients' commands run side by side there."""
+        pid = self.coordinator_pid()
         try:
-            reply = await self.coordinator.call("qmp", {"execute": name, "arguments": args},
-                                                timeout=COMMAND_TIMEOUT)
+            call = asyncio.ensure_future(self.coordinator.call("qmp", {"execute": name, "arguments": args},
+                                                               timeout=COMMAND_TIMEOUT))
         except (TypeError, ValueError, OverflowError) as exc:  # not representable in msgpack
             raise ActorError(f"Invalid arguments: {exc}") from None
-        return reply.data["result"]
+        while not (await asyncio.wait({call}, timeout=COORDINATOR_CHECK))[0]:
+            if self.coordinator_pid() != pid:  # its reply will never come
+                call.cancel()
+                raise ActorError(f"the coordinator died during {name}; a new one took over")
+        return call.result().data["result"]
+
+    def coordinator_pid(self) -> int | None:
+        """The running coordinator's pid (a successor writes its own)."""
+        try:
+            with open(os.path.join(self.cfg.rundir, "coordinator.pid")) as f:
+                pid = int(f.read())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
 
     async def subscribe(self, ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
         """Connect to the coordinator's PUB socket and wait until the connection is up:

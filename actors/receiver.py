@@ -105,6 +105,7 @@ class Receiver:
         self.take = threading.Event()  # x-migrate-resolve ran the guest here
         self.stop_linger = threading.Event()
         self.phase = ""  # of the hand-over: waiting, go, then loaded/running/abandoned
+        self.loaded: dict | None = None  # the "loaded" notice, for a coordinator that takes over
         self.listen_uri = ""
         self.handshake = False
         self.source_listens = False  # the source opened the return path
@@ -144,7 +145,7 @@ class Receiver:
         self.ran.clear()
         self.take.clear()
         self.stop_linger.clear()
-        self.phase, self.ran_ok = "", False
+        self.phase, self.ran_ok, self.loaded = "", False, None
         self.verdict = {"rc": 1, "waits": False, "fault": ""}
         self.listen_uri = self.listener.actual_uri
         self.injected = None
@@ -221,6 +222,14 @@ class Receiver:
         self.ran_ok = bool(msg.data.get("ok"))
         self.ran.set()
         return {}
+
+    def on_where(self, _msg: Message) -> dict:
+        """Where the incoming migration is, for a coordinator that took over
+        from one that died: what it must answer (finish, running) and with what."""
+        active = self.thread is not None and self.thread.is_alive()
+        return {"active": active, "connected": self.channel is not None, "loaded": self.loaded,
+                "finished": self.finish.is_set(), "rc": self.verdict["rc"], "phase": self.phase,
+                "ran": self.ran.is_set(), "ran_ok": self.ran_ok}
 
     def on_take(self, _msg: Message) -> dict:
         """x-migrate-resolve: the operator runs here a guest whose source cannot be reached."""
@@ -518,7 +527,7 @@ class Receiver:
         # Before "loaded": the coordinator's finish may come back at once, and
         # must know whether the source will send its go-ahead.
         self.handshake = SWITCHOVER_SECTION in states
-        self.notify("loaded", {
+        self.loaded = {
             "vcpus": [vcpu_states[i] for i in sorted(vcpu_states)],
             "runstate": runstate,
             "devices": {name: st.get(0) for name, st in states.items()
@@ -527,7 +536,8 @@ class Receiver:
             "return_path": channel.has_return_path, "disk": disk,
             "multifd": self.multifd.bytes if self.multifd is not None else 0,
             "normal": stats.normal if stats else 0, "zero": stats.zero if stats else 0,
-            "seconds": time.monotonic() - t0})
+            "seconds": time.monotonic() - t0}
+        self.notify("loaded", self.loaded)
         self.finish.wait(300)
         self.hand_over(channel)
 
@@ -737,6 +747,7 @@ def run(cfg: HostConfig, ctx: zmq.Context) -> None:
                           "recover": receiver.on_recover,
                           "listen": receiver.on_listen, "finish": receiver.on_finish,
                           "running": receiver.on_running, "take": receiver.on_take, "answer": receiver.on_answer,
+                          "where": receiver.on_where,
                           "inject": receiver.on_inject, "ping": lambda _m: {}}, receiver.notices)
 
 

@@ -61,6 +61,7 @@ class Coordinator(Commands, Options, Outgoing, Incoming, Postcopy, Faults, Takeo
         self.loaded: dict = {}  # the destination's loaded stream, until the guest runs
         self.resolve_now = asyncio.Event()  # x-migrate-resolve: the source tries again now
         self.handover_uri, self.handover_resume = "", False  # an open hand-over's URI, and resume on take-back
+        self.workers_ready = asyncio.Event()  # the receiver's notices wait for a successor's take-over
         self.init_devices(cfg.devices)
         self.init_objects(cfg.objects)
         self.init_brakes()
@@ -81,6 +82,12 @@ class Coordinator(Commands, Options, Outgoing, Incoming, Postcopy, Faults, Takeo
                 except ActorError:
                     if time.monotonic() > deadline:
                         raise
+        try:
+            await self.take_over_or_start(takeover)
+        finally:
+            self.workers_ready.set()
+
+    async def take_over_or_start(self, takeover: bool) -> None:
         if takeover:
             await self.take_over()
         elif self.cfg.incoming:

@@ -15,7 +15,9 @@ from livemig.actors.host import ACTORS
 SOURCE_FAULT_POINTS = ("connect", "setup", "pass", "block-bulk", "before-stop", "after-stop", "after-eof",
                        "after-go")
 DEST_FAULT_POINTS = ("incoming", "after-eof", "after-shut", "after-go")
-RESET_ONLY = ("after-shut",)  # the destination's receiver waits there: only a reset makes sense
+# Points that take only some actions: the destination's receiver waits at
+# after-shut, so a reset (done by the receiver) or a kill.
+POINT_ACTIONS = {"after-shut": ("reset", "kill")}
 FAULT_POINTS = tuple(dict.fromkeys(SOURCE_FAULT_POINTS + DEST_FAULT_POINTS))
 FAULT_ACTIONS = ("fail", "kill", "stall", "reset", "slow", "cancel")
 TARGETED = ("kill", "stall")  # the actions that take -ACTOR
@@ -31,8 +33,8 @@ def parse_fault(spec: str) -> tuple[str, str, str]:
         raise ActorError(f"x-fault {spec!r}: no fault point {point!r} (points: {', '.join(FAULT_POINTS)})")
     if action not in FAULT_ACTIONS:
         raise ActorError(f"x-fault {spec!r}: no action {action!r} (actions: {', '.join(FAULT_ACTIONS)})")
-    if point in RESET_ONLY and action != "reset":
-        raise ActorError(f"x-fault {spec!r}: {point} takes only reset")
+    if action not in POINT_ACTIONS.get(point, FAULT_ACTIONS):
+        raise ActorError(f"x-fault {spec!r}: {point} takes only {' or '.join(POINT_ACTIONS[point])}")
     if dash and action not in TARGETED:
         raise ActorError(f"x-fault {spec!r}: only {' and '.join(TARGETED)} name an actor")
     if dash and target not in TARGETS and not re.fullmatch(r"vcpu\d+", target):
@@ -42,6 +44,13 @@ def parse_fault(spec: str) -> tuple[str, str, str]:
 
 class Faults:
     """Mixin of the Coordinator."""
+
+    def spend_fault(self) -> None:
+        """A coordinator that took over: the x-fault that killed its
+        predecessor is spent (it would kill this one at the same point)."""
+        spec = self.parameters["x-fault"]
+        if spec and parse_fault(spec)[1:] == ("kill", "coordinator"):
+            self.parameters["x-fault"] = ""
 
     async def fault(self, point: str) -> None:
         """Inject the fault the `x-fault` parameter names for this point, if any."""

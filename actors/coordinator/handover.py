@@ -33,15 +33,23 @@ class DestinationRefused(MigrationFailed):
 class Handover:
     """Mixin of the Coordinator."""
 
+    go_taken = False  # the destination acted on the source's go-ahead
+    takeover_task: asyncio.Task | None = None  # a successor's finish or run of the incoming guest
+
     # the source ---------------------------------------------------------------------
+    def begin_handover(self, uri: str, return_path: bool, resume: bool) -> None:
+        """Before EOF is queued: from here a successor (takeover.py) resolves
+        the hand-over rather than resume the guest, so it is on disk first."""
+        self.mig.holder = "unknown"
+        self.mig.return_path = return_path
+        self.handover_uri, self.handover_resume = uri, resume
+        self.persist_now()
+
     async def hand_over(self, mark: str, uri: str, return_path: bool, stop_at: float,
                         resume: bool, inactivated: bool) -> None:
         """From EOF queued to one guest running. Raises MigrationFailed only
         when the destination said it will not run the guest (the source resumes)."""
         mig = self.mig
-        mig.holder = "unknown"
-        mig.return_path = return_path
-        self.handover_uri, self.handover_resume = uri, resume
         self.resolve_now = asyncio.Event()
         why = None
         while True:
@@ -89,6 +97,7 @@ class Handover:
         mig.step("answered", stop_at)
         if self.profile.has_vcpus:
             mig.go_sent = True  # from here on never resume the guest here
+            self.persist_now()  # nor may a successor
             await self.writer.call("confirm", timeout=10)
             await self.fault("after-go")
             state = (await self.writer.call("await_handover", {"timeout": 15}, timeout=25)).data["result"]
@@ -197,7 +206,11 @@ class Handover:
         return point if action == "reset" and point in DEST_POINTS else ""
 
     async def run_incoming(self) -> None:
-        """The source let go (or the operator resolved here): run the guest."""
+        """The source let go (or the operator resolved here): run the guest,
+        once (a successor may learn of the go-ahead twice)."""
+        if self.go_taken:
+            return
+        self.go_taken = True
         data = self.loaded
         if self.mig.status is not MigrationStatus.ACTIVE or not data:
             # It failed meanwhile, or this coordinator took over from one that
@@ -220,6 +233,43 @@ class Handover:
             await self.receiver.call("running", {"ok": ok}, timeout=10)
         self.mig.end = time.monotonic()
         self.set_status(MigrationStatus.COMPLETED if ok else MigrationStatus.FAILED)
+
+    async def take_over_incoming(self) -> None:
+        """A destination coordinator replacing one that died: go on where the
+        receiver is. It keeps what it loaded, so this one finishes the load,
+        waits for GO, or runs the guest, as its predecessor would have."""
+        where = (await self.receiver.call("where")).data["result"]
+        if not where["active"]:
+            return
+        mig = self.mig = MigrationState(incoming=True, start=time.monotonic(), status=(
+            MigrationStatus.ACTIVE if where["connected"] else MigrationStatus.SETUP))
+        data = where["loaded"]
+        if data is None:
+            return  # still loading: its "loaded" comes to this coordinator
+        if not where["finished"]:
+            self.takeover_task = asyncio.get_running_loop().create_task(self.finish_incoming(data))
+            return
+        self.note_loaded(data)
+        running = [(await v.call("ping")).data["result"].get("running") for v in self.vcpus]
+        if where["rc"] != 0 or where["phase"] == "abandoned" or (where["ran"] and not where["ran_ok"]):
+            mig.holder, mig.error = "source", "the guest does not run here"
+            mig.end = time.monotonic()
+            self.set_status(MigrationStatus.FAILED)
+            return
+        mig.holder = "destination"
+        if where["ran"] or any(running):  # ran (and maybe not yet said so) before the kill
+            self.go_taken = True
+            if any(running) and (self.runstate is not RunState.RUNNING or not all(running)):
+                self.runstate = RunState.PAUSED
+                await self.set_running(True)
+            if not where["ran"]:
+                await self.receiver.call("running", {"ok": True}, timeout=10)
+            mig.end = time.monotonic()
+            self.set_status(MigrationStatus.COMPLETED)
+            return
+        self.loaded = data
+        if where["phase"] != "waiting":  # else GO (or x-migrate-resolve) runs it
+            self.takeover_task = asyncio.get_running_loop().create_task(self.run_incoming())
 
     async def answer_resolves(self) -> None:
         """The receiver was started afresh during a hand-over: it answers the

@@ -20,6 +20,7 @@ class Incoming:
     """Mixin of the Coordinator."""
 
     async def on_receiver_notice(self, msg: Message) -> None:
+        await self.workers_ready.wait()  # a successor first learns where the receiver is
         if msg.type == "started":
             self.mig.start = time.monotonic()
             self.mig.tls = msg.data.get("tls")
@@ -56,14 +57,20 @@ class Incoming:
             self.mig.error = None
             self.set_status(MigrationStatus.POSTCOPY_ACTIVE)
 
-    async def finish_incoming(self, data: dict) -> None:
-        """The whole stream is in: load vCPU state, re-read disk metadata, run."""
+    def note_loaded(self, data: dict) -> dict | None:
+        """The figures and device state of a loaded stream; returns its digests."""
         self.mig.ram = {"transferred": data["bytes"] + data["multifd"], "remaining": 0, "total": self.ram.size,
                         "multifd-bytes": data["multifd"],
                         "duplicate": data["zero"], "normal": data["normal"],
                         "normal-bytes": data["normal"] * PAGE_SIZE, "page-size": PAGE_SIZE}
-        digests = data.get("devices", {}).pop(DIGEST_SECTION, None)
-        self.device_state.update(data.get("devices", {}))
+        devices = dict(data.get("devices", {}))
+        digests = devices.pop(DIGEST_SECTION, None)
+        self.device_state.update(devices)
+        return digests
+
+    async def finish_incoming(self, data: dict) -> None:
+        """The whole stream is in: load vCPU state, re-read disk metadata, run."""
+        digests = self.note_loaded(data)
         fault = self.handover_fault()
         try:
             if fault != "after-eof":
@@ -91,6 +98,8 @@ class Incoming:
             self.loaded = data
             self.mig.holder = "destination"
             go = (await self.receiver.call("finish", {"rc": 0, "fault": fault}, timeout=15)).data["result"]["go"]
+            if not go and fault != "after-shut":
+                await self.fault("after-shut")
         except (ActorError, StateError, MigrationFailed) as exc:
             try:
                 await self.receiver.call("finish", {"rc": 1, "desc": str(exc)}, timeout=5)
@@ -122,6 +131,7 @@ class Incoming:
         multifd = self.multifd_config(uri)
         # The state first: the receiver may report "started" before it answers.
         self.mig = MigrationState(start=time.monotonic(), incoming=True)
+        self.go_taken = False
         self.mig.set(MigrationStatus.SETUP)
         self.publish(ev.MIGRATION, {"status": MigrationStatus.SETUP.value}, qmp=True)  # QEMU emits this one ungated
         try:

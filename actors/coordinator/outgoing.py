@@ -161,6 +161,7 @@ class Outgoing:
                 # take them as soon as it has the whole stream.
                 await self.vcpus[0].call("drives_inactivate", timeout=120)
                 inactivated = True
+            self.begin_handover(uri, return_path, was_running and stopped)
             mark = (await ram.call("emit", {"mark": True}, frames=[eof, trailer])).data["result"]["mark"]
             mig.committed = True
             await self.hand_over(mark, uri, return_path, stop_at, was_running and stopped, inactivated)

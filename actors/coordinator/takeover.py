@@ -22,6 +22,8 @@ PERSIST_INTERVAL = 0.05  # s
 class Takeover:
     """Mixin of the Coordinator."""
 
+    persisted = ""  # the durable state last written
+
     def durable_state(self) -> dict:
         return {"runstate": self.runstate.value, "parameters": self.parameters,
                 "capabilities": self.capabilities, "incoming_uri": self.incoming_uri,
@@ -30,19 +32,23 @@ class Takeover:
                 "handover": self.handover_record()}
 
     async def persist(self) -> None:
-        """Write the durable state whenever it changed (tmp file, then rename)."""
-        rundir = self.cfg.rundir
-        last = None
+        """Write the durable state whenever it changed."""
         while True:
-            text = json.dumps(self.durable_state(), sort_keys=True)
-            if text != last:
-                tmp = os.path.join(rundir, f".{STATE_FILE}.tmp")
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                with os.fdopen(fd, "w") as f:
-                    f.write(text)
-                os.replace(tmp, os.path.join(rundir, STATE_FILE))
-                last = text
+            self.persist_now()
             await asyncio.sleep(PERSIST_INTERVAL)
+
+    def persist_now(self) -> None:
+        """Write the durable state now if it changed (tmp file, then rename):
+        the hand-over calls it before each step a successor must know of."""
+        text = json.dumps(self.durable_state(), sort_keys=True)
+        if text == self.persisted:
+            return
+        tmp = os.path.join(self.cfg.rundir, f".{STATE_FILE}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(self.cfg.rundir, STATE_FILE))
+        self.persisted = text
 
     def saved_state(self) -> dict | None:
         try:
@@ -78,6 +84,9 @@ class Takeover:
         if runstate is RunState.RUNNING and not all(running):
             self.runstate = RunState.PAUSED
             await self.set_running(True)
+        self.spend_fault()
+        if self.incoming_uri and not saved["migrating"]:
+            await self.take_over_incoming()
         log.warning("took over the guest (%s)", self.runstate.value)
 
     def restore_objects(self, saved: list[dict] | None) -> None:

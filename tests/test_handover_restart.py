@@ -1,0 +1,118 @@
+"""A coordinator killed (SIGKILL) during the hand-over (docs/reliability.md):
+at each hand-over point x-fault names, on the source or on the destination,
+`POINT:kill-coordinator` kills the host's own coordinator there; the host's
+supervisor starts a new one, which takes over. Within 30 s exactly one guest
+runs, on the side `x-guest-holder` names, and it equals a replay of its
+steps; both sides' run states are sampled all the while and are never both
+running.
+
+The default suite runs a sample (one kill on each side); the whole matrix,
+3 trials each, with LIVEMIG_LONG=1."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from tests.test_handover import coordinator_pid
+from tests.test_handover_faults import WINDOW, check_survivor, start
+
+# (return path, side killed, x-fault point)
+CASES = {
+    "source-after-eof": (True, "src", "after-eof"),
+    "source-after-go": (True, "src", "after-go"),
+    "destination-after-eof": (True, "dst", "after-eof"),
+    "destination-after-shut": (True, "dst", "after-shut"),
+    "destination-after-go": (True, "dst", "after-go"),
+    "norp-source-after-eof": (False, "src", "after-eof"),
+    "norp-destination-after-eof": (False, "dst", "after-eof"),
+}
+SAMPLE = ("source-after-go", "destination-after-shut")
+
+
+def matrix():
+    for case in CASES:
+        for trial in range(3):
+            marks = () if case in SAMPLE and trial == 0 else (pytest.mark.long,)
+            yield pytest.param(case, trial, marks=marks, id=f"{case}-{trial}")
+
+
+class Sampler:
+    """Both hosts' run states, read in turn until stopped; a host whose
+    coordinator is being replaced answers nothing for a moment (no reading).
+    Never two running: a host read running, then the other, then the first
+    again, ran both guests at once (no host stops and resumes in a hand-over)."""
+
+    def __init__(self, src, dst) -> None:
+        self.hosts = (src, dst)
+        self.readings: list[tuple[float, str, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def read(self, host) -> str | None:
+        try:
+            return host.cmd("query-status")["status"]
+        except Exception:  # the monitor waits for the new coordinator
+            return None
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            for host in self.hosts:
+                status = self.read(host)
+                if status is not None:
+                    self.readings.append((time.monotonic(), host.name, status))
+            time.sleep(0.005)
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        r = self.readings
+        assert len(r) > 10, "the run states were hardly sampled"
+        running = [x for x in r if x[2] == "running"]
+        for first, middle, last in zip(running, running[1:], running[2:], strict=False):
+            assert not (first[1] == last[1] != middle[1]), f"two guests ran at once: {first, middle, last}"
+
+
+def wait_one(src, dst, seconds: float) -> str:
+    """Until exactly one guest runs and both sides' migrations ended: which one."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            states = {"src": src.cmd("query-status")["status"], "dst": dst.cmd("query-status")["status"]}
+            info, dinfo = src.cmd("query-migrate"), dst.cmd("query-migrate")
+        except Exception:  # a coordinator is being replaced
+            states, info, dinfo = {}, {}, {}
+        running = [name for name, st in states.items() if st == "running"]
+        ended = info.get("status") in ("completed", "failed") and dinfo.get("status") in ("completed", "failed")
+        if len(running) == 1 and ended:
+            return running[0]
+        assert time.monotonic() < deadline, (states, info, dinfo)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("case", "trial"), list(matrix()))
+def test_coordinator_killed_during_the_handover(hosts, tmp_path, port, case, trial):
+    return_path, side, point = CASES[case]
+    src, dst = start(hosts, port, return_path)
+    victim = src if side == "src" else dst
+    victim.cmd("migrate-set-parameters", **{"x-fault": f"{point}:kill-coordinator"})
+    pid = coordinator_pid(victim)
+    sampler = Sampler(src, dst)
+    try:
+        t0 = time.monotonic()
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        who = wait_one(src, dst, WINDOW)
+        took = time.monotonic() - t0
+        time.sleep(0.3)  # and it stays one
+    finally:
+        sampler.finish()
+    assert victim.alive(), "the host stopped instead of replacing its coordinator"
+    assert coordinator_pid(victim) != pid, "the coordinator was not killed"
+    holder = src.cmd("query-migrate")["x-guest-holder"]
+    assert holder == ("destination" if who == "dst" else "source"), (who, holder)
+    assert dst.cmd("query-migrate")["x-guest-holder"] == holder
+    print(f"{case}: one guest ({who}) after {took:.1f} s, {len(sampler.readings)} readings")
+    check_survivor(src, dst, who, tmp_path)  # and it equals its replay
