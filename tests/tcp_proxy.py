@@ -16,6 +16,7 @@ class Proxy:
         self.sockets: list[socket.socket] = []
         self.pumps: list[threading.Thread] = []
         self.forwarded = 0  # bytes, both ways
+        self.dropped = 0  # bytes of connections read but not forwarded
         self.lock = threading.Lock()
         threading.Thread(target=self.serve, daemon=True).start()
 
@@ -25,22 +26,34 @@ class Proxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return  # closed
-            server = socket.create_connection(self.upstream, timeout=10)
-            server.settimeout(None)
-            with self.lock:
-                self.sockets += [client, server]
-            for a, b in ((client, server), (server, client)):
-                t = threading.Thread(target=self.pump, args=(a, b), daemon=True)
-                t.start()
-                with self.lock:
-                    self.pumps.append(t)
+            self.forward(client)
 
-    def pump(self, a: socket.socket, b: socket.socket) -> None:
+    def forward(self, client: socket.socket) -> None:
+        """A connection to the upstream for this client, pumped both ways."""
+        server = socket.create_connection(self.upstream, timeout=10)
+        server.settimeout(None)
+        with self.lock:
+            self.sockets += [client, server]
+        for a, b in ((client, server), (server, client)):
+            self.start_pump(a, b)
+
+    def start_pump(self, a: socket.socket, b: socket.socket | None) -> None:
+        t = threading.Thread(target=self.pump, args=(a, b), daemon=True)
+        t.start()
+        with self.lock:
+            self.pumps.append(t)
+
+    def pump(self, a: socket.socket, b: socket.socket | None) -> None:
+        """a's bytes to b; with no b, read and dropped (counted in `dropped`)."""
         try:
             while data := a.recv(1 << 16):
-                b.sendall(data)
+                if b is not None:
+                    b.sendall(data)
                 with self.lock:
-                    self.forwarded += len(data)
+                    if b is None:
+                        self.dropped += len(data)
+                    else:
+                        self.forwarded += len(data)
         except OSError:
             pass
 
@@ -54,7 +67,10 @@ class Proxy:
             pumps, self.pumps = self.pumps, []
         for s in sockets:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            s.shutdown(socket.SHUT_RD)
+            try:
+                s.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass  # the peer is gone already
         for t in pumps:
             t.join(10)
         for s in sockets:
