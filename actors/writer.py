@@ -236,7 +236,8 @@ class Writer:
         def take(n: int) -> bytes:
             while len(pending) < n:
                 try:
-                    chunk = channel.sock.recv(65536) if channel.sock is not None else b""
+                    # Through the channel: over TLS the engine decrypts, under its lock.
+                    chunk = channel.recv(65536) if channel.sock is not None else b""
                 except TimeoutError:
                     continue  # a destination that needs nothing asks for nothing
                 if not chunk:

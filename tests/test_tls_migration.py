@@ -93,6 +93,24 @@ def test_running_guest_over_tls(hosts, pki, tmp_path, port, transport):
     assert src.cmd("query-migrate")["x-tls"]["cipher"] == got["x-tls"]["cipher"]
 
 
+def test_postcopy_over_tls(hosts, pki, tmp_path, port):
+    """Page requests come back inside the session while the writer sends:
+    the return-path thread reads through the channel's engine lock."""
+    uri = f"tcp:127.0.0.1:{port}"
+    guest = guest_args(ram="32M", workload="memtouch:rate=16M,wss=24M")
+    dst = hosts.start("dst", *guest, "--incoming", "defer", *x509(pki.server, "server"))
+    src = hosts.start("src", *guest, *x509(pki.client, "client"))
+    for h in (src, dst):
+        h.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    dst.cmd("migrate-incoming", uri=uri)
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "max-bandwidth": 16 << 20,
+                                         "x-postcopy-after-passes": 2})
+    got = completes(src, dst, tmp_path, uri)
+    assert got["x-tls"]["version"] == "TLSv1.3"
+    assert src.cmd("query-migrate")["ram"]["postcopy-bytes"] > 0
+
+
 def test_denied_dn_is_refused_then_the_right_source_migrates(hosts, pki, tmp_path, port):
     uri = f"tcp:127.0.0.1:{port}"
     dst = tls_destination(hosts, pki, uri)
