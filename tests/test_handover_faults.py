@@ -174,11 +174,12 @@ class Sampler:
 
 
 def wait_one(src, dst, seconds: float) -> str:
-    """Until exactly one guest runs and the source's migration ended: which one."""
+    """Until exactly one guest runs and the source's migration ended: which one.
+    The end is read first: the run states read after it are final."""
     deadline = time.monotonic() + seconds
     while True:
-        states = {"src": src.cmd("query-status")["status"], "dst": dst.cmd("query-status")["status"]}
         info = src.cmd("query-migrate")
+        states = {"src": src.cmd("query-status")["status"], "dst": dst.cmd("query-status")["status"]}
         running = [name for name, st in states.items() if st == "running"]
         if len(running) == 1 and info.get("status") in ("completed", "failed"):
             return running[0]

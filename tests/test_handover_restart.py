@@ -4,20 +4,23 @@ at each hand-over point x-fault names, on the source or on the destination,
 supervisor starts a new one, which takes over. Within 30 s exactly one guest
 runs, on the side `x-guest-holder` names, and it equals a replay of its
 steps; both sides' run states are sampled all the while and are never both
-running.
+running. And where the hosts cannot reach each other, a successor keeps
+the open hand-over for x-migrate-resolve.
 
-The default suite runs a sample (one kill on each side); the whole matrix,
-3 trials each, with LIVEMIG_LONG=1."""
+The default suite runs a sample (one kill on each side, one unreachable);
+the whole matrix, 3 trials each, with LIVEMIG_LONG=1."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
 import pytest
 
-from tests.test_handover import coordinator_pid
-from tests.test_handover_faults import WINDOW, check_survivor, start
+from tests.test_handover import answers_within, coordinator_pid
+from tests.test_handover_faults import WINDOW, Proxy, check_survivor, start
 
 # (return path, side killed, x-fault point)
 CASES = {
@@ -28,6 +31,7 @@ CASES = {
     "destination-after-go": (True, "dst", "after-go"),
     "norp-source-after-eof": (False, "src", "after-eof"),
     "norp-destination-after-eof": (False, "dst", "after-eof"),
+    "norp-destination-after-go": (False, "dst", "after-go"),  # it runs after EOF: no GO, same point
 }
 SAMPLE = ("source-after-go", "destination-after-shut")
 
@@ -77,12 +81,13 @@ class Sampler:
 
 
 def wait_one(src, dst, seconds: float) -> str:
-    """Until exactly one guest runs and both sides' migrations ended: which one."""
+    """Until exactly one guest runs and both sides' migrations ended: which one.
+    The ends are read first: the run states read after them are final."""
     deadline = time.monotonic() + seconds
     while True:
         try:
-            states = {"src": src.cmd("query-status")["status"], "dst": dst.cmd("query-status")["status"]}
             info, dinfo = src.cmd("query-migrate"), dst.cmd("query-migrate")
+            states = {"src": src.cmd("query-status")["status"], "dst": dst.cmd("query-status")["status"]}
         except Exception:  # a coordinator is being replaced
             states, info, dinfo = {}, {}, {}
         running = [name for name, st in states.items() if st == "running"]
@@ -116,3 +121,43 @@ def test_coordinator_killed_during_the_handover(hosts, tmp_path, port, case, tri
     assert dst.cmd("query-migrate")["x-guest-holder"] == holder
     print(f"{case}: one guest ({who}) after {took:.1f} s, {len(sampler.readings)} readings")
     check_survivor(src, dst, who, tmp_path)  # and it equals its replay
+
+
+@pytest.mark.parametrize("side", ["dst", pytest.param("src", marks=pytest.mark.long)])
+def test_coordinator_killed_while_the_hosts_cannot_reach_each_other(hosts, tmp_path, port, side):
+    """GO is lost and the proxy goes dark; then one side's coordinator is
+    killed. Its successor keeps the open hand-over: neither runs, both name
+    the destination as holder, x-migrate-resolve on the destination runs the
+    guest, and the source learns it once the link is back."""
+    src, dst = start(hosts, port, True)
+    proxy = Proxy(port, "go", dark=True)
+    sampler = Sampler(src, dst)
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{proxy.port}")
+        deadline = time.monotonic() + WINDOW
+        while not (proxy.lost.is_set() and dst.cmd("query-migrate").get("x-guest-holder")):
+            assert time.monotonic() < deadline, (src.cmd("query-migrate"), dst.cmd("query-migrate"))
+            time.sleep(0.05)
+        victim = src if side == "src" else dst
+        old = coordinator_pid(victim)
+        os.kill(old, signal.SIGKILL)
+        time.sleep(0.1)
+        answers_within(victim, 10)
+        assert coordinator_pid(victim) != old
+        time.sleep(1)  # the source tries to resolve, and cannot
+        assert src.cmd("query-status")["status"] == "finish-migrate"
+        assert dst.cmd("query-status")["status"] == "inmigrate"
+        info, dinfo = src.cmd("query-migrate"), dst.cmd("query-migrate")
+        assert info["status"] == "device" and info["x-guest-holder"] == "destination", info
+        assert dinfo["status"] == "active" and dinfo["x-guest-holder"] == "destination", dinfo
+        with pytest.raises(RuntimeError, match="run x-migrate-resolve there"):
+            src.cmd("x-migrate-resolve")
+        assert dst.cmd("x-migrate-resolve") == {"holder": "destination"}
+        dst.wait_status("running", 10)
+        assert src.cmd("query-status")["status"] == "finish-migrate"
+        proxy.light()
+        assert src.wait_migration(15)["status"] == "completed"
+    finally:
+        sampler.finish()
+        proxy.close()
+    check_survivor(src, dst, "dst", tmp_path)
