@@ -4,6 +4,7 @@ its parent, heartbeats; request/reply (protocol.rpc) is re-exported for them."""
 from __future__ import annotations
 
 import ctypes
+import gc
 import json
 import logging
 import os
@@ -37,6 +38,18 @@ def die_with_parent(parent: int | None = None) -> None:
         pass
     if os.getppid() == 1 or (parent is not None and os.getppid() != parent):
         os._exit(1)
+
+
+def release_memory() -> None:
+    """Give back what a finished job freed: collect its reference cycles (a
+    loader and its reader hold each other and megabytes of buffers), then
+    let glibc return the free memory of every thread's arena, which it keeps
+    otherwise (each migration's threads may take a new arena)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 @dataclass(frozen=True)

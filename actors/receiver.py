@@ -14,7 +14,16 @@ from collections.abc import Callable
 
 import zmq
 
-from livemig.actors.base import ActorError, Client, HostConfig, Notices, Server, actor_main, log
+from livemig.actors.base import (
+    ActorError,
+    Client,
+    HostConfig,
+    Notices,
+    Server,
+    actor_main,
+    log,
+    release_memory,
+)
 from livemig.actors.multifd_receiver import MultifdIncoming, accept_channels
 from livemig.actors.postcopy import IncomingPages
 from livemig.block import BlockError, open_image
@@ -417,6 +426,10 @@ class Receiver:
             finally:
                 self.notify("failed", {"desc": f"incoming migration failed: {type(exc).__name__}: {exc}",
                                        "bytes": 0})
+        finally:
+            # Each failed stream's buffers otherwise stay: memory would grow with
+            # the migrations refused.
+            release_memory()
 
     def load_incoming(self) -> None:
         assert self.listener is not None
