@@ -62,6 +62,11 @@ class Handover:
             except DestinationRefused:
                 raise
             except (HandoverLost, MigrationFailed, ActorError, OSError) as exc:
+                if not self.profile.has_vcpus and why is None:
+                    # No vCPUs of ours, so perhaps a QEMU peer, which cannot answer a
+                    # resolve: as QEMU's source does, fail and run the guest on here.
+                    mig.holder = "source"
+                    raise MigrationFailed(str(exc)) from None
                 why = str(exc)
             except asyncio.CancelledError:
                 if self.stop_event.is_set():
