@@ -244,11 +244,11 @@ class Handover:
         receiver is. It keeps what it loaded, so this one finishes the load,
         waits for GO, or runs the guest, as its predecessor would have."""
         where = (await self.receiver.call("where")).data["result"]
-        if not where["active"]:
+        data = where["loaded"]  # kept after the hand-over, until the next listen
+        if not where["active"] and not where["ran"]:
             return
         mig = self.mig = MigrationState(incoming=True, start=time.monotonic(), status=(
-            MigrationStatus.ACTIVE if where["connected"] else MigrationStatus.SETUP))
-        data = where["loaded"]
+            MigrationStatus.ACTIVE if where["connected"] or data else MigrationStatus.SETUP))
         if data is None:
             return  # still loading: its "loaded" comes to this coordinator
         if not where["finished"]:
