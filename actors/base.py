@@ -177,7 +177,7 @@ def start_actor(name: str) -> HostConfig:
     die_with_parent(cfg.host_pid)
     logging.basicConfig(
         level=os.environ.get("LIVEMIG_LOG", "WARNING").upper(),
-        format=f"%(asctime)s {cfg.name}/{name} %(levelname)s %(message)s")
+        format=f"%(asctime)s {cfg.name}/{name} %(levelname)s %(message)s", force=True)  # not the host's
     sys.excepthook = report_fatal(name, cfg.endpoint("heartbeat"))
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # nothing to flush: die quietly
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when we stop

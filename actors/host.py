@@ -23,6 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from livemig.actors.base import GuestConfig, HostConfig
+from livemig.actors.forked import ForkedActor, preload
 from livemig.machine.ram import GuestRam, fill_ram, layout
 from livemig.machine.workload import WorkloadSpec
 from livemig.protocol.uri import UriError, parse_qmp_address, parse_uri
@@ -256,7 +257,7 @@ class Host:
         if len(os.path.join(self.rundir, "block_sender.sock").encode()) > SOCKET_PATH_MAX:
             raise HostError(f"run directory {self.rundir} is too long for a UNIX socket address: "
                             "a shorter --name or LIVEMIG_RUNDIR")
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, ForkedActor] = {}
         self.ram: GuestRam | None = None
         self.ram_fd: int | None = None
         self.root_fd: int | None = None
@@ -308,21 +309,13 @@ class Host:
         self.cfg_bytes = cfg.to_json()
         return cfg
 
-    def spawn(self, name: str, restart: bool = False) -> subprocess.Popen:
-        """Start one actor; its configuration goes down a pipe on its stdin."""
+    def spawn(self, name: str, restart: bool = False) -> ForkedActor:
+        """Start one actor, forked from this process (forked.py)."""
         module, extra = ("vcpu", [name[4:]]) if name.startswith("vcpu") else (name, [])
         if restart and name == "coordinator":
             extra = ["takeover"]
-        proc = subprocess.Popen(
-            [sys.executable, "-P", "-m", f"livemig.actors.{module}", "-", *extra],
-            pass_fds=tuple(self.spec.fds) if name in ("writer", "receiver") else (), stdin=subprocess.PIPE)
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(self.cfg_bytes)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # it died at once: its exit tells why
-        return proc
+        keep = tuple(self.spec.fds) if name in ("writer", "receiver") else ()
+        return ForkedActor(name, module, extra, self.cfg_bytes, keep)
 
     def start(self) -> dict:
         """Start every actor; returns what the host announces (its configuration
@@ -330,6 +323,7 @@ class Host:
         import zmq
 
         cfg = self.prepare()
+        preload()  # once: each fork then finds every module loaded
         self.zmq = zmq.Context()
         self.beats = self.zmq.socket(zmq.PULL)
         self.beats.setsockopt(zmq.LINGER, 0)

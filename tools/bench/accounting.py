@@ -6,13 +6,15 @@ import os
 import threading
 import time
 
+from livemig.actors.forked import MODULES
 from livemig.tools.launch import HostProcess
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def actor_pids(host_pid: int) -> dict[str, int]:
-    """The actor processes of a host: its children, named by their module."""
+    """The actor processes of a host: its children, each named after its
+    actor (actors/forked.py); the host's reaper keeps the host's name."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -22,19 +24,12 @@ def actor_pids(host_pid: int) -> dict[str, int]:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             if ppid != host_pid:
                 continue
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/comm") as f:
+                name = f.read().strip()
         except (OSError, IndexError, ValueError):
             continue
-        try:
-            module = argv[argv.index(b"-m") + 1].decode()
-        except (ValueError, IndexError):
-            continue
-        if not module.startswith("livemig.actors."):
-            continue  # the host's reaper, a fork of the host itself
-        module = module.removeprefix("livemig.actors.")
-        name = module + (argv[argv.index(b"-m") + 3].decode() if module == "vcpu" else "")
-        out[name] = int(entry)
+        if name in MODULES or (name.startswith("vcpu") and name[4:].isdigit()):
+            out[name] = int(entry)
     return out
 
 
