@@ -43,7 +43,7 @@ from livemig.protocol.objects import ObjectError, create
 from livemig.protocol.ram import RamBlock, RamLoader
 from livemig.protocol.tls import Tls, server_tls, tls_info
 from livemig.protocol.tlscreds import Authz, X509Creds
-from livemig.protocol.transport import Channel, Listener, TransportError
+from livemig.protocol.transport import Channel, Listener, TransportError, no_progress
 from livemig.protocol.uri import parse_uri
 
 GO_WAIT = 10.0  # s the destination waits for GO on the migration connection
@@ -86,7 +86,7 @@ class ProgressDeadline:
         return self.deadline - now
 
     def expired(self) -> TimeoutError:
-        return TimeoutError(f"no progress for {self.timeout:g} s (x-transport-timeout): "
+        return TimeoutError(f"{no_progress(self.timeout)}: "
                             f"{self.progress() - self.mark} bytes since byte {self.mark}")
 
 

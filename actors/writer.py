@@ -29,7 +29,7 @@ from livemig.protocol.ram import PageEncoder, PageVectors, ram_eos
 from livemig.protocol.savevm import encode_idstr
 from livemig.protocol.tls import Tls, client_tls, tls_info
 from livemig.protocol.tlscreds import X509Creds
-from livemig.protocol.transport import Channel, TransportError, connect
+from livemig.protocol.transport import Channel, TransportError, connect, no_progress
 from livemig.protocol.uri import Uri, parse_uri
 from livemig.protocol.xbzrle import XbzrleEncoder
 
@@ -114,7 +114,7 @@ class Writer:
 
     def why(self, exc: OSError) -> str:
         if isinstance(exc, TimeoutError) and self.timeout is not None:
-            return f"no progress for {self.timeout:g} s (x-transport-timeout)"
+            return no_progress(self.timeout)
         return str(exc.strerror or exc)
 
     def destination_cause(self) -> str | None:

@@ -44,6 +44,11 @@ UNIX_SEND_BUFFER = 4 << 20
 SIOCOUTQ = 0x5411  # bytes a socket holds that the peer has not acknowledged (TIOCOUTQ)
 
 
+def no_progress(seconds: float) -> str:
+    """Why a channel was given up on when its bytes stopped moving."""
+    return f"no progress for {seconds:g} s (x-transport-timeout)"
+
+
 def iovec_table(n: int) -> np.ndarray:
     """An empty table of n struct iovec: column 0 the address, column 1 the length."""
     return np.zeros((n, 2), np.uint64)

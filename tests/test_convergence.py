@@ -53,6 +53,22 @@ def test_budget_keeps_a_window_ahead_and_respects_max_bandwidth():
     assert link.budget(0) == 0  # a window's worth waits: enough
 
 
+def test_a_link_that_stops_moving_is_seen_while_nothing_is_written():
+    """Bytes queued and none leaving: stuck_for counts from the last that left,
+    whether or not the writer is blocked (a full queue asks for no more)."""
+    link = Link(0.0, 0)
+    link.add(4 << 20)
+    link.observe(WINDOW, 1 << 20)
+    assert link.stuck_for(WINDOW) == 0
+    link.observe(2 * WINDOW, 1 << 20)  # the link died
+    link.observe(25 * WINDOW, 1 << 20)
+    assert link.stuck_for(25 * WINDOW) == pytest.approx(24 * WINDOW)
+    link.observe(26 * WINDOW, 2 << 20)  # it moves again
+    assert link.stuck_for(26 * WINDOW) == 0
+    link.observe(27 * WINDOW, 4 << 20)  # all gone: nothing waits, nothing is stuck
+    assert link.stuck_for(40 * WINDOW) == 0
+
+
 def test_a_full_queue_is_refilled_in_large_requests():
     """A link whose queue is nearly full is not asked for crumbs: the next
     request waits (and the coordinator sleeps) until a quarter has left."""

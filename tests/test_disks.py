@@ -134,7 +134,7 @@ def test_only_one_side_holds_the_lock(hosts, tmp_path, port):
     assert dst.cmd("query-block")[0]["inserted"]["active"]
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("fmt", [pytest.param("raw", marks=pytest.mark.long), "qcow2"])  # raw in the next
 def test_block_migration_blk(hosts, tmp_path, port, fmt):
     src_img, dst_img = tmp_path / f"src.{fmt}", tmp_path / f"dst.{fmt}"
     create_image(str(src_img), 32 << 20, fmt)
@@ -159,7 +159,7 @@ def test_block_migration_blk(hosts, tmp_path, port, fmt):
     assert cmp.returncode == 0, cmp.stdout + cmp.stderr
 
 
-@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.parametrize("fmt", ["raw", pytest.param("qcow2", marks=pytest.mark.long)])  # qcow2 in the last
 def test_block_migration_inc_over_shared_base(hosts, tmp_path, port, fmt):
     base = tmp_path / f"base.{fmt}"
     create_image(str(base), 32 << 20, fmt)

@@ -39,6 +39,7 @@ class Link:
         self.window_start = now
         self.window_sent = 0
         self.window_queued = 0  # bytes queued in this window, for max-bandwidth
+        self.moved_at = now  # when bytes last left the host, or nothing was waiting to
 
     @property
     def pending(self) -> int:
@@ -47,6 +48,8 @@ class Link:
     def observe(self, now: float, sent: int) -> bool:
         """Take the writer's count of bytes gone; True when a window closed
         (and the bandwidth was measured anew)."""
+        if sent - self.sent0 > self.sent or not self.pending:
+            self.moved_at = now
         self.sent = sent - self.sent0
         elapsed = now - self.window_start
         if elapsed < WINDOW:
@@ -57,6 +60,12 @@ class Link:
             self.bandwidth = rate
         self.window_start, self.window_sent = now, self.sent
         return True
+
+    def stuck_for(self, now: float) -> float:
+        """Seconds that queued bytes have waited without any leaving the host:
+        a link that died while the socket still had room is seen here, as no
+        write of the writer's ever blocks to time out."""
+        return now - self.moved_at if self.pending else 0.0
 
     def close_budget_window(self, limit: int) -> None:
         """A rate-limit window ended: what it overshot (a batch does not split) is owed by the next."""

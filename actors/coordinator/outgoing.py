@@ -30,6 +30,7 @@ from livemig.protocol.devices import (
 )
 from livemig.protocol.messages import Message
 from livemig.protocol.ram import NORMAL_RECORD, RAM_VERSION, ram_mem_size
+from livemig.protocol.transport import no_progress
 from livemig.protocol.xbzrle import XbzrleStats
 
 PAUSE = 0.005  # seconds to wait when nothing could be queued
@@ -221,6 +222,9 @@ class Outgoing:
             switchover_bw = self.parameters["x-avail-switchover-bandwidth"]
             disk_left = mig.disk.get("remaining", 0) if blk else 0
             if link.observe(time.monotonic(), await self.wire_sent()):
+                if link.stuck_for(time.monotonic()) * 1000 > self.parameters["x-transport-timeout"]:
+                    raise MigrationFailed(f"write to migration channel failed: "
+                                          f"{no_progress(self.parameters['x-transport-timeout'] / 1000)}")
                 link.close_budget_window(limit)
                 self.window_figures(link, dirty_at_sync + disk_left, switchover_bw)
                 if mig.dirty_limit:
