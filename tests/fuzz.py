@@ -274,6 +274,15 @@ def fuzz_floods(limit: int = 64 << 20) -> dict:
     return out
 
 
+def finished(counts: dict, start: float, rss0: int, limit_kib: int) -> dict:
+    """A fuzz run's closing figures: its seconds and how far its peak memory
+    grew, which must stay under `limit_kib`."""
+    counts["seconds"] = round(time.monotonic() - start, 1)
+    counts["maxrss_growth_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+    assert counts["maxrss_growth_kib"] < limit_kib, counts
+    return counts
+
+
 def fuzz_streams(cases: int, seconds: float, seed: int = 0, report=print) -> dict:
     rng = random.Random(seed)
     base = valid_stream(rng)
@@ -299,10 +308,7 @@ def fuzz_streams(cases: int, seconds: float, seed: int = 0, report=print) -> dic
         counts["cases"] += 1
         if counts["cases"] % 20000 == 0:
             report(f"streams: {counts}")
-    counts["seconds"] = round(time.monotonic() - start, 1)
-    counts["maxrss_growth_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
-    assert counts["maxrss_growth_kib"] < 256 << 10, counts
-    return counts
+    return finished(counts, start, rss0, 256 << 10)
 
 
 # Multifd ----------------------------------------------------------------------------------------
@@ -520,10 +526,7 @@ def fuzz_multifd(cases: int, seconds: float, seed: int = 0, report=print) -> dic
         counts["cases"] += 1
         if counts["cases"] % 20000 == 0:
             report(f"multifd: {counts}")
-    counts["seconds"] = round(time.monotonic() - start, 1)
-    counts["maxrss_growth_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
-    assert counts["maxrss_growth_kib"] < 64 << 10, counts
-    return counts
+    return finished(counts, start, rss0, 64 << 10)
 
 
 BUG = re.compile(r"^incoming (stream|migration) failed: [A-Z]\w*: ")  # an exception nobody expected

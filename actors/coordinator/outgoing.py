@@ -222,9 +222,9 @@ class Outgoing:
             switchover_bw = self.parameters["x-avail-switchover-bandwidth"]
             disk_left = mig.disk.get("remaining", 0) if blk else 0
             if link.observe(time.monotonic(), await self.wire_sent()):
-                if link.stuck_for(time.monotonic()) * 1000 > self.parameters["x-transport-timeout"]:
-                    raise MigrationFailed(f"write to migration channel failed: "
-                                          f"{no_progress(self.parameters['x-transport-timeout'] / 1000)}")
+                timeout = self.parameters["x-transport-timeout"] / 1000
+                if link.stuck_for(time.monotonic()) > timeout:
+                    raise MigrationFailed(f"write to migration channel failed: {no_progress(timeout)}")
                 link.close_budget_window(limit)
                 self.window_figures(link, dirty_at_sync + disk_left, switchover_bw)
                 if mig.dirty_limit:
